@@ -1,0 +1,102 @@
+"""Benchmark stage: size on disk and ONNX Runtime latency of FP32 and every variant, in one run.
+
+All models get the same session options (fixed intra-op threads, full graph optimisation), the
+same real input batch, the same warm-up, and are timed in interleaved rounds so that drift in
+machine load affects every model alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks._io import read_json, write_json
+from tasks.backends import onnx as onnx_backend
+from tasks.data import load_split, model_inputs
+from tasks.model import load_model_spec
+from vitq.config import BenchmarkConfig
+
+log = logging.getLogger("vitq.benchmark")
+
+
+@dataclass(frozen=True)
+class Timing:
+    size_mb: float
+    latency_ms_p50: float
+    latency_ms_p95: float
+    latency_ms_mean: float
+    throughput_ips: float  # images per second at the benchmark batch size
+    runs: int
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    machine: dict
+    settings: dict
+    models: dict[str, Timing]  # "fp32" and each variant name
+
+
+def machine_info() -> dict:
+    import os
+
+    import onnxruntime as ort
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(), "onnxruntime": ort.__version__}
+
+
+def benchmark_models(models: dict[str, Path], model_dir: Path, data_dir: Path, cfg: BenchmarkConfig) -> BenchmarkResult:
+    spec = load_model_spec(model_dir)
+    images = load_split(data_dir, "validation").images
+    reps = int(np.ceil(cfg.batch_size / len(images)))
+    x = model_inputs(np.concatenate([images] * reps)[: cfg.batch_size], spec.mean, spec.std)
+    sessions = {name: onnx_backend.session(path, threads=cfg.threads) for name, path in models.items()}
+    input_names = {name: s.get_inputs()[0].name for name, s in sessions.items()}
+    for name, sess in sessions.items():
+        for _ in range(cfg.warmup):
+            sess.run(None, {input_names[name]: x})
+    samples: dict[str, list[float]] = {name: [] for name in sessions}
+    per_round = max(1, cfg.repeats // cfg.rounds)
+    for r in range(cfg.rounds):
+        for name, sess in sessions.items():
+            feed = {input_names[name]: x}
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+        log.info("benchmark: round %d/%d", r + 1, cfg.rounds)
+    timings = {}
+    for name, ms in samples.items():
+        a = np.asarray(ms)
+        timings[name] = Timing(
+            size_mb=Path(models[name]).stat().st_size / 2**20,
+            latency_ms_p50=float(np.percentile(a, 50)),
+            latency_ms_p95=float(np.percentile(a, 95)),
+            latency_ms_mean=float(a.mean()),
+            throughput_ips=float(cfg.batch_size * 1e3 / a.mean()),
+            runs=len(a),
+        )
+        log.info("benchmark: %s p50 %.3f ms", name, timings[name].latency_ms_p50)
+    settings = {**cfg.model_dump(), "graph_optimization": "all", "input_shape": list(x.shape)}
+    return BenchmarkResult(machine=machine_info(), settings=settings, models=timings)
+
+
+def save_benchmark(result: BenchmarkResult, path: Path) -> None:
+    write_json(path, asdict(result))
+
+
+def load_benchmark(path: Path) -> BenchmarkResult:
+    d = read_json(path)
+    return BenchmarkResult(machine=d["machine"], settings=d["settings"], models={k: Timing(**v) for k, v in d["models"].items()})

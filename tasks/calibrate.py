@@ -1,0 +1,120 @@
+"""Calibration stage: one pass over the calibration split, every calibration table at once.
+
+ONNX Runtime's own pieces do the work: `HistogramCalibrater` selects and exposes the tensors to
+measure, two `HistogramCollector`s (|x| histogram for percentile, signed histogram for entropy/KL)
+accumulate batch by batch, and the tables are written with `save_tensors_data`, the format
+`quantize_static(calibration_cache_path=...)` reads. Min/max comes from the same histograms.
+Every table is symmetric-ready: the static recipes quantize activations symmetrically (zero point 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks._io import atomic_dir, read_json, write_json
+from tasks.data import load_split, model_inputs
+from tasks.export import INPUT_NAME
+from tasks.model import load_model_spec
+from vitq.config import CalibrationConfig
+from vitq.errors import DataError
+from vitq.recipes import CALIBRATED_OP_TYPES
+
+log = logging.getLogger("vitq.calibrate")
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    methods: list[str]
+    images: int
+    tensors: int
+    op_types: list[str]
+    percentile: float
+    seconds: float
+
+
+def table_path(calibration_dir: Path, method: str) -> Path:
+    return Path(calibration_dir) / f"{method}.json"
+
+
+def calibrate(prep_onnx: Path, model_dir: Path, data_dir: Path, cfg: CalibrationConfig, out_dir: Path) -> CalibrationResult:
+    from onnxruntime.quantization.calibrate import (
+        CalibrationMethod,
+        HistogramCalibrater,
+        HistogramCollector,
+        TensorData,
+        TensorsData,
+        save_tensors_data,
+    )
+
+    spec = load_model_spec(model_dir)
+    split = load_split(data_dir, "calibration")
+    if len(split.images) == 0:
+        raise DataError("the calibration split is empty; calibration needs at least one image")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="vitq-calib-") as scratch:
+        calibrater = HistogramCalibrater(
+            str(prep_onnx),
+            op_types_to_calibrate=list(CALIBRATED_OP_TYPES),
+            augmented_model_path=str(Path(scratch) / "augmented.onnx"),
+            method="percentile",
+            symmetric=True,
+        )
+        calibrater.augment_graph()
+        calibrater.create_inference_session()
+        session = calibrater.infer_session
+        names = sorted(calibrater.tensors_to_calibrate)
+        abs_hist = HistogramCollector("percentile", True, cfg.num_bins, cfg.num_quantized_bins, cfg.percentile, "same")
+        value_hist = HistogramCollector("entropy", True, cfg.num_bins, cfg.num_quantized_bins, cfg.percentile, "same")
+        n = len(split.images)
+        batches = range(0, n, cfg.batch_size)
+        for i, lo in enumerate(batches, 1):
+            x = model_inputs(split.images[lo : lo + cfg.batch_size], spec.mean, spec.std)
+            outputs = dict(zip((o.name for o in session.get_outputs()), session.run(None, {INPUT_NAME: x})))
+            batch = {name: outputs[name] for name in names}
+            with contextlib.redirect_stdout(io.StringIO()):  # the collectors print per call
+                abs_hist.collect(batch)
+                if "entropy" in cfg.methods:
+                    value_hist.collect(batch)
+            log.info("calibrate: batch %d/%d (%d images)", i, len(batches), min(lo + cfg.batch_size, n))
+        del calibrater, session
+
+    ranges: dict[str, dict[str, tuple[float, float]]] = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        hist = abs_hist.get_histogram_dict()
+        ranges["minmax"] = {t: (h[2], h[3]) for t, h in hist.items()}
+        if "percentile" in cfg.methods:
+            ranges["percentile"] = {t: r[:2] for t, r in abs_hist.compute_collection_result().items()}
+        if "entropy" in cfg.methods:
+            ranges["entropy"] = {t: r[:2] for t, r in value_hist.compute_collection_result().items()}
+    enum = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+            "entropy": CalibrationMethod.Entropy}
+    with atomic_dir(out_dir) as tmp:
+        for method in cfg.methods:
+            data = {
+                t: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
+                for t, (lo, hi) in ranges[method].items()
+            }
+            save_tensors_data(TensorsData(enum[method], data), table_path(tmp, method))
+        result = CalibrationResult(
+            methods=list(cfg.methods),
+            images=n,
+            tensors=len(names),
+            op_types=list(CALIBRATED_OP_TYPES),
+            percentile=cfg.percentile,
+            seconds=round(time.perf_counter() - start, 2),
+        )
+        write_json(tmp / "calibration.json", asdict(result))
+    log.info("calibrate: %d tensors over %d images -> %s tables", len(names), n, ", ".join(cfg.methods))
+    return result
+
+
+def load_calibration_result(calibration_dir: Path) -> CalibrationResult:
+    return CalibrationResult(**read_json(Path(calibration_dir) / "calibration.json"))

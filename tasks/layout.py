@@ -1,0 +1,54 @@
+"""Where each stage reads and writes inside a workspace (the directory holding params.yaml).
+
+These paths are the stage contracts that dvc.yaml declares as deps/outs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @property
+    def params_file(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def data_dir(self) -> Path:  # train/calibration/validation .npz + meta.json
+        return self.root / "data" / "prepared"
+
+    @property
+    def model_dir(self) -> Path:  # model.pt (state dict) + model.json (how to rebuild it)
+        return self.root / "models" / "fp32"
+
+    @property
+    def export_dir(self) -> Path:  # model.onnx, model.prep.onnx, export.json
+        return self.root / "artifacts" / "export"
+
+    @property
+    def calibration_dir(self) -> Path:  # <method>.json tables + calibration.json
+        return self.root / "artifacts" / "calibration"
+
+    @property
+    def variants_dir(self) -> Path:  # <variant>/model.onnx + variant.json
+        return self.root / "artifacts" / "variants"
+
+    @property
+    def validation_dir(self) -> Path:  # <variant>.json + fp32.json
+        return self.root / "reports" / "validation"
+
+    @property
+    def benchmark_file(self) -> Path:
+        return self.root / "reports" / "benchmark.json"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.root / "reports" / "summary.json"
+
+    @property
+    def report_file(self) -> Path:
+        return self.root / "reports" / "report.md"

@@ -1,0 +1,65 @@
+"""Quantize stage: one variant per recipe, each in its own folder that says where it came from."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+
+from tasks._io import atomic_dir, read_json, write_json
+from tasks.backends import onnx as onnx_backend
+from tasks.calibrate import table_path
+from vitq.recipes import Recipe, get_recipe
+
+log = logging.getLogger("vitq.quantize")
+
+
+@dataclass(frozen=True)
+class VariantArtifact:
+    name: str
+    recipe: dict  # the Recipe, as a dict
+    artifact: str  # file name inside the variant folder
+    size_mb: float
+    int8_weight_fraction: float  # share of linear/conv/matmul weight elements stored as int8
+    op_counts: dict[str, int]
+    calibration_table: str | None
+    seconds: float
+
+
+def variant_dir(variants_dir: Path, name: str) -> Path:
+    return Path(variants_dir) / name
+
+
+def quantize_variant(recipe_name: str, prep_onnx: Path, calibration_dir: Path, variants_dir: Path) -> VariantArtifact:
+    """Quantize the FP32 model with one recipe into `variants_dir/<recipe>/`."""
+    recipe: Recipe = get_recipe(recipe_name)
+    table = table_path(calibration_dir, recipe.calibration) if recipe.calibration else None
+    if table is not None and not table.is_file():
+        raise FileNotFoundError(f"calibration table {table} is missing; rerun the calibrate stage")
+    start = time.perf_counter()
+    out = variant_dir(variants_dir, recipe.name)
+    with atomic_dir(out) as tmp:
+        onnx_backend.quantize(recipe, prep_onnx, tmp / "model.onnx", table)
+        onnx.checker.check_model(str(tmp / "model.onnx"))
+        quantized = onnx.load(str(tmp / "model.onnx"))
+        fp32_weights = onnx_backend.linear_weight_elements(onnx.load(str(prep_onnx)))
+        artifact = VariantArtifact(
+            name=recipe.name,
+            recipe=asdict(recipe),
+            artifact="model.onnx",
+            size_mb=(tmp / "model.onnx").stat().st_size / 2**20,
+            int8_weight_fraction=min(1.0, onnx_backend.int8_weight_elements(quantized) / max(fp32_weights, 1)),
+            op_counts=onnx_backend.op_counts(quantized),
+            calibration_table=table.name if table else None,
+            seconds=round(time.perf_counter() - start, 2),
+        )
+        write_json(tmp / "variant.json", asdict(artifact))
+    log.info("quantize: %s -> %.2f MB, int8 weights %.0f%%", recipe.name, artifact.size_mb, 100 * artifact.int8_weight_fraction)
+    return artifact
+
+
+def load_variant(variants_dir: Path, name: str) -> VariantArtifact:
+    return VariantArtifact(**read_json(variant_dir(variants_dir, name) / "variant.json"))

@@ -1,0 +1,141 @@
+"""Report stage: `reports/summary.json` (the contract in DESIGN.md), a table, and `reports/report.md`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tasks._io import atomic_file, write_json
+from tasks.benchmark import BenchmarkResult
+from tasks.data import DataResult
+from tasks.model import ModelSpec
+from tasks.quantize import VariantArtifact
+from tasks.validate import ValidationResult
+
+log = logging.getLogger("vitq.report")
+
+
+def build_summary(
+    spec: ModelSpec,
+    data: DataResult,
+    data_digest: str,
+    fp32_size_mb: float,
+    reference: ValidationResult,
+    variants: list[tuple[VariantArtifact, ValidationResult]],
+    bench: BenchmarkResult | None,
+    not_run: dict[str, str],
+    artifact_root: str,
+) -> dict:
+    """Assemble summary.json. `not_run` maps variant name -> why it could not run on this machine."""
+    base_t = bench.models.get("fp32") if bench else None
+    out = []
+    for art, val in variants:
+        m = val.metrics
+        t = bench.models.get(art.name) if bench else None
+        not_measured = {}
+        if m.top1 is None:
+            not_measured["top1"] = "the model's classes are not the validation data's classes"
+        if t is None:
+            not_measured["latency_ms_p50"] = "not benchmarked in this run"
+        out.append(
+            {
+                "name": art.name,
+                "target": art.recipe["target"],
+                "recipe": art.recipe["name"],
+                "artifact": f"{artifact_root}/{art.name}/{art.artifact}",
+                "size_mb": art.size_mb,
+                "compression": fp32_size_mb / art.size_mb,
+                "int8_weight_fraction": art.int8_weight_fraction,
+                "top1": m.top1,
+                "top1_drop": m.top1_drop,
+                "agreement": m.agreement,
+                "cosine": m.cosine,
+                "sqnr_db": m.sqnr_db,
+                "latency_ms_p50": t.latency_ms_p50 if t else None,
+                "latency_ms_p95": t.latency_ms_p95 if t else None,
+                "throughput_ips": t.throughput_ips if t else None,
+                "speedup": (base_t.latency_ms_p50 / t.latency_ms_p50) if (t and base_t) else None,
+                "passed": val.passed,
+                "fail_reasons": val.reasons,
+                "not_measured": not_measured,
+            }
+        )
+    return {
+        "model": spec.name,
+        "data": {
+            "calibration": f"{data.source}:calibration ({data.sizes['calibration']} images)",
+            "validation": f"{data.source}:validation ({data.sizes['validation']} images)",
+            "digest": data_digest,
+        },
+        "baseline": {
+            "top1": reference.metrics.top1,
+            "size_mb": fp32_size_mb,
+            "latency_ms_p50": base_t.latency_ms_p50 if base_t else None,
+            "latency_ms_p95": base_t.latency_ms_p95 if base_t else None,
+        },
+        "variants": out,
+        "not_run": [{"name": n, "reason": r} for n, r in sorted(not_run.items())],
+        "machine": bench.machine if bench else None,
+        "benchmark_settings": bench.settings if bench else None,
+    }
+
+
+def _fmt(v, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def summary_table(summary: dict) -> str:
+    b = summary["baseline"]
+    rows = [
+        ("variant", "size MB", "x smaller", "int8 w", "top-1", "drop pts", "agree", "SQNR dB", "p50 ms", "p95 ms", "speedup", "pass"),
+        ("fp32", _fmt(b["size_mb"], ".2f"), "1.00", "0%", _fmt(b["top1"], ".4f"), "-", "-", "-",
+         _fmt(b["latency_ms_p50"], ".3f"), _fmt(b["latency_ms_p95"], ".3f"), "1.00", "-"),
+    ]
+    for v in summary["variants"]:
+        rows.append((
+            v["name"], _fmt(v["size_mb"], ".2f"), _fmt(v["compression"], ".2f"), f"{100 * v['int8_weight_fraction']:.0f}%",
+            _fmt(v["top1"], ".4f"), _fmt(v["top1_drop"], ".2f"), _fmt(v["agreement"], ".4f"), _fmt(v["sqnr_db"], ".1f"),
+            _fmt(v["latency_ms_p50"], ".3f"), _fmt(v["latency_ms_p95"], ".3f"), _fmt(v["speedup"], ".2f"),
+            "yes" if v["passed"] else "NO",
+        ))
+    for nr in summary["not_run"]:
+        rows.append((nr["name"], *(["-"] * 10), "not run"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_report(summary: dict, summary_path: Path, report_path: Path) -> str:
+    """Write summary.json and report.md; return the table for the terminal."""
+    table = summary_table(summary)
+    write_json(summary_path, summary)
+    m = summary["machine"] or {}
+    s = summary["benchmark_settings"] or {}
+    lines = [
+        f"# vitq report: {summary['model']}",
+        "",
+        f"Data: {summary['data']['validation']}; calibration: {summary['data']['calibration']}; "
+        f"digest `{summary['data']['digest']}`.",
+        "",
+        "```",
+        table,
+        "```",
+        "",
+        "- top-1 is a fraction of the validation split; `drop pts` is FP32 top-1 minus variant top-1 in percentage points;",
+        "  `agree` is the share of images whose prediction matches FP32; SQNR compares the logits with FP32's.",
+        f"- Latency: ONNX Runtime CPU, batch {s.get('batch_size')}, {s.get('threads')} threads, "
+        f"{s.get('warmup')} warm-up runs, {s.get('repeats')} timed runs per model in {s.get('rounds')} interleaved rounds, "
+        f"input {s.get('input_shape')}.",
+        f"- Machine: {m.get('cpu')} ({m.get('cores')} cores), {m.get('system')}, onnxruntime {m.get('onnxruntime')}.",
+    ]
+    for v in summary["variants"]:
+        if v["fail_reasons"]:
+            lines.append(f"- {v['name']} failed: {'; '.join(v['fail_reasons'])}")
+        for metric, why in v["not_measured"].items():
+            lines.append(f"- {v['name']}: {metric} not measured: {why}")
+    for nr in summary["not_run"]:
+        lines.append(f"- {nr['name']} not run: {nr['reason']}")
+    with atomic_file(report_path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return table

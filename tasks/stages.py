@@ -1,0 +1,152 @@
+"""The pipeline's stages over a workspace: what `vitq stage <name>` (and so `dvc repro`) runs.
+
+Each function reads its inputs from the workspace, writes its outputs there, and returns the
+stage's typed result. The Prefect flow calls the same functions, with quantize/validate split
+per variant so variants run concurrently.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from tasks import benchmark, calibrate, data, export, model, quantize, report, validate
+from tasks.layout import Workspace
+from tasks.targets import get_target
+from vitq.config import Params
+from vitq.recipes import get_recipe
+
+log = logging.getLogger("vitq.stages")
+
+
+def run_data(ws: Workspace, p: Params) -> data.DataResult:
+    return data.prepare_data(p.data, p.seed, ws.data_dir)
+
+
+def run_model(ws: Workspace, p: Params) -> model.ModelSpec:
+    return model.resolve_model(p.model, ws.data_dir, ws.model_dir, p.seed)
+
+
+def run_export(ws: Workspace, p: Params) -> export.ExportResult:
+    return export.export_onnx(ws.model_dir, ws.data_dir, p.export, ws.export_dir)
+
+
+def run_calibrate(ws: Workspace, p: Params) -> calibrate.CalibrationResult:
+    return calibrate.calibrate(ws.export_dir / "model.prep.onnx", ws.model_dir, ws.data_dir, p.calibration, ws.calibration_dir)
+
+
+def plan_variants(p: Params) -> tuple[list[str], dict[str, str]]:
+    """Split the configured recipes into those this machine can run and those it cannot (with why)."""
+    runnable, not_run = [], {}
+    for name in p.quantize.recipes:
+        reason = get_target(get_recipe(name).target).missing_runtime()
+        if reason:
+            not_run[name] = reason
+        else:
+            runnable.append(name)
+    return runnable, not_run
+
+
+def _prune(folder: Path, keep: set[str]) -> None:
+    """Remove outputs of recipes no longer configured, so no stale variant is reported."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.name.split(".")[0] not in keep and not entry.name.startswith("."):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def quantize_one(ws: Workspace, name: str) -> quantize.VariantArtifact:
+    return quantize.quantize_variant(name, ws.export_dir / "model.prep.onnx", ws.calibration_dir, ws.variants_dir)
+
+
+def run_quantize(ws: Workspace, p: Params) -> list[quantize.VariantArtifact]:
+    runnable, not_run = plan_variants(p)
+    for name, why in not_run.items():
+        log.warning("quantize: %s not run: %s", name, why)
+    _prune(ws.variants_dir, set(runnable))
+    return [quantize_one(ws, name) for name in runnable]
+
+
+def validate_reference(ws: Workspace, p: Params) -> validate.ValidationResult:
+    ws.validation_dir.mkdir(parents=True, exist_ok=True)
+    return validate.reference_outputs(ws.export_dir / "model.onnx", ws.model_dir, ws.data_dir, p.validate_, ws.validation_dir)
+
+
+def validate_one(ws: Workspace, p: Params, name: str) -> validate.ValidationResult:
+    art = quantize.load_variant(ws.variants_dir, name)
+    path = quantize.variant_dir(ws.variants_dir, name) / art.artifact
+    return validate.validate_variant(name, path, ws.model_dir, ws.data_dir, p.validate_, ws.validation_dir)
+
+
+def run_validate(ws: Workspace, p: Params) -> list[validate.ValidationResult]:
+    runnable, _ = plan_variants(p)
+    _prune(ws.validation_dir, set(runnable) | {validate.REFERENCE})
+    validate_reference(ws, p)
+    return [validate_one(ws, p, name) for name in runnable]
+
+
+def run_benchmark(ws: Workspace, p: Params) -> benchmark.BenchmarkResult:
+    runnable, _ = plan_variants(p)
+    models = {"fp32": ws.export_dir / "model.onnx"}
+    for name in runnable:
+        art = quantize.load_variant(ws.variants_dir, name)
+        models[name] = quantize.variant_dir(ws.variants_dir, name) / art.artifact
+    result = benchmark.benchmark_models(models, ws.model_dir, ws.data_dir, p.benchmark)
+    benchmark.save_benchmark(result, ws.benchmark_file)
+    return result
+
+
+def dvc_data_digest(ws: Workspace) -> str | None:
+    """DVC's md5 of the materialised data, from dvc.lock (None before DVC has recorded it)."""
+    lock = ws.root / "dvc.lock"
+    if not lock.is_file():
+        return None
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    for out in stages.get("data", {}).get("outs", []):
+        if Path(out.get("path", "")) == ws.data_dir.relative_to(ws.root):
+            return out.get("md5")
+    return None
+
+
+def build_summary(ws: Workspace, p: Params) -> dict:
+    runnable, not_run = plan_variants(p)
+    data_result = data.load_data_result(ws.data_dir)
+    md5 = dvc_data_digest(ws)
+    variants = [
+        (quantize.load_variant(ws.variants_dir, n), validate.load_validation(ws.validation_dir, n)) for n in runnable
+    ]
+    bench = benchmark.load_benchmark(ws.benchmark_file) if ws.benchmark_file.is_file() else None
+    return report.build_summary(
+        spec=model.load_model_spec(ws.model_dir),
+        data=data_result,
+        data_digest=f"md5:{md5}" if md5 else f"sha256:{data_result.digest}",
+        fp32_size_mb=export.load_export_result(ws.export_dir).size_mb,
+        reference=validate.load_validation(ws.validation_dir, validate.REFERENCE),
+        variants=variants,
+        bench=bench,
+        not_run=not_run,
+        artifact_root=str(ws.variants_dir.relative_to(ws.root)),
+    )
+
+
+def run_report(ws: Workspace, p: Params) -> str:
+    table = report.write_report(build_summary(ws, p), ws.summary_file, ws.report_file)
+    print(table, flush=True)
+    return table
+
+
+STAGES: dict[str, Callable[[Workspace, Params], object]] = {
+    "data": run_data,
+    "model": run_model,
+    "export": run_export,
+    "calibrate": run_calibrate,
+    "quantize": run_quantize,
+    "validate": run_validate,
+    "benchmark": run_benchmark,
+    "report": run_report,
+}

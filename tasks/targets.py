@@ -1,0 +1,48 @@
+"""Deployment targets: which worker pool a target's tasks need and whether its runtime is here.
+
+A recipe names a target; a target names the worker kind (`cpu`, `macos`, `cuda`) that can
+produce, validate and time its artifacts, and the Python modules it needs. Tasks for a target
+whose runtime is absent are recorded as not run, with the reason, never run somewhere else.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+Worker = Literal["cpu", "macos", "cuda"]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    worker: Worker  # the worker pool whose machines run this target's tasks
+    modules: tuple[str, ...]  # Python modules the runtime needs
+    platforms: tuple[str, ...] | None = None  # sys.platform values it runs on; None: any
+
+    def missing_runtime(self) -> str | None:
+        """None when this machine can run the target, else the reason it cannot."""
+        if self.platforms is not None and sys.platform not in self.platforms:
+            return f"target {self.name!r} needs a {self.worker} worker ({'/'.join(self.platforms)}); this is {sys.platform}"
+        for mod in self.modules:
+            if importlib.util.find_spec(mod) is None:
+                return f"target {self.name!r} needs the Python module {mod!r}, which is not installed here"
+        return None
+
+
+TARGETS: dict[str, Target] = {
+    "onnx": Target("onnx", "cpu", ("onnxruntime",)),
+    "coreml": Target("coreml", "macos", ("coremltools",), platforms=("darwin",)),
+    "tensorrt": Target("tensorrt", "cuda", ("tensorrt",)),
+}
+
+
+def get_target(name: str) -> Target:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        from vitq.errors import ConfigError
+
+        raise ConfigError(f"unknown target {name!r}; allowed: {', '.join(sorted(TARGETS))}") from None

@@ -1,0 +1,115 @@
+"""Validate stage: each variant against the FP32 model on the labelled validation split.
+
+Metrics (all on the logits of the whole validation split):
+- top1: fraction correct (None when the model's classes are not the data's classes)
+- top1_drop: FP32 top-1 minus variant top-1, in percentage points
+- agreement: fraction of images whose arg-max matches FP32
+- cosine: mean per-image cosine similarity of the logits
+- sqnr_db: 10 log10(sum ref^2 / sum (ref - out)^2)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks._io import read_json, write_json
+from tasks.backends import onnx as onnx_backend
+from tasks.data import load_split, model_inputs
+from tasks.model import load_model_spec
+from vitq.config import ValidateConfig
+
+log = logging.getLogger("vitq.validate")
+
+REFERENCE = "fp32"
+
+
+@dataclass(frozen=True)
+class OutputMetrics:
+    top1: float | None
+    top1_drop: float | None  # percentage points
+    agreement: float
+    cosine: float
+    sqnr_db: float
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    name: str
+    images: int
+    metrics: OutputMetrics
+    passed: bool
+    reasons: list[str]  # why it failed the budget (empty when passed)
+
+
+def compare_outputs(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None, ref_top1: float | None) -> OutputMetrics:
+    """Compare variant logits `out` with FP32 logits `ref`, both (N, classes)."""
+    ref = ref.astype(np.float64).reshape(len(ref), -1)
+    out = out.astype(np.float64).reshape(len(out), -1)
+    noise = np.sum((ref - out) ** 2)
+    sqnr = float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref**2) / noise))
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    cosine = float(np.mean(np.sum(ref * out, axis=1) / np.maximum(norms, 1e-12)))
+    agreement = float(np.mean(ref.argmax(1) == out.argmax(1)))
+    top1 = top1_drop = None
+    if labels is not None:
+        top1 = float(np.mean(out.argmax(1) == labels))
+        if ref_top1 is not None:
+            top1_drop = round(100.0 * (ref_top1 - top1), 6)
+    return OutputMetrics(top1=top1, top1_drop=top1_drop, agreement=agreement, cosine=cosine, sqnr_db=sqnr)
+
+
+def _labels(model_dir: Path, data_dir: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    spec = load_model_spec(model_dir)
+    split = load_split(data_dir, "validation")
+    labels = split.labels if spec.num_classes == len(spec.classes) else None
+    return model_inputs(split.images, spec.mean, spec.std), labels
+
+
+def reference_outputs(fp32_onnx: Path, model_dir: Path, data_dir: Path, cfg: ValidateConfig, out_dir: Path) -> ValidationResult:
+    """FP32 ONNX Runtime logits on the validation split, saved once for every variant to compare against."""
+    from tasks._io import atomic_file
+
+    x, labels = _labels(model_dir, data_dir)
+    logits = onnx_backend.run_batched(onnx_backend.session(fp32_onnx), x, cfg.batch_size)
+    metrics = compare_outputs(logits, logits, labels, None)
+    with atomic_file(Path(out_dir) / f"{REFERENCE}.npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, logits)
+    result = ValidationResult(name=REFERENCE, images=len(x), metrics=metrics, passed=True, reasons=[])
+    write_json(Path(out_dir) / f"{REFERENCE}.json", asdict(result))
+    log.info("validate: fp32 top-1 %s on %d images", metrics.top1, len(x))
+    return result
+
+
+def validate_variant(
+    name: str, variant_onnx: Path, model_dir: Path, data_dir: Path, cfg: ValidateConfig, out_dir: Path
+) -> ValidationResult:
+    """Run the variant on the validation split and judge it against the budget."""
+    x, labels = _labels(model_dir, data_dir)
+    ref = np.load(Path(out_dir) / f"{REFERENCE}.npy")
+    ref_top1 = load_validation(out_dir, REFERENCE).metrics.top1
+    logits = onnx_backend.run_batched(onnx_backend.session(variant_onnx), x, cfg.batch_size)
+    m = compare_outputs(ref, logits, labels, ref_top1)
+    reasons = []
+    drop = m.top1_drop if m.top1_drop is not None else 100.0 * (1.0 - m.agreement)
+    if drop > cfg.max_top1_drop:
+        what = "top-1 drop" if m.top1_drop is not None else "disagreement with FP32"
+        reasons.append(f"{what} {drop:.2f} pts > validate.max_top1_drop {cfg.max_top1_drop}")
+    if cfg.min_sqnr_db is not None and m.sqnr_db < cfg.min_sqnr_db:
+        reasons.append(f"SQNR {m.sqnr_db:.1f} dB < validate.min_sqnr_db {cfg.min_sqnr_db}")
+    result = ValidationResult(name=name, images=len(x), metrics=m, passed=not reasons, reasons=reasons)
+    write_json(Path(out_dir) / f"{name}.json", asdict(result))
+    log.info(
+        "validate: %s top-1 %s (drop %s pts), agreement %.4f, SQNR %.1f dB -> %s",
+        name, m.top1, m.top1_drop, m.agreement, m.sqnr_db, "pass" if result.passed else "FAIL",
+    )
+    return result
+
+
+def load_validation(validation_dir: Path, name: str) -> ValidationResult:
+    d = read_json(Path(validation_dir) / f"{name}.json")
+    return ValidationResult(**{**d, "metrics": OutputMetrics(**d["metrics"])})

@@ -1,0 +1,186 @@
+"""params.yaml, parsed once and strictly into typed, frozen config objects.
+
+Unknown keys and wrong types are errors naming the key (`ConfigError`); stage functions receive
+these objects and never read YAML or the environment themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vitq.errors import ConfigError
+from vitq.recipes import CALIBRATION_METHODS, RECIPES
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class DataConfig(_Strict):
+    # digits: scikit-learn's bundled handwritten digits; imagefolder: `path/<split>/<class>/<image>`.
+    source: Literal["digits", "imagefolder"] = "digits"
+    path: str | None = None  # imagefolder root with val/ and calibration/ or train/ (and train/ to fine-tune)
+    image_size: int = Field(32, ge=8, le=1024)  # square side in pixels after resize (+ center crop)
+    channels: Literal[1, 3] = 1  # 1: grayscale, 3: RGB
+    validation_size: int = Field(450, ge=1)  # digits: held-out labelled images
+    calibration_size: int = Field(200, ge=1)  # images in the calibration split
+
+    @model_validator(mode="after")
+    def _path_for_imagefolder(self) -> DataConfig:
+        if self.source == "imagefolder" and not self.path:
+            raise ValueError("data.path is required when data.source is 'imagefolder'")
+        return self
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)  # peak AdamW learning rate (one-cycle schedule)
+    weight_decay: float = Field(0.05, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    max_shift_px: int = Field(0, ge=0)  # random translation augmentation, pixels
+    threads: int = Field(2, ge=1)  # torch CPU threads; fixed so training is deterministic
+
+
+class ModelConfig(_Strict):
+    # train: build `name` with `arch` overrides and train it on the training split;
+    # timm: `timm.create_model(name, pretrained=..., checkpoint_path=checkpoint)`.
+    source: Literal["train", "timm"] = "train"
+    name: str = "vit_digits_patch4_32"  # a timm model name (vitq registers the digits ViT with timm)
+    pretrained: bool = False
+    checkpoint: str | None = None  # local checkpoint file (state dict) loaded into `name`
+    num_classes: int | None = None  # None: the data's class count when training, the model's own otherwise
+    arch: dict[str, int | float | str | bool] = Field(default_factory=dict)  # timm kwargs, e.g. depth: 2
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _weights_only_for_timm(self) -> ModelConfig:
+        if self.source == "train" and (self.pretrained or self.checkpoint):
+            raise ValueError("model.pretrained and model.checkpoint apply to model.source 'timm', not 'train'")
+        return self
+
+
+class ExportConfig(_Strict):
+    opset: int = Field(18, ge=17, le=23)  # >= 17 so LayerNormalization is one op
+    max_abs_diff: float = Field(1e-3, gt=0)  # ONNX Runtime vs torch on validation images, logits
+
+
+class CalibrationConfig(_Strict):
+    methods: tuple[str, ...] = CALIBRATION_METHODS
+    percentile: float = Field(99.999, gt=50, le=100)  # of |x|, for the percentile table
+    num_bins: int = Field(2048, ge=128)  # histogram bins for percentile and entropy
+    num_quantized_bins: int = Field(128, ge=16)  # entropy (KL) candidate thresholds
+    batch_size: int = Field(32, ge=1)
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _methods(cls, v):
+        v = tuple(v) if isinstance(v, list) else v
+        for m in v:
+            if m not in CALIBRATION_METHODS:
+                raise ValueError(f"unknown calibration method {m!r}; allowed: {', '.join(CALIBRATION_METHODS)}")
+        if not v:
+            raise ValueError(f"at least one calibration method is needed; allowed: {', '.join(CALIBRATION_METHODS)}")
+        return v
+
+
+class QuantizeConfig(_Strict):
+    recipes: tuple[str, ...] = ("onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy")
+
+    @field_validator("recipes", mode="before")
+    @classmethod
+    def _recipes(cls, v):
+        v = tuple(v) if isinstance(v, list) else v
+        for r in v:
+            if r not in RECIPES:
+                raise ValueError(f"unknown recipe {r!r}; allowed: {', '.join(sorted(RECIPES))}")
+        if len(set(v)) != len(v):
+            raise ValueError("recipes are listed more than once")
+        return v
+
+
+class ValidateConfig(_Strict):
+    max_top1_drop: float = Field(1.0, ge=0)  # percentage points of top-1 a variant may lose vs FP32
+    min_sqnr_db: float | None = None  # optional floor on the logits' SQNR
+    batch_size: int = Field(64, ge=1)
+
+
+class BenchmarkConfig(_Strict):
+    threads: int = Field(2, ge=1)  # ONNX Runtime intra-op threads, the same for every model
+    batch_size: int = Field(1, ge=1)
+    warmup: int = Field(10, ge=0)  # untimed runs per model
+    repeats: int = Field(200, ge=1)  # timed runs per model, interleaved across models in rounds
+    rounds: int = Field(5, ge=1)
+
+
+class Params(_Strict):
+    seed: int = 0
+    experiment: str | None = None  # MLflow experiment; default: the model name
+    max_workers: int = Field(2, ge=1)  # variants quantized / validated concurrently
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    export: ExportConfig = ExportConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _tables_for_recipes(self) -> Params:
+        for name in self.quantize.recipes:
+            method = RECIPES[name].calibration
+            if method and method not in self.calibration.methods:
+                raise ValueError(
+                    f"recipe {name!r} needs the {method!r} calibration table; add it to calibration.methods"
+                )
+        return self
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or self.model.name
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "<top level>"
+    if e["type"] == "extra_forbidden":
+        return f"{source}: unknown key {loc!r}; check its spelling against the documented keys"
+    msg = e["msg"].removeprefix("Value error, ")
+    got = e.get("input")
+    shown = "" if isinstance(got, dict) or e["type"].startswith("value_error") else f" (got {got!r})"
+    return f"{source}: {loc}: {msg}{shown}"
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; every problem becomes a one-line `ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {str(path)!r} does not exist; run from a vitq workspace or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    return parse_params(raw, str(path))
+
+
+def params_hash(params: Params) -> str:
+    """A short stable digest of the effective parameters (defaults filled in)."""
+    blob = json.dumps(params.model_dump(mode="json", by_alias=True), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,67 @@
+"""Named quantization recipes: one registry, referred to by name from params.yaml and the CLI.
+
+A recipe says *what* a variant is (target, weight/activation precision, calibration method);
+the backend in `tasks/backends/` says *how* it is produced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    target: Literal["onnx", "coreml", "tensorrt"]  # where the artifact runs
+    scheme: Literal["dynamic", "static"]  # dynamic: activations quantized at run time; static: calibrated Q/DQ
+    calibration: str | None  # calibration table the static scheme reads (one of CALIBRATION_METHODS)
+    per_channel: bool  # per-output-channel weight scales (required by TensorRT explicit quantization)
+    description: str
+    # ONNX op types whose inputs get Q/DQ. Linear algebra only: residual Add, LayerNorm, Softmax and
+    # GELU stay in float, where ViT activation outliers live and where int8 buys little speed.
+    op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
+
+
+def _static_onnx(method: str) -> Recipe:
+    return Recipe(
+        name=f"onnx-w8a8-{method}",
+        target="onnx",
+        scheme="static",
+        calibration=method,
+        per_channel=True,
+        description=(
+            f"W8A8 static Q/DQ: symmetric int8 activations from the {method} calibration table, "
+            "symmetric per-channel int8 weights; valid for ONNX Runtime and TensorRT explicit quantization"
+        ),
+    )
+
+
+RECIPES: dict[str, Recipe] = {
+    "onnx-w8-dynamic": Recipe(
+        name="onnx-w8-dynamic",
+        target="onnx",
+        scheme="dynamic",
+        calibration=None,
+        per_channel=False,
+        description="ONNX Runtime quantize_dynamic: int8 weights, activations quantized per batch at run time",
+    ),
+    **{r.name: r for r in (_static_onnx(m) for m in CALIBRATION_METHODS)},
+}
+
+
+# Tensors the calibration stage measures: inputs/outputs of every op type any recipe quantizes,
+# so one calibration pass serves every recipe.
+CALIBRATED_OP_TYPES: tuple[str, ...] = tuple(sorted({t for r in RECIPES.values() for t in r.op_types}))
+
+
+def get_recipe(name: str) -> Recipe:
+    """Look a recipe up by name; a miss lists the valid names."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        from vitq.errors import ConfigError
+
+        raise ConfigError(f"unknown recipe {name!r}; allowed: {', '.join(sorted(RECIPES))}") from None
