@@ -37,7 +37,6 @@ class CalibrationResult:
     tensors: int
     op_types: list[str]
     percentile: float
-    seconds: float
 
 
 def table_path(calibration_dir: Path, method: str) -> Path:
@@ -109,10 +108,12 @@ def calibrate(prep_onnx: Path, model_dir: Path, data_dir: Path, cfg: Calibration
             tensors=len(names),
             op_types=list(CALIBRATED_OP_TYPES),
             percentile=cfg.percentile,
-            seconds=round(time.perf_counter() - start, 2),
         )
         write_json(tmp / "calibration.json", asdict(result))
-    log.info("calibrate: %d tensors over %d images -> %s tables", len(names), n, ", ".join(cfg.methods))
+    log.info(
+        "calibrate: %d tensors over %d images -> %s tables (%.1fs)",
+        len(names), n, ", ".join(cfg.methods), time.perf_counter() - start,
+    )
     return result
 
 

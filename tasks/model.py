@@ -36,7 +36,7 @@ class ModelSpec:
     classes: list[str]
     top1: float | None  # FP32 torch top-1 on the validation split (None when labels do not apply)
     source: str
-    train: dict = field(default_factory=dict)  # epochs, seconds, final loss (source == train)
+    train: dict = field(default_factory=dict)  # epochs, final loss (source == train)
     versions: dict = field(default_factory=dict)
 
 
@@ -188,4 +188,5 @@ def train_classifier(
                 epoch + 1, cfg.epochs, loss.item(), acc, time.perf_counter() - start,
             )
     torch.use_deterministic_algorithms(False)
-    return {"epochs": cfg.epochs, "seconds": round(time.perf_counter() - start, 1), "final_loss": round(loss.item(), 4)}
+    log.info("train: %d epochs in %.0fs", cfg.epochs, time.perf_counter() - start)
+    return {"epochs": cfg.epochs, "final_loss": round(loss.item(), 4)}

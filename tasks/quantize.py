@@ -26,7 +26,6 @@ class VariantArtifact:
     int8_weight_fraction: float  # share of linear/conv/matmul weight elements stored as int8
     op_counts: dict[str, int]
     calibration_table: str | None
-    seconds: float
 
 
 def variant_dir(variants_dir: Path, name: str) -> Path:
@@ -54,10 +53,12 @@ def quantize_variant(recipe_name: str, prep_onnx: Path, calibration_dir: Path, v
             int8_weight_fraction=min(1.0, onnx_backend.int8_weight_elements(quantized) / max(fp32_weights, 1)),
             op_counts=onnx_backend.op_counts(quantized),
             calibration_table=table.name if table else None,
-            seconds=round(time.perf_counter() - start, 2),
         )
         write_json(tmp / "variant.json", asdict(artifact))
-    log.info("quantize: %s -> %.2f MB, int8 weights %.0f%%", recipe.name, artifact.size_mb, 100 * artifact.int8_weight_fraction)
+    log.info(
+        "quantize: %s -> %.2f MB, int8 weights %.0f%% (%.1fs)",
+        recipe.name, artifact.size_mb, 100 * artifact.int8_weight_fraction, time.perf_counter() - start,
+    )
     return artifact
 
 

@@ -51,7 +51,7 @@ def plan_variants(p: Params) -> tuple[list[str], dict[str, str]]:
     return runnable, not_run
 
 
-def _prune(folder: Path, keep: set[str]) -> None:
+def prune_outputs(folder: Path, keep: set[str]) -> None:
     """Remove outputs of recipes no longer configured, so no stale variant is reported."""
     if not folder.is_dir():
         return
@@ -68,7 +68,7 @@ def run_quantize(ws: Workspace, p: Params) -> list[quantize.VariantArtifact]:
     runnable, not_run = plan_variants(p)
     for name, why in not_run.items():
         log.warning("quantize: %s not run: %s", name, why)
-    _prune(ws.variants_dir, set(runnable))
+    prune_outputs(ws.variants_dir, set(runnable))
     return [quantize_one(ws, name) for name in runnable]
 
 
@@ -85,7 +85,7 @@ def validate_one(ws: Workspace, p: Params, name: str) -> validate.ValidationResu
 
 def run_validate(ws: Workspace, p: Params) -> list[validate.ValidationResult]:
     runnable, _ = plan_variants(p)
-    _prune(ws.validation_dir, set(runnable) | {validate.REFERENCE})
+    prune_outputs(ws.validation_dir, set(runnable) | {validate.REFERENCE})
     validate_reference(ws, p)
     return [validate_one(ws, p, name) for name in runnable]
 
@@ -135,9 +135,7 @@ def build_summary(ws: Workspace, p: Params) -> dict:
 
 
 def run_report(ws: Workspace, p: Params) -> str:
-    table = report.write_report(build_summary(ws, p), ws.summary_file, ws.report_file)
-    print(table, flush=True)
-    return table
+    return report.write_report(build_summary(ws, p), ws.summary_file, ws.report_file)
 
 
 STAGES: dict[str, Callable[[Workspace, Params], object]] = {

@@ -46,3 +46,11 @@ def get_target(name: str) -> Target:
         from vitq.errors import ConfigError
 
         raise ConfigError(f"unknown target {name!r}; allowed: {', '.join(sorted(TARGETS))}") from None
+
+
+def worker_tags(recipe_name: str) -> list[str]:
+    """Tags that route a variant's tasks: the worker kind and target its recipe needs."""
+    from vitq.recipes import get_recipe
+
+    target = get_target(get_recipe(recipe_name).target)
+    return [f"worker:{target.worker}", f"target:{target.name}"]

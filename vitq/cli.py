@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             from vitq.config import load_params
 
             ws = _workspace(args.workdir)
-            STAGES[args.name](ws, load_params(ws.params_file))
+            result = STAGES[args.name](ws, load_params(ws.params_file))
+            if isinstance(result, str):  # the report stage's table
+                print(result)
             return 0
         if args.command == "run":
             ws = _workspace(args.workdir)

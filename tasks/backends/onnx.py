@@ -42,11 +42,14 @@ def quantize(recipe: Recipe, prep_onnx: Path, out_path: Path, table: Path | None
     """Produce the recipe's quantized ONNX at `out_path` from the quantization-ready FP32 model."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+    # Pass a ModelProto, not the path: ORT writes `<path>-inferred.onnx` beside a path it is
+    # given, which collides when several variants are quantized from one file concurrently.
+    model = onnx.load(str(prep_onnx))
     quiet = contextlib.redirect_stdout(io.StringIO())
     if recipe.scheme == "dynamic":
         with quiet:
             quantize_dynamic(
-                str(prep_onnx), str(out_path), weight_type=QuantType.QInt8, per_channel=recipe.per_channel,
+                model, str(out_path), weight_type=QuantType.QInt8, per_channel=recipe.per_channel,
                 op_types_to_quantize=list(recipe.op_types),
             )
         return
@@ -54,7 +57,7 @@ def quantize(recipe: Recipe, prep_onnx: Path, out_path: Path, table: Path | None
                "entropy": CalibrationMethod.Entropy}
     with quiet:
         quantize_static(
-            str(prep_onnx),
+            model,
             str(out_path),
             calibration_data_reader=None,
             calibration_cache_path=str(table),  # ranges from the calibration stage; no recalibration

@@ -1,0 +1,35 @@
+"""DVC owns the pipeline's data and artifacts; the flow asks it, stage by stage, what is stale.
+
+A stage DVC reports as up to date is not rerun (its results are read from its files), and a stage
+the flow ran is committed to dvc.lock and DVC's cache, so `vitq run` and `dvc repro` share one
+record: after either, the other finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger("vitq.flow")
+
+
+class DvcStages:
+    def __init__(self, root: Path):
+        from dvc.repo import Repo
+
+        if not (Path(root) / ".dvc").is_dir():
+            from vitq.errors import VitqError
+
+            raise VitqError(f"{root} is not a DVC repository; run `dvc init` there (or `dvc init --no-scm` outside git)")
+        self.repo = Repo(str(root))
+
+    def is_fresh(self, stage: str) -> bool:
+        """True when the stage's deps, params and outs all match dvc.lock."""
+        return not self.repo.status(targets=[stage])
+
+    def commit(self, stage: str) -> None:
+        """Record the stage's current deps/params/outs in dvc.lock and its outs in the cache."""
+        self.repo.commit(stage, force=True)
+
+    def close(self) -> None:
+        self.repo.close()

@@ -1,0 +1,126 @@
+"""The pipeline as one Prefect flow: a table of contents over the stage functions in `tasks/`.
+
+DVC decides what is stale (a fresh stage is skipped and committed stages land in dvc.lock);
+variants are submitted as concurrent tasks tagged with the worker kind their target needs;
+MLflow records the run at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows import tracking
+from flows.dvc_state import DvcStages
+from tasks import stages
+from tasks.layout import Workspace
+from tasks.model import load_model_spec
+from tasks.targets import worker_tags
+from vitq.config import Params, load_params
+
+log = logging.getLogger("vitq.flow")
+
+# Stage logic lives in tasks/; these wrappers only give Prefect a task per unit of work.
+# NO_CACHE: DVC is the one cache of pipeline outputs (no second cache to serve a stale artifact).
+
+
+@task(cache_policy=NO_CACHE, retries=0)
+def stage_task(name: str, ws: Workspace, params: Params) -> None:
+    stages.STAGES[name](ws, params)
+
+
+@task(cache_policy=NO_CACHE)
+def quantize_task(ws: Workspace, recipe: str) -> None:
+    stages.quantize_one(ws, recipe)
+
+
+@task(cache_policy=NO_CACHE)
+def validate_reference_task(ws: Workspace, params: Params) -> None:
+    stages.validate_reference(ws, params)
+
+
+@task(cache_policy=NO_CACHE)
+def validate_task(ws: Workspace, params: Params, recipe: str) -> None:
+    stages.validate_one(ws, params, recipe)
+
+
+class _Runner:
+    """Runs a stage unless DVC says it is up to date; commits what it ran."""
+
+    def __init__(self, ws: Workspace, force: bool):
+        self.ws, self.force = ws, force
+        self.dvc = DvcStages(ws.root)
+        self.ran: list[str] = []
+
+    def stale(self, name: str) -> bool:
+        if self.force or not self.dvc.is_fresh(name):
+            return True
+        log.info("%s: up to date (dvc.lock), skipped", name)
+        return False
+
+    def done(self, name: str) -> None:
+        self.dvc.commit(name)
+        self.ran.append(name)
+
+
+@flow(name="vitq-pipeline", log_prints=True)
+def vitq_pipeline(root: str, force: bool = False) -> dict:
+    ws = Workspace(Path(root))
+    params = load_params(ws.params_file)
+    run = _Runner(ws, force)
+    cpu = ["worker:cpu"]
+    for name in ("data", "model", "export", "calibrate"):
+        if run.stale(name):
+            stage_task.with_options(name=name, tags=cpu)(name, ws, params)
+            run.done(name)
+
+    runnable, not_run = stages.plan_variants(params)
+    for name, why in not_run.items():
+        log.warning("%s: not run: %s", name, why)
+
+    if run.stale("quantize"):
+        stages.prune_outputs(ws.variants_dir, set(runnable))
+        futures = [
+            quantize_task.with_options(name=f"quantize[{r}]", tags=worker_tags(r)).submit(ws, r) for r in runnable
+        ]
+        [f.result() for f in futures]
+        run.done("quantize")
+
+    if run.stale("validate"):
+        stages.prune_outputs(ws.validation_dir, set(runnable) | {"fp32"})
+        validate_reference_task.with_options(tags=cpu)(ws, params)
+        futures = [
+            validate_task.with_options(name=f"validate[{r}]", tags=worker_tags(r)).submit(ws, params, r)
+            for r in runnable
+        ]
+        [f.result() for f in futures]
+        run.done("validate")
+
+    # One task times FP32 and every variant side by side, never concurrently with other work.
+    for name in ("benchmark", "report"):
+        if run.stale(name):
+            stage_task.with_options(name=name, tags=cpu)(name, ws, params)
+            run.done(name)
+    run.dvc.close()
+
+    summary = json.loads(ws.summary_file.read_text())
+    print(stages.report.summary_table(summary))
+    spec = load_model_spec(ws.model_dir)
+    stage_metrics = {"fp32_top1_torch": spec.top1} if spec.top1 is not None else {}
+    export = stages.export.load_export_result(ws.export_dir)
+    stage_metrics["export_max_abs_diff"] = export.max_abs_diff
+    run_id = tracking.log_pipeline_run(ws, params, summary, stage_metrics, run.ran)
+    log.info("MLflow: parent run %s (%s)", run_id, tracking.configure(ws))
+    return summary
+
+
+def run_pipeline(root: Path, params: Params, force: bool = False) -> dict:
+    """Run the flow with `params.max_workers` concurrent variant tasks (Prefect's temporary server
+    when PREFECT_API_URL is unset)."""
+    runner = ThreadPoolTaskRunner(max_workers=params.max_workers)
+    return vitq_pipeline.with_options(task_runner=runner)(str(root), force)

@@ -1,0 +1,104 @@
+"""MLflow records: an experiment per model, a parent run per pipeline run, a child run per variant.
+
+Tracking URI from MLFLOW_TRACKING_URI; default: a SQLite file in the workspace (`mlflow ui
+--backend-store-uri sqlite:///mlflow.db` shows it), artifacts under `mlartifacts/`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+
+from tasks.layout import Workspace
+from tasks.quantize import variant_dir
+from vitq.config import Params, params_hash
+
+
+def configure(ws: Workspace) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ws.root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _experiment_id(name: str, ws: Workspace) -> str:
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = (ws.root / "mlartifacts").as_uri()  # beside the default SQLite store
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "not a git repository"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    flat = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = str(v)
+    return flat
+
+
+_VARIANT_METRICS = (
+    "size_mb", "compression", "int8_weight_fraction", "top1", "top1_drop", "agreement", "cosine", "sqnr_db",
+    "latency_ms_p50", "latency_ms_p95", "throughput_ips", "speedup",
+)
+
+
+def log_pipeline_run(ws: Workspace, params: Params, summary: dict, stage_metrics: dict[str, float], ran: list[str]) -> str:
+    """Log one pipeline run (parent) and its variants (children); return the parent run id."""
+    configure(ws)
+    exp_id = _experiment_id(params.experiment_name, ws)
+    tags = {
+        "git_commit": git_commit(ws.root),
+        "data_digest": summary["data"]["digest"],
+        "params_hash": params_hash(params),
+        "model": summary["model"],
+        "stages_run": ",".join(ran) or "none (all up to date)",
+    }
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"{summary['model']}-pipeline", tags=tags) as parent:
+        mlflow.log_params(_flatten(params.model_dump(mode="json", by_alias=True)))
+        base = {f"baseline_{k}": v for k, v in summary["baseline"].items() if isinstance(v, (int, float))}
+        mlflow.log_metrics({**base, **stage_metrics})
+        for f in (ws.summary_file, ws.report_file, ws.params_file, ws.benchmark_file):
+            if f.is_file():
+                mlflow.log_artifact(str(f), artifact_path="reports")
+        for v in summary["variants"]:
+            with mlflow.start_run(
+                experiment_id=exp_id, run_name=v["name"], nested=True,
+                tags={**tags, "target": v["target"], "recipe": v["recipe"], "passed": str(v["passed"])},
+            ):
+                folder = variant_dir(ws.variants_dir, v["name"])
+                meta = (folder / "variant.json")
+                mlflow.log_params({f"recipe.{k}": str(val) for k, val in _recipe(meta).items()})
+                mlflow.log_metrics({k: float(v[k]) for k in _VARIANT_METRICS if v.get(k) is not None})
+                mlflow.log_metric("passed", float(v["passed"]))
+                mlflow.log_artifact(str(folder / Path(v["artifact"]).name), artifact_path="model")
+                mlflow.log_artifact(str(meta), artifact_path="model")
+                val = ws.validation_dir / f"{v['name']}.json"
+                if val.is_file():
+                    mlflow.log_artifact(str(val), artifact_path="reports")
+        for nr in summary["not_run"]:
+            with mlflow.start_run(experiment_id=exp_id, run_name=nr["name"], nested=True,
+                                  tags={**tags, "not_run": nr["reason"]}):
+                pass
+        return parent.info.run_id
+
+
+def _recipe(meta: Path) -> dict:
+    import json
+
+    return json.loads(meta.read_text())["recipe"]
