@@ -68,7 +68,7 @@ class _Runner:
         self.ran.append(name)
 
 
-@flow(name="vitq-pipeline", log_prints=True)
+@flow(name="vitq-pipeline")
 def vitq_pipeline(root: str, force: bool = False) -> dict:
     ws = Workspace(Path(root))
     params = load_params(ws.params_file)
@@ -109,7 +109,6 @@ def vitq_pipeline(root: str, force: bool = False) -> dict:
     run.dvc.close()
 
     summary = json.loads(ws.summary_file.read_text())
-    print(stages.report.summary_table(summary))
     spec = load_model_spec(ws.model_dir)
     stage_metrics = {"fp32_top1_torch": spec.top1} if spec.top1 is not None else {}
     export = stages.export.load_export_result(ws.export_dir)

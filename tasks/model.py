@@ -40,13 +40,21 @@ class ModelSpec:
     versions: dict = field(default_factory=dict)
 
 
+def check_model_config(cfg: ModelConfig) -> None:
+    """Fail fast on an unknown model name or a missing checkpoint (no weights are loaded)."""
+    import timm
+
+    if not timm.is_model(cfg.name):
+        close = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ModelError(f"unknown timm model {cfg.name!r}{hint}; list names with timm.list_models('*vit*')")
+    if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+        raise ModelError(f"model.checkpoint {cfg.checkpoint!r} does not exist; give the path to a local weights file")
+
+
 def _create(name: str, **kwargs) -> torch.nn.Module:
     import timm
 
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ModelError(f"unknown timm model {name!r}{hint}; list names with timm.list_models('*vit*')")
     try:
         return timm.create_model(name, **kwargs)
     except (OSError, ConnectionError) as exc:
@@ -70,10 +78,7 @@ def resolve_model(cfg: ModelConfig, data_dir: Path, out_dir: Path, seed: int) ->
         kwargs["num_classes"] = num_classes
     if cfg.source == "train":
         kwargs.setdefault("in_chans", data.channels)
-    if cfg.checkpoint:
-        ckpt = Path(cfg.checkpoint)
-        if not ckpt.is_file():
-            raise ModelError(f"model.checkpoint {cfg.checkpoint!r} does not exist; give the path to a local weights file")
+    check_model_config(cfg)
     torch.manual_seed(seed)
     model = _create(cfg.name, pretrained=cfg.pretrained or bool(cfg.checkpoint), **_weights(cfg), **kwargs)
     data_cfg = resolve_model_data_config(model)

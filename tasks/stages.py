@@ -148,3 +148,20 @@ STAGES: dict[str, Callable[[Workspace, Params], object]] = {
     "benchmark": run_benchmark,
     "report": run_report,
 }
+
+
+def preflight(ws: Workspace, p: Params) -> None:
+    """Cheap checks of user input before any server starts or stage runs (each raises a one-line VitqError)."""
+    from vitq.errors import DataError, VitqError
+
+    if not (ws.root / "dvc.yaml").is_file():
+        raise VitqError(f"{ws.root} has no dvc.yaml; run vitq from a workspace (the repository root)")
+    if not (ws.root / ".dvc").is_dir():
+        raise VitqError(f"{ws.root} is not a DVC repository; run `dvc init` there (or `dvc init --no-scm` outside git)")
+    if p.data.source == "imagefolder":
+        root = Path(p.data.path)
+        if not (root / "val").is_dir():
+            raise DataError(f"data.path {p.data.path!r} has no val/ folder; expected <root>/val/<class>/<image>")
+    model.check_model_config(p.model)
+    for name in p.quantize.recipes:
+        get_target(get_recipe(name).target)

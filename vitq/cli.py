@@ -69,10 +69,17 @@ def main(argv: list[str] | None = None) -> int:
             from vitq.config import load_params
 
             params = load_params(ws.params_file)  # fail fast, before any server starts
+            from tasks.stages import preflight
+
+            preflight(ws, params)
             os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
             from flows.pipeline import run_pipeline
 
             summary = run_pipeline(ws.root, params, force=args.force)
+            from tasks.report import summary_table
+
+            print(summary_table(summary))
+            print(f"summary: {ws.summary_file}  report: {ws.report_file}")
             failed = [v["name"] for v in summary["variants"] if not v["passed"]]
             if failed:
                 print(f"variants outside the accuracy budget: {', '.join(failed)}", file=sys.stderr)

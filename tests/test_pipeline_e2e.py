@@ -1,0 +1,94 @@
+"""The whole pipeline for real on a tiny configuration: Prefect's temporary server, MLflow in
+SQLite, DVC's cache. Then the no-change rerun, `dvc repro` agreement, and selective reruns."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import make_workspace, run_env, tiny_params, vitq
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("data", "model", "export", "calibrate", "quantize", "validate", "benchmark", "report")
+
+
+def dvc(args, cwd):
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=run_env(cwd),
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    ws = make_workspace(tmp_path_factory.mktemp("e2e") / "ws", tiny_params())
+    proc = vitq(["run"], ws)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return ws, proc
+
+
+def test_summary_follows_the_contract(ran):
+    ws, proc = ran
+    s = json.loads((ws / "reports" / "summary.json").read_text())
+    assert s["model"] == "vit_digits_patch4_32"
+    assert set(s["data"]) == {"calibration", "validation", "digest"} and s["data"]["digest"].startswith("md5:")
+    assert s["baseline"]["top1"] > 0.5 and s["baseline"]["size_mb"] > 0 and s["baseline"]["latency_ms_p50"] > 0
+    names = [v["name"] for v in s["variants"]]
+    assert names == ["onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy"]
+    keys = {"name", "target", "recipe", "artifact", "size_mb", "compression", "int8_weight_fraction", "top1",
+            "top1_drop", "agreement", "sqnr_db", "latency_ms_p50", "latency_ms_p95", "speedup", "passed", "not_measured"}
+    for v in s["variants"]:
+        assert keys <= set(v), keys - set(v)
+        assert v["target"] == "onnx" and (ws / v["artifact"]).is_file()
+        assert v["compression"] > 1.5 and v["latency_ms_p50"] > 0 and v["not_measured"] == {}
+        assert isinstance(v["passed"], bool)
+    assert (ws / "reports" / "report.md").read_text().count("onnx-w8a8-") >= 3
+    assert "onnx-w8a8-entropy" in proc.stdout  # the table printed at the end
+
+
+def test_mlflow_has_parent_and_child_runs(ran):
+    import mlflow
+
+    ws, _ = ran
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("vit_digits_patch4_32")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1
+    tags = parents[0].data.tags
+    assert tags["data_digest"].startswith("md5:") and len(tags["params_hash"]) == 16 and "git_commit" in tags
+    assert {c.data.tags["mlflow.runName"] for c in children} == {
+        "onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy"}
+    for c in children:
+        assert c.data.params["recipe.target"] == "onnx"
+        assert {"sqnr_db", "size_mb", "latency_ms_p50", "agreement"} <= set(c.data.metrics)
+        arts = {a.path for a in client.list_artifacts(c.info.run_id, "model")}
+        assert "model/model.onnx" in arts
+
+
+def test_rerun_with_nothing_changed_runs_nothing(ran):
+    ws, _ = ran
+    again = vitq(["run"], ws)
+    assert again.returncode == 0, again.stderr[-3000:]
+    out = again.stdout + again.stderr
+    for stage in STAGES:
+        assert f"{stage}: up to date (dvc.lock), skipped" in out, stage
+    repro = dvc(["repro"], ws)
+    assert repro.returncode == 0, repro.stderr
+    assert "Running stage" not in repro.stdout, repro.stdout
+
+
+def test_changing_one_parameter_reruns_only_what_depends_on_it(ran):
+    ws, _ = ran
+    p = yaml.safe_load((ws / "params.yaml").read_text())
+    p["validate"]["max_top1_drop"] = 0.0
+    (ws / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    repro = dvc(["repro"], ws)
+    assert repro.returncode == 0, repro.stderr
+    ran_stages = re.findall(r"Running stage '(\w+)'", repro.stdout)
+    assert ran_stages == ["validate", "report"], repro.stdout

@@ -1,0 +1,76 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import tiny_params
+from tasks import stages
+from tasks.calibrate import table_path
+from tasks.layout import Workspace
+from vitq.config import parse_params
+
+
+@pytest.fixture(scope="module")
+def ws(staged_workspace):
+    return Workspace(staged_workspace)
+
+
+def _inits(model):
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def test_calibration_writes_one_table_per_method_from_one_pass(ws):
+    meta = json.loads((ws.calibration_dir / "calibration.json").read_text())
+    assert meta["methods"] == ["minmax", "percentile", "entropy"] and meta["tensors"] > 0
+    tables = {m: json.loads(table_path(ws.calibration_dir, m).read_text())["data"] for m in meta["methods"]}
+    assert tables["minmax"].keys() == tables["percentile"].keys() == tables["entropy"].keys()
+    hi = lambda t, name: abs(float(t[name]["highest"]["data"]))  # noqa: E731
+    # Percentile/entropy clip: their range never exceeds min/max's.
+    for name in tables["minmax"]:
+        assert hi(tables["percentile"], name) <= hi(tables["minmax"], name) + 1e-6
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_static_variant_is_symmetric_per_channel_qdq_from_its_table(ws, method):
+    art = stages.quantize_one(ws, f"onnx-w8a8-{method}")
+    model = onnx.load(str(ws.variants_dir / art.name / "model.onnx"))
+    inits = _inits(model)
+    q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert q and dq and art.int8_weight_fraction == 1.0
+    for node in q + dq:
+        scale, zp = inits[node.input[1]], inits[node.input[2]]
+        # int8 everywhere, except int32 biases (DequantizeLinear only), all symmetric.
+        allowed = (np.int8,) if node.op_type == "QuantizeLinear" else (np.int8, np.int32)
+        assert zp.dtype in allowed and not zp.any(), f"{node.name}: zero point {zp.dtype} {zp}"
+        assert np.all(scale > 0) and np.all(np.isfinite(scale)), node.name
+    per_channel = [n for n in dq if inits[n.input[1]].ndim == 1 and inits[n.input[1]].size > 1]
+    assert per_channel, "weights must carry per-channel scales"
+    # The activation scale of the first MatMul input is its table range / 127 (symmetric int8).
+    table = json.loads(table_path(ws.calibration_dir, method).read_text())["data"]
+    for node in q:
+        if node.input[0] in table:
+            t = table[node.input[0]]
+            amax = max(abs(float(t["lowest"]["data"])), abs(float(t["highest"]["data"])))
+            assert np.isclose(float(inits[node.input[1]]), amax / 127, rtol=1e-5), node.input[0]
+            break
+    else:
+        pytest.fail("no activation QuantizeLinear reads a calibrated tensor")
+
+
+def test_dynamic_variant_quantizes_activations_at_run_time(ws):
+    art = stages.quantize_one(ws, "onnx-w8-dynamic")
+    assert art.op_counts.get("DynamicQuantizeLinear", 0) > 0 and art.op_counts.get("MatMulInteger", 0) > 0
+    assert art.int8_weight_fraction == 1.0 and art.calibration_table is None
+
+
+def test_variants_stay_close_to_fp32(ws):
+    p = parse_params(tiny_params())
+    stages.validate_reference(ws, p)
+    for recipe in ("onnx-w8-dynamic", "onnx-w8a8-minmax"):
+        stages.quantize_one(ws, recipe)
+        res = stages.validate_one(ws, p, recipe)
+        assert res.metrics.sqnr_db > 20, f"{recipe}: SQNR {res.metrics.sqnr_db:.1f} dB"
+        assert res.metrics.agreement > 0.9, f"{recipe}: agreement {res.metrics.agreement:.3f}"
