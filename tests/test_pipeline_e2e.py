@@ -86,9 +86,12 @@ def test_rerun_with_nothing_changed_runs_nothing(ran):
 def test_changing_one_parameter_reruns_only_what_depends_on_it(ran):
     ws, _ = ran
     p = yaml.safe_load((ws / "params.yaml").read_text())
-    p["validate"]["max_top1_drop"] = 0.0
+    p["validate"]["min_sqnr_db"] = 1000.0  # every variant now fails: validation outputs change
     (ws / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     repro = dvc(["repro"], ws)
     assert repro.returncode == 0, repro.stderr
     ran_stages = re.findall(r"Running stage '(\w+)'", repro.stdout)
     assert ran_stages == ["validate", "report"], repro.stdout
+    s = json.loads((ws / "reports" / "summary.json").read_text())
+    assert not any(v["passed"] for v in s["variants"])
+    assert all("validate.min_sqnr_db" in v["fail_reasons"][0] for v in s["variants"])
