@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             from tasks.report import summary_table
 
             print(summary_table(summary))
-            print(f"summary: {ws.summary_file}  report: {ws.report_file}", flush=True)
+            print(f"summary: {ws.summary_file}  report: {ws.report_file}")
             failed = [v["name"] for v in summary["variants"] if not v["passed"]]
             if failed:
                 print(f"variants outside the accuracy budget: {', '.join(failed)}", file=sys.stderr)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 from pathlib import Path
 
@@ -44,31 +42,30 @@ def quantize(recipe: Recipe, prep_onnx: Path, out_path: Path, table: Path | None
 
     # Pass a ModelProto, not the path: ORT writes `<path>-inferred.onnx` beside a path it is
     # given, which collides when several variants are quantized from one file concurrently.
+    # No stdout redirection here: variants are quantized in concurrent threads, and
+    # contextlib.redirect_stdout swaps the process-wide sys.stdout.
     model = onnx.load(str(prep_onnx))
-    quiet = contextlib.redirect_stdout(io.StringIO())
     if recipe.scheme == "dynamic":
-        with quiet:
-            quantize_dynamic(
-                model, str(out_path), weight_type=QuantType.QInt8, per_channel=recipe.per_channel,
-                op_types_to_quantize=list(recipe.op_types),
-            )
+        quantize_dynamic(
+            model, str(out_path), weight_type=QuantType.QInt8, per_channel=recipe.per_channel,
+            op_types_to_quantize=list(recipe.op_types),
+        )
         return
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
-    with quiet:
-        quantize_static(
-            model,
-            str(out_path),
-            calibration_data_reader=None,
-            calibration_cache_path=str(table),  # ranges from the calibration stage; no recalibration
-            calibrate_method=methods[recipe.calibration],
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=recipe.per_channel,
-            op_types_to_quantize=list(recipe.op_types),
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-        )
+    quantize_static(
+        model,
+        str(out_path),
+        calibration_data_reader=None,
+        calibration_cache_path=str(table),  # ranges from the calibration stage; no recalibration
+        calibrate_method=methods[recipe.calibration],
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=recipe.per_channel,
+        op_types_to_quantize=list(recipe.op_types),
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+    )
 
 
 def linear_weight_elements(model: onnx.ModelProto) -> int:
