@@ -14,6 +14,7 @@ import mlflow
 
 from tasks.layout import Workspace
 from tasks.quantize import variant_dir
+from tasks.stages import error_report_paths
 from vitq.config import Params, params_hash
 
 
@@ -88,9 +89,9 @@ def log_pipeline_run(ws: Workspace, params: Params, summary: dict, stage_metrics
                 mlflow.log_metric("passed", float(v["passed"]))
                 mlflow.log_artifact(str(folder / Path(v["artifact"]).name), artifact_path="model")
                 mlflow.log_artifact(str(meta), artifact_path="model")
-                val = ws.validation_dir / f"{v['name']}.json"
-                if val.is_file():
-                    mlflow.log_artifact(str(val), artifact_path="reports")
+                for f in (ws.validation_dir / f"{v['name']}.json", *error_report_paths(ws, v["name"])):
+                    if f.is_file():
+                        mlflow.log_artifact(str(f), artifact_path="reports")
         for nr in summary["not_run"]:
             with mlflow.start_run(experiment_id=exp_id, run_name=nr["name"], nested=True,
                                   tags={**tags, "not_run": nr["reason"]}):

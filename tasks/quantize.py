@@ -12,6 +12,7 @@ import onnx
 from tasks._io import atomic_dir, read_json, write_json
 from tasks.backends import onnx as onnx_backend
 from tasks.calibrate import table_path
+from tasks.conformance import assert_conforms, tensorrt_readiness
 from vitq.recipes import Recipe, get_recipe
 
 log = logging.getLogger("vitq.quantize")
@@ -26,6 +27,8 @@ class VariantArtifact:
     int8_weight_fraction: float  # share of linear/conv/matmul weight elements stored as int8
     op_counts: dict[str, int]
     calibration_table: str | None
+    tensorrt_ready: bool  # valid for TensorRT explicit quantization (conformance-checked Q/DQ)
+    tensorrt_note: str | None  # why not, when it is not
 
 
 def variant_dir(variants_dir: Path, name: str) -> Path:
@@ -44,6 +47,8 @@ def quantize_variant(recipe_name: str, prep_onnx: Path, calibration_dir: Path, v
         onnx_backend.quantize(recipe, prep_onnx, tmp / "model.onnx", table)
         onnx.checker.check_model(str(tmp / "model.onnx"))
         quantized = onnx.load(str(tmp / "model.onnx"))
+        assert_conforms(quantized)  # a violation fails the variant, naming the node
+        trt_note = tensorrt_readiness(quantized)
         fp32_weights = onnx_backend.linear_weight_elements(onnx.load(str(prep_onnx)))
         artifact = VariantArtifact(
             name=recipe.name,
@@ -53,6 +58,8 @@ def quantize_variant(recipe_name: str, prep_onnx: Path, calibration_dir: Path, v
             int8_weight_fraction=min(1.0, onnx_backend.int8_weight_elements(quantized) / max(fp32_weights, 1)),
             op_counts=onnx_backend.op_counts(quantized),
             calibration_table=table.name if table else None,
+            tensorrt_ready=trt_note is None,
+            tensorrt_note=trt_note,
         )
         write_json(tmp / "variant.json", asdict(artifact))
     log.info(

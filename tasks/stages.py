@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks import benchmark, calibrate, data, export, model, quantize, report, validate
+from tasks import benchmark, calibrate, data, error_report, export, model, quantize, report, validate
 from tasks.layout import Workspace
 from tasks.targets import get_target
 from vitq.config import Params
@@ -80,7 +80,20 @@ def validate_reference(ws: Workspace, p: Params) -> validate.ValidationResult:
 def validate_one(ws: Workspace, p: Params, name: str) -> validate.ValidationResult:
     art = quantize.load_variant(ws.variants_dir, name)
     path = quantize.variant_dir(ws.variants_dir, name) / art.artifact
-    return validate.validate_variant(name, path, ws.model_dir, ws.data_dir, p.validate_, ws.validation_dir)
+    result = validate.validate_variant(name, path, ws.model_dir, ws.data_dir, p.validate_, ws.validation_dir)
+    if art.recipe["scheme"] == "static" and p.validate_.error_report_images:
+        spec = model.load_model_spec(ws.model_dir)
+        images = data.load_split(ws.data_dir, "calibration").images[: p.validate_.error_report_images]
+        rows = error_report.tensor_errors(
+            ws.export_dir / "model.prep.onnx", path, data.model_inputs(images, spec.mean, spec.std)
+        )
+        csv_path, png_path = error_report_paths(ws, name)
+        error_report.write_error_report(rows, csv_path, png_path, name)
+    return result
+
+
+def error_report_paths(ws: Workspace, name: str) -> tuple[Path, Path]:
+    return ws.validation_dir / f"{name}.errors.csv", ws.validation_dir / f"{name}.errors.png"
 
 
 def run_validate(ws: Workspace, p: Params) -> list[validate.ValidationResult]:

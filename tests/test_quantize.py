@@ -40,6 +40,7 @@ def test_static_variant_is_symmetric_per_channel_qdq_from_its_table(ws, method):
     q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert q and dq and art.int8_weight_fraction == 1.0
+    assert art.tensorrt_ready and art.tensorrt_note is None
     for node in q + dq:
         scale, zp = inits[node.input[1]], inits[node.input[2]]
         # int8 everywhere, except int32 biases (DequantizeLinear only), all symmetric.
@@ -64,6 +65,7 @@ def test_dynamic_variant_quantizes_activations_at_run_time(ws):
     art = stages.quantize_one(ws, "onnx-w8-dynamic")
     assert art.op_counts.get("DynamicQuantizeLinear", 0) > 0 and art.op_counts.get("MatMulInteger", 0) > 0
     assert art.int8_weight_fraction == 1.0 and art.calibration_table is None
+    assert not art.tensorrt_ready and "DynamicQuantizeLinear" in art.tensorrt_note
 
 
 def test_variants_stay_close_to_fp32(ws):
@@ -74,3 +76,46 @@ def test_variants_stay_close_to_fp32(ws):
         res = stages.validate_one(ws, p, recipe)
         assert res.metrics.sqnr_db > 20, f"{recipe}: SQNR {res.metrics.sqnr_db:.1f} dB"
         assert res.metrics.agreement > 0.9, f"{recipe}: agreement {res.metrics.agreement:.3f}"
+
+
+def test_attention_matmuls_stay_float_unless_asked(ws, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from tasks.backends.onnx import activation_matmuls
+    from tasks.conformance import check_qdq
+    from vitq import recipes
+
+    prep = onnx.load(str(ws.export_dir / "model.prep.onnx"))
+    attn = set(activation_matmuls(prep))
+    assert len(attn) == 2  # q @ k^T and attn @ v in the one block of the tiny model
+    art = stages.quantize_one(ws, "onnx-w8a8-minmax")
+    model = onnx.load(str(ws.variants_dir / art.name / "model.onnx"))
+    dq_out = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    for node in model.graph.node:
+        if node.name in attn:
+            assert not set(node.input) & dq_out, f"{node.name} should stay float by default"
+    attn_recipe = replace(recipes.RECIPES["onnx-w8a8-minmax"], name="attn-test", quantize_attention=True)
+    monkeypatch.setitem(recipes.RECIPES, "attn-test", attn_recipe)
+    art = stages.quantize_one(ws, "attn-test")
+    model = onnx.load(str(ws.variants_dir / "attn-test" / "model.onnx"))
+    dq_out = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    quantized_attn = [n.name for n in model.graph.node if n.name in attn and set(n.input[:2]) <= dq_out]
+    assert sorted(quantized_attn) == sorted(attn)
+    assert check_qdq(model) == [] and art.tensorrt_ready
+
+
+def test_error_report_ranks_every_quantized_tensor(ws):
+    import csv
+
+    p = parse_params(tiny_params())
+    stages.validate_reference(ws, p)
+    stages.quantize_one(ws, "onnx-w8a8-percentile")
+    stages.validate_one(ws, p, "onnx-w8a8-percentile")
+    csv_path, png_path = stages.error_report_paths(ws, "onnx-w8a8-percentile")
+    rows = list(csv.DictReader(csv_path.open()))
+    assert png_path.stat().st_size > 1000
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"activation", "weight"}
+    sqnr = [float(r["qdq_sqnr_db"]) for r in rows]
+    assert sqnr == sorted(sqnr), "worst first"
+    assert all(s > 10 for s in sqnr), f"worst tensor SQNR {sqnr[0]:.1f} dB"

@@ -109,6 +109,7 @@ class ValidateConfig(_Strict):
     max_top1_drop: float = Field(1.0, ge=0)  # percentage points of top-1 a variant may lose vs FP32
     min_sqnr_db: float | None = None  # optional floor on the logits' SQNR
     batch_size: int = Field(64, ge=1)
+    error_report_images: int = Field(32, ge=0)  # calibration images for the per-tensor error report; 0: off
 
 
 class BenchmarkConfig(_Strict):

@@ -23,6 +23,8 @@ class Recipe:
     # ONNX op types whose inputs get Q/DQ. Linear algebra only: residual Add, LayerNorm, Softmax and
     # GELU stay in float, where ViT activation outliers live and where int8 buys little speed.
     op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
+    # Also quantize the two activation-activation MatMuls of attention (q @ k^T, attn @ v).
+    quantize_attention: bool = False
 
 
 def _static_onnx(method: str) -> Recipe:

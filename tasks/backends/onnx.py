@@ -36,6 +36,43 @@ def run_batched(sess, x: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)])
 
 
+def activation_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMul nodes whose inputs are both activations: attention's q @ k^T and attn @ v."""
+    consts = {i.name for i in model.graph.initializer} | {
+        o for n in model.graph.node if n.op_type == "Constant" for o in n.output
+    }
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not set(n.input[:2]) & consts]
+
+
+def strip_float_only_qdq(model: onnx.ModelProto, float_only: frozenset[str]) -> int:
+    """Remove Q -> DQ pairs whose DQ feeds only ops that run in float anyway (Softmax, LayerNorm, ...):
+    they add rounding error and no INT8 kernel. Returns the number of pairs removed."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    graph_outputs = {o.name for o in model.graph.output}
+    drop = []
+    for dq in model.graph.node:
+        if dq.op_type != "DequantizeLinear" or dq.output[0] in graph_outputs:
+            continue
+        users = consumers.get(dq.output[0], [])
+        q = producers.get(dq.input[0])
+        if not users or any(u.op_type not in float_only for u in users) or q is None or q.op_type != "QuantizeLinear":
+            continue
+        if len(consumers.get(q.output[0], [])) != 1:
+            continue
+        for u in users:
+            for i, name in enumerate(u.input):
+                if name == dq.output[0]:
+                    u.input[i] = q.input[0]
+        drop += [q, dq]
+    for n in drop:
+        model.graph.node.remove(n)
+    return len(drop) // 2
+
+
 def quantize(recipe: Recipe, prep_onnx: Path, out_path: Path, table: Path | None) -> None:
     """Produce the recipe's quantized ONNX at `out_path` from the quantization-ready FP32 model."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -53,6 +90,7 @@ def quantize(recipe: Recipe, prep_onnx: Path, out_path: Path, table: Path | None
         return
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
+    exclude = [] if recipe.quantize_attention else activation_matmuls(model)
     quantize_static(
         model,
         str(out_path),
@@ -64,8 +102,16 @@ def quantize(recipe: Recipe, prep_onnx: Path, out_path: Path, table: Path | None
         weight_type=QuantType.QInt8,
         per_channel=recipe.per_channel,
         op_types_to_quantize=list(recipe.op_types),
+        nodes_to_exclude=exclude,
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
     )
+    # ORT quantizes the output of an activation-activation MatMul (the attention scores), which
+    # then feeds Softmax: drop such pairs so the graph stays valid for TensorRT.
+    from tasks.conformance import TRT_FLOAT_ONLY_OPS
+
+    quantized = onnx.load(str(out_path))
+    if strip_float_only_qdq(quantized, TRT_FLOAT_ONLY_OPS):
+        onnx.save(quantized, str(out_path))
 
 
 def linear_weight_elements(model: onnx.ModelProto) -> int:
