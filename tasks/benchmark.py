@@ -32,6 +32,8 @@ class Timing:
     latency_ms_mean: float
     throughput_ips: float  # images per second at the benchmark batch size
     runs: int
+    baseline: str = "fp32"  # the model this one's speedup is measured against (same runtime, same run)
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -57,11 +59,58 @@ def machine_info() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(), "onnxruntime": ort.__version__}
 
 
+def _timing(ms: np.ndarray, path: Path, batch_size: int, baseline: str, device: str) -> Timing:
+    return Timing(
+        size_mb=Path(path).stat().st_size / 2**20,
+        latency_ms_p50=float(np.percentile(ms, 50)),
+        latency_ms_p95=float(np.percentile(ms, 95)),
+        latency_ms_mean=float(ms.mean()),
+        throughput_ips=float(batch_size * 1e3 / ms.mean()),
+        runs=len(ms),
+        baseline=baseline,
+        device=device,
+    )
+
+
 def benchmark_models(models: dict[str, Path], model_dir: Path, data_dir: Path, cfg: BenchmarkConfig) -> BenchmarkResult:
+    """Time every model: ONNX files in ONNX Runtime against "fp32"; TensorRT engines on the GPU
+    against an FP16 engine built from the FP32 graph in the same run."""
     spec = load_model_spec(model_dir)
     images = load_split(data_dir, "validation").images
     reps = int(np.ceil(cfg.batch_size / len(images)))
     x = model_inputs(np.concatenate([images] * reps)[: cfg.batch_size], spec.mean, spec.std)
+    engines = {n: p for n, p in models.items() if Path(p).suffix == ".engine"}
+    models = {n: p for n, p in models.items() if n not in engines}
+    timings = _time_onnx(models, x, cfg)
+    if engines:
+        timings.update(_time_engines(engines, models["fp32"], x, cfg))
+    settings = {**cfg.model_dump(), "graph_optimization": "all", "input_shape": list(x.shape)}
+    return BenchmarkResult(machine=machine_info(), settings=settings, models=timings)
+
+
+def _time_engines(engines: dict[str, Path], fp32_onnx: Path, x: np.ndarray, cfg: BenchmarkConfig) -> dict[str, Timing]:
+    import tempfile
+
+    import torch
+
+    from tasks.backends import tensorrt as trt_backend
+
+    device = torch.cuda.get_device_name()
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="vitq-trt-") as tmp:
+        base = Path(tmp) / "fp16.engine"
+        trt_backend.build_engine(
+            fp32_onnx, base, trt_backend.EngineBuildConfig(int8=False), Path(tmp) / "timing-cache"
+        )
+        runs = {"fp16-tensorrt": base, **engines}
+        for name, path in runs.items():
+            ms = trt_backend.EngineRunner(path).time_ms(x, cfg.warmup, cfg.repeats)
+            out[name] = _timing(ms, path, cfg.batch_size, "fp16-tensorrt", device)
+            log.info("benchmark: %s p50 %.3f ms on %s", name, out[name].latency_ms_p50, device)
+    return out
+
+
+def _time_onnx(models: dict[str, Path], x: np.ndarray, cfg: BenchmarkConfig) -> dict[str, Timing]:
     sessions = {name: onnx_backend.session(path, threads=cfg.threads) for name, path in models.items()}
     input_names = {name: s.get_inputs()[0].name for name, s in sessions.items()}
     for name, sess in sessions.items():
@@ -79,18 +128,9 @@ def benchmark_models(models: dict[str, Path], model_dir: Path, data_dir: Path, c
         log.info("benchmark: round %d/%d", r + 1, cfg.rounds)
     timings = {}
     for name, ms in samples.items():
-        a = np.asarray(ms)
-        timings[name] = Timing(
-            size_mb=Path(models[name]).stat().st_size / 2**20,
-            latency_ms_p50=float(np.percentile(a, 50)),
-            latency_ms_p95=float(np.percentile(a, 95)),
-            latency_ms_mean=float(a.mean()),
-            throughput_ips=float(cfg.batch_size * 1e3 / a.mean()),
-            runs=len(a),
-        )
+        timings[name] = _timing(np.asarray(ms), models[name], cfg.batch_size, "fp32", "cpu")
         log.info("benchmark: %s p50 %.3f ms", name, timings[name].latency_ms_p50)
-    settings = {**cfg.model_dump(), "graph_optimization": "all", "input_shape": list(x.shape)}
-    return BenchmarkResult(machine=machine_info(), settings=settings, models=timings)
+    return timings
 
 
 def save_benchmark(result: BenchmarkResult, path: Path) -> None:

@@ -49,12 +49,22 @@ def quantize_variant(recipe_name: str, prep_onnx: Path, calibration_dir: Path, v
         quantized = onnx.load(str(tmp / "model.onnx"))
         assert_conforms(quantized)  # a violation fails the variant, naming the node
         trt_note = tensorrt_readiness(quantized)
+        artifact_name = "model.onnx"
+        if recipe.target == "tensorrt":
+            from tasks.backends import tensorrt as trt_backend
+
+            built = trt_backend.build_engine(
+                tmp / "model.onnx", tmp / "model.engine", trt_backend.EngineBuildConfig(),
+                Path(variants_dir) / "tensorrt.timing-cache",
+            )
+            write_json(tmp / "engine.json", asdict(built))
+            artifact_name = built.engine
         fp32_weights = onnx_backend.linear_weight_elements(onnx.load(str(prep_onnx)))
         artifact = VariantArtifact(
             name=recipe.name,
             recipe=asdict(recipe),
-            artifact="model.onnx",
-            size_mb=(tmp / "model.onnx").stat().st_size / 2**20,
+            artifact=artifact_name,
+            size_mb=(tmp / artifact_name).stat().st_size / 2**20,
             int8_weight_fraction=min(1.0, onnx_backend.int8_weight_elements(quantized) / max(fp32_weights, 1)),
             op_counts=onnx_backend.op_counts(quantized),
             calibration_table=table.name if table else None,

@@ -54,7 +54,7 @@ def build_summary(
                 "latency_ms_p50": t.latency_ms_p50 if t else None,
                 "latency_ms_p95": t.latency_ms_p95 if t else None,
                 "throughput_ips": t.throughput_ips if t else None,
-                "speedup": (base_t.latency_ms_p50 / t.latency_ms_p50) if (t and base_t) else None,
+                "speedup": _speedup(bench, t),
                 "passed": val.passed,
                 "fail_reasons": val.reasons,
                 "not_measured": not_measured,
@@ -78,6 +78,12 @@ def build_summary(
         "machine": bench.machine if bench else None,
         "benchmark_settings": bench.settings if bench else None,
     }
+
+
+def _speedup(bench: BenchmarkResult | None, t) -> float | None:
+    """Latency ratio against the variant's own baseline (same runtime, same run)."""
+    base = bench.models.get(t.baseline) if (bench and t) else None
+    return base.latency_ms_p50 / t.latency_ms_p50 if base else None
 
 
 def _fmt(v, spec: str) -> str:

@@ -35,7 +35,7 @@ class Target:
 TARGETS: dict[str, Target] = {
     "onnx": Target("onnx", "cpu", ("onnxruntime",)),
     "coreml": Target("coreml", "macos", ("coremltools",), platforms=("darwin",)),
-    "tensorrt": Target("tensorrt", "cuda", ("tensorrt",)),
+    "tensorrt": Target("tensorrt", "cuda", ("tensorrt", "torch")),
 }
 
 

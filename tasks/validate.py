@@ -85,6 +85,15 @@ def reference_outputs(fp32_onnx: Path, model_dir: Path, data_dir: Path, cfg: Val
     return result
 
 
+def predict_artifact(path: Path, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits of a variant artifact: an ONNX file in ONNX Runtime, a `.engine` in TensorRT."""
+    if Path(path).suffix == ".engine":
+        from tasks.backends.tensorrt import EngineRunner
+
+        return EngineRunner(path).predict(x, batch_size)
+    return onnx_backend.run_batched(onnx_backend.session(path), x, batch_size)
+
+
 def validate_variant(
     name: str, variant_onnx: Path, model_dir: Path, data_dir: Path, cfg: ValidateConfig, out_dir: Path
 ) -> ValidationResult:
@@ -92,7 +101,7 @@ def validate_variant(
     x, labels = _labels(model_dir, data_dir)
     ref = np.load(Path(out_dir) / f"{REFERENCE}.npy")
     ref_top1 = load_validation(out_dir, REFERENCE).metrics.top1
-    logits = onnx_backend.run_batched(onnx_backend.session(variant_onnx), x, cfg.batch_size)
+    logits = predict_artifact(variant_onnx, x, cfg.batch_size)
     m = compare_outputs(ref, logits, labels, ref_top1)
     reasons = []
     drop = m.top1_drop if m.top1_drop is not None else 100.0 * (1.0 - m.agreement)

@@ -46,6 +46,7 @@ def test_summary_follows_the_contract(ran):
         assert v["target"] == "onnx" and (ws / v["artifact"]).is_file()
         assert v["compression"] > 1.5 and v["latency_ms_p50"] > 0 and v["not_measured"] == {}
         assert isinstance(v["passed"], bool)
+    assert [(n["name"], "'tensorrt'" in n["reason"]) for n in s["not_run"]] == [("tensorrt-w8a8-percentile", True)]
     assert (ws / "reports" / "report.md").read_text().count("onnx-w8a8-") >= 3
     assert "onnx-w8a8-entropy" in proc.stdout  # the table printed at the end
 
@@ -63,8 +64,12 @@ def test_mlflow_has_parent_and_child_runs(ran):
     tags = parents[0].data.tags
     assert tags["data_digest"].startswith("md5:") and len(tags["params_hash"]) == 16 and "git_commit" in tags
     assert {c.data.tags["mlflow.runName"] for c in children} == {
-        "onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy"}
+        "onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy", "tensorrt-w8a8-percentile"}
+    not_run = [c for c in children if "not_run" in c.data.tags]
+    assert [c.data.tags["mlflow.runName"] for c in not_run] == ["tensorrt-w8a8-percentile"]
     for c in children:
+        if c in not_run:
+            continue
         assert c.data.params["recipe.target"] == "onnx"
         assert {"sqnr_db", "size_mb", "latency_ms_p50", "agreement"} <= set(c.data.metrics)
         arts = {a.path for a in client.list_artifacts(c.info.run_id, "model")}

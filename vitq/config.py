@@ -91,7 +91,9 @@ class CalibrationConfig(_Strict):
 
 
 class QuantizeConfig(_Strict):
-    recipes: tuple[str, ...] = ("onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy")
+    recipes: tuple[str, ...] = (
+        "onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy", "tensorrt-w8a8-percentile",
+    )
 
     @field_validator("recipes", mode="before")
     @classmethod

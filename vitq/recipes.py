@@ -51,6 +51,17 @@ RECIPES: dict[str, Recipe] = {
         description="ONNX Runtime quantize_dynamic: int8 weights, activations quantized per batch at run time",
     ),
     **{r.name: r for r in (_static_onnx(m) for m in CALIBRATION_METHODS)},
+    "tensorrt-w8a8-percentile": Recipe(
+        name="tensorrt-w8a8-percentile",
+        target="tensorrt",
+        scheme="static",
+        calibration="percentile",
+        per_channel=True,
+        description=(
+            "TensorRT engine (explicit quantization) built from the onnx-w8a8-percentile Q/DQ graph; "
+            "layers outside Q/DQ in FP16, LayerNorm in FP32; needs a cuda worker with TensorRT"
+        ),
+    ),
 }
 
 

@@ -1,0 +1,173 @@
+"""TensorRT backend: build an engine from the conformance-checked Q/DQ ONNX, run it, time it.
+
+Written against the documented TensorRT Python API (10.x; 11.x where it differs). TensorRT cannot
+be installed on the machines this project is built on, so this module is imported only where
+`tensorrt` is importable (a `cuda` worker); everywhere else the pipeline records the TensorRT
+variants as not run, with the reason, and never fakes their numbers.
+
+Precision: explicit quantization. The Q/DQ nodes fix which tensors are INT8. Outside them:
+- TensorRT 10.x (weakly typed network): FP16 and INT8 builder flags, with LayerNorm (and any layer
+  type in `keep_fp32_layer_types`) pinned to FP32 under OBEY_PRECISION_CONSTRAINTS;
+- TensorRT 11.x removed those flags: the network is strongly typed and takes its float precision
+  from the ONNX graph (FP32 here), which the build result records.
+A timing cache file is read before and written after each build, so rebuilds are fast.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class EngineBuildConfig:
+    workspace_mb: int = 4096  # builder scratch memory
+    fp16: bool = True  # layers outside Q/DQ in FP16 (TensorRT 10.x)
+    int8: bool = True  # honour the graph's Q/DQ (False: the FP16 baseline from the float graph)
+    keep_fp32_layer_types: tuple[str, ...] = ("NORMALIZATION",)  # trt.LayerType names kept in FP32
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 8
+
+
+@dataclass(frozen=True)
+class EngineBuildResult:
+    engine: str
+    tensorrt: str  # version
+    precision_mode: str  # "int8+fp16 (weakly typed)" or "strongly typed (graph precision)"
+    fp32_layers: list[str] = field(default_factory=list)
+    build_seconds: float = 0.0
+
+
+def missing() -> str | None:
+    """Why TensorRT cannot run here, or None."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "the Python module 'tensorrt' is not installed (TensorRT engines are built on cuda workers)"
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "TensorRT is installed but no CUDA device is visible"
+    except ImportError:
+        return "torch is needed for CUDA buffers"
+    return None
+
+
+def _layer_type_names(trt) -> dict:
+    return {name: getattr(trt.LayerType, name) for name in dir(trt.LayerType) if name.isupper()}
+
+
+def build_engine(onnx_path: Path, engine_path: Path, cfg: EngineBuildConfig, timing_cache: Path) -> EngineBuildResult:
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    weakly_typed = hasattr(trt.BuilderFlag, "INT8") and hasattr(trt.BuilderFlag, "FP16")
+    flags = 0 if weakly_typed else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mb << 20)
+    fp32_layers: list[str] = []
+    if weakly_typed:
+        if cfg.int8:
+            config.set_flag(trt.BuilderFlag.INT8)
+        if cfg.fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        keep = {_layer_type_names(trt)[t] for t in cfg.keep_fp32_layer_types}
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.type in keep:
+                layer.precision = trt.float32
+                for o in range(layer.num_outputs):
+                    layer.set_output_type(o, trt.float32)
+                fp32_layers.append(layer.name)
+        if fp32_layers:
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    inp = network.get_input(0)
+    shape = tuple(inp.shape)[1:]
+    profile = builder.create_optimization_profile()
+    profile.set_shape(inp.name, (cfg.min_batch, *shape), (cfg.opt_batch, *shape), (cfg.max_batch, *shape))
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")
+    seconds = time.perf_counter() - start
+    engine_path.write_bytes(bytes(serialized))
+    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return EngineBuildResult(
+        engine=engine_path.name,
+        tensorrt=trt.__version__,
+        precision_mode=(
+            f"{'int8+' if cfg.int8 else ''}{'fp16' if cfg.fp16 else 'fp32'} (weakly typed)"
+            if weakly_typed else "strongly typed (graph precision)"
+        ),
+        fp32_layers=fp32_layers,
+        build_seconds=round(seconds, 2),
+    )
+
+
+class EngineRunner:
+    """Runs a serialized engine on CUDA tensors (torch owns the device memory and the stream)."""
+
+    def __init__(self, engine_path: Path):
+        import tensorrt as trt
+        import torch
+
+        self.torch = torch
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = trt.TensorIOMode.INPUT
+        self.input = next(n for n in names if self.engine.get_tensor_mode(n) == mode)
+        self.output = next(n for n in names if self.engine.get_tensor_mode(n) != mode)
+        self.stream = torch.cuda.Stream()
+
+    def _bind(self, x):
+        torch = self.torch
+        self.context.set_input_shape(self.input, tuple(x.shape))
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=torch.float32, device="cuda")
+        self.context.set_tensor_address(self.input, x.data_ptr())
+        self.context.set_tensor_address(self.output, out.data_ptr())
+        return out
+
+    def predict(self, x: np.ndarray, batch_size: int = 8) -> np.ndarray:
+        torch = self.torch
+        outs = []
+        for i in range(0, len(x), batch_size):
+            xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).cuda()
+            out = self._bind(xb)
+            self.context.execute_async_v3(self.stream.cuda_stream)
+            self.stream.synchronize()
+            outs.append(out.cpu().numpy())
+        return np.concatenate(outs)
+
+    def time_ms(self, x: np.ndarray, warmup: int, repeats: int) -> np.ndarray:
+        """Per-run latency in ms, measured with CUDA events on the engine's stream."""
+        torch = self.torch
+        xb = torch.from_numpy(np.ascontiguousarray(x)).cuda()
+        self._bind(xb)
+        for _ in range(warmup):
+            self.context.execute_async_v3(self.stream.cuda_stream)
+        self.stream.synchronize()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(self.stream)
+            self.context.execute_async_v3(self.stream.cuda_stream)
+            end.record(self.stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return np.asarray(times)
