@@ -31,7 +31,41 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("name", help=f"one of: {', '.join(STAGE_NAMES)}")
     stage.add_argument("--workdir", default=".")
     sub.add_parser("recipes", help="list the quantization recipes")
+    bench = sub.add_parser("bench", help="FP32 vs dynamic vs default static INT8 latency, side by side (reports/bench.json)")
+    bench.add_argument("--models", default="vit_base_patch16_224,demo",
+                       help="comma-separated timm names (random weights) and/or 'demo' (the workspace's trained model)")
+    bench.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    bench.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    bench.add_argument("--repeats", type=int, default=50, help="timed runs per variant and batch")
+    bench.add_argument("--static-recipe", default=None, help="static recipe to compare (default: the pipeline default)")
+    bench.add_argument("--workdir", default=".")
+    bench.add_argument("--out", default="reports/bench.json")
     return ap
+
+
+def _bench(args) -> int:
+    from tasks import bench
+    from vitq.config import BenchmarkConfig
+    from vitq.recipes import get_recipe
+
+    ws = _workspace(args.workdir)
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        raise VitqError(f"--batches {args.batches!r} must be comma-separated integers, e.g. 1,8") from None
+    if not batches or min(batches) < 1:
+        raise VitqError(f"--batches {args.batches!r} must be positive integers")
+    if args.threads < 1 or args.repeats < 1:
+        raise VitqError(f"--threads {args.threads} and --repeats {args.repeats} must be >= 1")
+    static = args.static_recipe or bench.DEFAULT_STATIC
+    if get_recipe(static).scheme != "static" or get_recipe(static).target != "onnx":
+        raise VitqError(f"--static-recipe {static!r} is not a static ONNX recipe")
+    models = [bench.resolve_bench_model(name.strip(), ws) for name in args.models.split(",") if name.strip()]
+    cfg = BenchmarkConfig(threads=args.threads, repeats=args.repeats, warmup=5, rounds=5)
+    result = bench.run_bench(models, batches, cfg, ws.root / args.out, static)
+    print(bench.bench_table(result))
+    print(f"machine: {result['machine']['cpu']} ({result['machine']['cores']} cores); wrote {args.out}")
+    return 0
 
 
 def _workspace(workdir: str):
@@ -47,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging()
     try:
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "recipes":
             from vitq.recipes import RECIPES
 
