@@ -87,7 +87,9 @@ def log_pipeline_run(ws: Workspace, params: Params, summary: dict, stage_metrics
                 mlflow.log_params({f"recipe.{k}": str(val) for k, val in _recipe(meta).items()})
                 mlflow.log_metrics({k: float(v[k]) for k in _VARIANT_METRICS if v.get(k) is not None})
                 mlflow.log_metric("passed", float(v["passed"]))
-                mlflow.log_artifact(str(folder / Path(v["artifact"]).name), artifact_path="model")
+                for f in sorted({Path(v["artifact"]).name, "model.onnx"}):
+                    if (folder / f).is_file():
+                        mlflow.log_artifact(str(folder / f), artifact_path="model")
                 mlflow.log_artifact(str(meta), artifact_path="model")
                 for f in (ws.validation_dir / f"{v['name']}.json", *error_report_paths(ws, v["name"])):
                     if f.is_file():

@@ -22,7 +22,8 @@ log = logging.getLogger("vitq.quantize")
 class VariantArtifact:
     name: str
     recipe: dict  # the Recipe, as a dict
-    artifact: str  # file name inside the variant folder
+    artifact: str  # file the target's runtime serves, inside the variant folder
+    qdq_artifact: str  # the portable Q/DQ ONNX (what TensorRT builds from)
     size_mb: float
     int8_weight_fraction: float  # share of linear/conv/matmul weight elements stored as int8
     op_counts: dict[str, int]
@@ -50,6 +51,12 @@ def quantize_variant(recipe_name: str, prep_onnx: Path, calibration_dir: Path, v
         assert_conforms(quantized)  # a violation fails the variant, naming the node
         trt_note = tensorrt_readiness(quantized)
         artifact_name = "model.onnx"
+        if recipe.target == "onnx" and recipe.scheme == "static":
+            serving, fused = onnx_backend.ort_serving_form(quantized)
+            onnx.save(serving, str(tmp / "model.ort.onnx"))
+            onnx_backend.assert_same_outputs(tmp / "model.onnx", tmp / "model.ort.onnx")
+            artifact_name = "model.ort.onnx"
+            log.info("quantize: %s: %d MatMuls in ONNX Runtime's fused form", recipe.name, fused)
         if recipe.target == "tensorrt":
             from tasks.backends import tensorrt as trt_backend
 
@@ -64,6 +71,7 @@ def quantize_variant(recipe_name: str, prep_onnx: Path, calibration_dir: Path, v
             name=recipe.name,
             recipe=asdict(recipe),
             artifact=artifact_name,
+            qdq_artifact="model.onnx",
             size_mb=(tmp / artifact_name).stat().st_size / 2**20,
             int8_weight_fraction=min(1.0, onnx_backend.int8_weight_elements(quantized) / max(fp32_weights, 1)),
             op_counts=onnx_backend.op_counts(quantized),

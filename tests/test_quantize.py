@@ -119,3 +119,22 @@ def test_error_report_ranks_every_quantized_tensor(ws):
     sqnr = [float(r["qdq_sqnr_db"]) for r in rows]
     assert sqnr == sorted(sqnr), "worst first"
     assert all(s > 10 for s in sqnr), f"worst tensor SQNR {sqnr[0]:.1f} dB"
+
+
+def test_ort_serving_form_fuses_bias_and_keeps_outputs(ws):
+    from tasks.backends.onnx import run_batched, session
+
+    art = stages.quantize_one(ws, "onnx-w8a8-percentile")
+    assert art.artifact == "model.ort.onnx" and art.qdq_artifact == "model.onnx"
+    folder = ws.variants_dir / art.name
+    served = onnx.load(str(folder / art.artifact))
+    fused = [n for n in served.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(fused) == 4 and all(len(n.input) == 7 for n in fused), "qkv, proj, fc1, fc2 with their biases"
+    from tasks.data import load_split, model_inputs
+    from tasks.model import load_model_spec
+
+    spec = load_model_spec(ws.model_dir)
+    x = model_inputs(load_split(ws.data_dir, "validation").images[:32], spec.mean, spec.std)
+    a = run_batched(session(folder / "model.onnx"), x, 8)
+    b = run_batched(session(folder / art.artifact), x, 8)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(a).max())

@@ -67,7 +67,7 @@ class ModelConfig(_Strict):
 
 
 class ExportConfig(_Strict):
-    opset: int = Field(18, ge=17, le=23)  # >= 17 so LayerNormalization is one op
+    opset: int = Field(20, ge=17, le=23)  # >= 17: LayerNormalization is one op; >= 20: so is GELU
     max_abs_diff: float = Field(1e-3, gt=0)  # ONNX Runtime vs torch on validation images, logits
 
 

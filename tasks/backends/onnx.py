@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from vitq.recipes import Recipe
 
@@ -71,6 +72,96 @@ def strip_float_only_qdq(model: onnx.ModelProto, float_only: frozenset[str]) -> 
     for n in drop:
         model.graph.node.remove(n)
     return len(drop) // 2
+
+
+def ort_serving_form(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """The same quantized computation in the form ONNX Runtime's CPU kernels run fastest.
+
+    Each `Q(x) -> DQ -> MatMul(., DQ(W)) [-> Add(bias)]` becomes `Q_u8(x) ->
+    com.microsoft.MatMulIntegerToFloat(x_q, W_q, scales, zero points, bias)`. ORT's own QDQ
+    fusion makes the same kernel but leaves the bias Add outside it (one extra pass over every
+    linear output), and this CPU's int8 GEMM wants unsigned activations: s8 with zero point 0 and
+    u8 with zero point 128 are the same integers shifted by 128, so results are identical. The
+    TensorRT-ready Q/DQ file stays the variant's portable artifact; this copy is what ORT serves.
+    Returns the rewritten model (a copy) and the number of MatMuls fused.
+    """
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    graph_outputs = {o.name for o in g.output}
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # id(MatMul) -> nodes emitted in its place
+    dropped: set[int] = set()  # bias Adds folded into the fused kernel
+    unsigned: dict[str, tuple[str, str, str]] = {}  # x -> (x_q_u8, scale, zero point)
+    for mm in g.node:
+        if mm.op_type != "MatMul":
+            continue
+        dq_a, dq_w = producers.get(mm.input[0]), producers.get(mm.input[1])
+        if not (dq_a and dq_w and dq_a.op_type == dq_w.op_type == "DequantizeLinear") or dq_w.input[0] not in inits:
+            continue
+        q = producers.get(dq_a.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or inits.get(q.input[2]) is None:
+            continue
+        if inits[q.input[2]].data_type != onnx.TensorProto.INT8 or np.any(numpy_helper.to_array(inits[q.input[2]])):
+            continue  # only symmetric int8 activations map exactly onto u8 with zero point 128
+        emitted = []
+        x = q.input[0]
+        if x not in unsigned:
+            zp = f"{x}_zero_point_u8"
+            g.initializer.append(numpy_helper.from_array(np.array(128, np.uint8), zp))
+            unsigned[x] = (f"{x}_quantized_u8", q.input[1], zp)
+            emitted.append(onnx.helper.make_node("QuantizeLinear", [x, q.input[1], zp], [unsigned[x][0]], name=f"{x}_QuantizeLinear_u8"))
+        x_q, x_scale, x_zp = unsigned[x]
+        out, bias = mm.output[0], []
+        users = consumers.get(out, [])
+        if len(users) == 1 and users[0].op_type == "Add" and out not in graph_outputs:
+            other = [i for i in users[0].input if i != out]
+            if len(other) == 1 and other[0] in inits and len(inits[other[0]].dims) == 1:
+                bias, out = other, users[0].output[0]
+                dropped.add(id(users[0]))
+        emitted.append(onnx.helper.make_node(
+            "MatMulIntegerToFloat", [x_q, dq_w.input[0], x_scale, dq_w.input[1], x_zp, dq_w.input[2], *bias], [out],
+            name=f"{mm.name}_MatMulIntegerToFloat", domain="com.microsoft",
+        ))
+        replaced[id(mm)] = emitted
+    nodes = []
+    for n in g.node:
+        if id(n) in dropped:
+            continue
+        nodes.extend(replaced.get(id(n), [n]))
+    while True:  # drop Q/DQ nodes nothing reads any more
+        used = {i for n in nodes for i in n.input} | graph_outputs
+        dead = [n for n in nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in used]
+        if not dead:
+            break
+        nodes = [n for n in nodes if n not in dead]
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return model, len(replaced)
+
+
+def assert_same_outputs(reference: Path, candidate: Path, batch: int = 2, rtol: float = 1e-4) -> None:
+    """Guard for graph rewrites: both models give the same outputs on the same random input, as
+    ONNX Runtime runs them (its optimised QDQ path uses the same integer kernels as the rewrite;
+    an unoptimised float emulation of Q/DQ rounds differently and is not the reference)."""
+    ref, cand = session(reference), session(candidate)
+    shape = [batch if not isinstance(d, int) else d for d in ref.get_inputs()[0].shape]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    a = ref.run(None, {ref.get_inputs()[0].name: x})[0]
+    b = cand.run(None, {cand.get_inputs()[0].name: x})[0]
+    err = float(np.max(np.abs(a - b)))
+    if err > rtol * max(float(np.max(np.abs(a))), 1e-6):
+        raise RuntimeError(f"{candidate.name} differs from {reference.name} by {err:.3g} (max abs): rewrite is wrong")
 
 
 def quantize(recipe: Recipe, prep_onnx: Path, out_path: Path, table: Path | None) -> None:
