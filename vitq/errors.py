@@ -18,7 +18,3 @@ class DataError(VitqError):
 
 class ModelError(VitqError):
     """Unknown model name, missing or unreadable checkpoint."""
-
-
-class RuntimeMissing(VitqError):
-    """A target's runtime is not present on this machine."""
