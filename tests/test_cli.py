@@ -55,3 +55,10 @@ def test_unknown_stage_and_run_outside_a_workspace(tmp_path):
 def test_run_needs_a_dvc_repository(tmp_path):
     ws = make_workspace(tmp_path / "ws", tiny_params(), dvc=False)
     _assert_one_line_error(vitq(["run"], ws), "is not a DVC repository")
+
+
+def test_run_rejects_an_unknown_model_before_starting_anything(tmp_path):
+    ws = make_workspace(tmp_path / "ws", tiny_params(model={"source": "timm", "name": "deit_smal_patch16_224"}))
+    proc = vitq(["run"], ws)
+    _assert_one_line_error(proc, "unknown timm model 'deit_smal_patch16_224' (did you mean deit_small_patch16_224")
+    assert not (ws / "data").exists() and not (ws / "mlflow.db").exists()
