@@ -62,7 +62,8 @@ def quantize_variant(recipe_name: str, prep_onnx: Path, calibration_dir: Path, v
 
             built = trt_backend.build_engine(
                 tmp / "model.onnx", tmp / "model.engine", trt_backend.EngineBuildConfig(),
-                Path(variants_dir) / "tensorrt.timing-cache",
+                # Beside, not inside, the variants folder (a DVC output that is replaced on each run).
+                Path(variants_dir).parent / "tensorrt.timing-cache",
             )
             write_json(tmp / "engine.json", asdict(built))
             artifact_name = built.engine
