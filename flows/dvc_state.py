@@ -17,10 +17,9 @@ class DvcStages:
     def __init__(self, root: Path):
         from dvc.repo import Repo
 
-        if not (Path(root) / ".dvc").is_dir():
-            from vitq.errors import VitqError
+        from tasks.stages import require_dvc_workspace
 
-            raise VitqError(f"{root} is not a DVC repository; run `dvc init` there (or `dvc init --no-scm` outside git)")
+        require_dvc_workspace(Path(root))
         self.repo = Repo(str(root))
 
     def is_fresh(self, stage: str) -> bool:

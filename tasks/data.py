@@ -158,13 +158,21 @@ def _load_folder(folder: Path, classes: list[str], cfg: DataConfig) -> Split:
     return Split(np.stack(images), np.asarray(labels, np.int64))
 
 
-def _imagefolder(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], list[str]]:
+def check_data_config(cfg: DataConfig) -> None:
+    """Fail fast on a missing data directory (no image is read)."""
+    if cfg.source != "imagefolder":
+        return
     root = Path(cfg.path)
     if not root.is_dir():
         raise DataError(f"data.path {str(root)!r} is not a directory; expected <root>/val/<class>/<image>")
-    val_dir = root / "val"
-    if not val_dir.is_dir():
+    if not (root / "val").is_dir():
         raise DataError(f"data.path {str(root)!r} has no val/ folder; expected <root>/val/<class>/<image>")
+
+
+def _imagefolder(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], list[str]]:
+    check_data_config(cfg)
+    root = Path(cfg.path)
+    val_dir = root / "val"
     files, classes = _list_images(val_dir)
     if not files:
         raise DataError(f"{val_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}) in class folders")

@@ -163,18 +163,20 @@ STAGES: dict[str, Callable[[Workspace, Params], object]] = {
 }
 
 
+def require_dvc_workspace(root: Path) -> None:
+    """The flow records stages in DVC: the workspace needs dvc.yaml and a DVC repository."""
+    from vitq.errors import VitqError
+
+    if not (root / "dvc.yaml").is_file():
+        raise VitqError(f"{root} has no dvc.yaml; run vitq from a workspace (the repository root)")
+    if not (root / ".dvc").is_dir():
+        raise VitqError(f"{root} is not a DVC repository; run `dvc init` there (or `dvc init --no-scm` outside git)")
+
+
 def preflight(ws: Workspace, p: Params) -> None:
     """Cheap checks of user input before any server starts or stage runs (each raises a one-line VitqError)."""
-    from vitq.errors import DataError, VitqError
-
-    if not (ws.root / "dvc.yaml").is_file():
-        raise VitqError(f"{ws.root} has no dvc.yaml; run vitq from a workspace (the repository root)")
-    if not (ws.root / ".dvc").is_dir():
-        raise VitqError(f"{ws.root} is not a DVC repository; run `dvc init` there (or `dvc init --no-scm` outside git)")
-    if p.data.source == "imagefolder":
-        root = Path(p.data.path)
-        if not (root / "val").is_dir():
-            raise DataError(f"data.path {p.data.path!r} has no val/ folder; expected <root>/val/<class>/<image>")
+    require_dvc_workspace(ws.root)
+    data.check_data_config(p.data)
     model.check_model_config(p.model)
     for name in p.quantize.recipes:
         get_target(get_recipe(name).target)

@@ -5,8 +5,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tasks.backends.onnx import strip_float_only_qdq
-from tasks.conformance import QdqConformanceError, TRT_FLOAT_ONLY_OPS, assert_conforms, check_qdq, tensorrt_readiness
+from tasks.conformance import QdqConformanceError, assert_conforms, check_qdq, tensorrt_readiness
 
 K, N = 8, 4
 
@@ -67,14 +66,6 @@ def test_broken_graph_names_rule_and_node(kwargs, rule, node):
     hits = [v for v in exc.value.violations if v.rule == rule and v.node == node]
     assert hits, [str(v) for v in exc.value.violations]
     assert rule in str(exc.value) or len(exc.value.violations) > 1
-
-
-def test_strip_removes_qdq_feeding_float_only_ops():
-    model = _graph(softmax_after_dq=True)
-    assert strip_float_only_qdq(model, TRT_FLOAT_ONLY_OPS) == 1
-    assert check_qdq(model) == []
-    assert [n.name for n in model.graph.node if n.op_type == "Softmax"][0] == "softmax"
-    assert list(next(n for n in model.graph.node if n.name == "softmax").input) == ["y"]
 
 
 def test_dynamic_quantization_is_not_tensorrt_ready():

@@ -45,35 +45,6 @@ def activation_matmuls(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not set(n.input[:2]) & consts]
 
 
-def strip_float_only_qdq(model: onnx.ModelProto, float_only: frozenset[str]) -> int:
-    """Remove Q -> DQ pairs whose DQ feeds only ops that run in float anyway (Softmax, LayerNorm, ...):
-    they add rounding error and no INT8 kernel. Returns the number of pairs removed."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    for n in model.graph.node:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n)
-    graph_outputs = {o.name for o in model.graph.output}
-    drop = []
-    for dq in model.graph.node:
-        if dq.op_type != "DequantizeLinear" or dq.output[0] in graph_outputs:
-            continue
-        users = consumers.get(dq.output[0], [])
-        q = producers.get(dq.input[0])
-        if not users or any(u.op_type not in float_only for u in users) or q is None or q.op_type != "QuantizeLinear":
-            continue
-        if len(consumers.get(q.output[0], [])) != 1:
-            continue
-        for u in users:
-            for i, name in enumerate(u.input):
-                if name == dq.output[0]:
-                    u.input[i] = q.input[0]
-        drop += [q, dq]
-    for n in drop:
-        model.graph.node.remove(n)
-    return len(drop) // 2
-
-
 def ort_serving_form(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """The same quantized computation in the form ONNX Runtime's CPU kernels run fastest.
 
@@ -203,13 +174,6 @@ def quantize(recipe: Recipe, prep_onnx: Path, out_path: Path, table: Path | None
             "OpTypesToExcludeOutputQuantization": list(recipe.op_types),
         },
     )
-    # ORT quantizes the output of an activation-activation MatMul (the attention scores), which
-    # then feeds Softmax: drop such pairs so the graph stays valid for TensorRT.
-    from tasks.conformance import TRT_FLOAT_ONLY_OPS
-
-    quantized = onnx.load(str(out_path))
-    if strip_float_only_qdq(quantized, TRT_FLOAT_ONLY_OPS):
-        onnx.save(quantized, str(out_path))
 
 
 def linear_weight_elements(model: onnx.ModelProto) -> int:
