@@ -20,15 +20,21 @@ class DvcStages:
         from tasks.stages import require_dvc_workspace
 
         require_dvc_workspace(Path(root))
-        self.repo = Repo(str(root))
+        self.root = Path(root).resolve()
+        self.repo = Repo(str(self.root))
+
+    def target(self, stage: str) -> str:
+        """`<root>/dvc.yaml:<stage>`: DVC resolves bare stage names against the process's cwd, which
+        for a worker's flow run is not the workspace."""
+        return f"{self.root / 'dvc.yaml'}:{stage}"
 
     def is_fresh(self, stage: str) -> bool:
         """True when the stage's deps, params and outs all match dvc.lock."""
-        return not self.repo.status(targets=[stage])
+        return not self.repo.status(targets=[self.target(stage)])
 
     def commit(self, stage: str) -> None:
         """Record the stage's current deps/params/outs in dvc.lock and its outs in the cache."""
-        self.repo.commit(stage, force=True)
+        self.repo.commit(self.target(stage), force=True)
 
     def close(self) -> None:
         self.repo.close()

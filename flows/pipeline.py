@@ -15,6 +15,7 @@ from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import tracking
@@ -129,7 +130,8 @@ def vitq_pipeline(root: str, force: bool = False) -> dict:
     stage_metrics = {"fp32_top1_torch": spec.top1} if spec.top1 is not None else {}
     export = stages.export.load_export_result(ws.export_dir)
     stage_metrics["export_max_abs_diff"] = export.max_abs_diff
-    run_id = tracking.log_pipeline_run(ws, params, summary, stage_metrics, run.ran)
+    run_id = tracking.log_pipeline_run(ws, params, summary, stage_metrics, run.ran, run_key=str(flow_run.id),
+                                      extra_tags={"orchestration": "embedded"})
     log.info("MLflow: parent run %s (%s)", run_id, tracking.configure(ws))
     return summary
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 
+from flows.registry import register_best
 from tasks.layout import Workspace
 from tasks.quantize import variant_dir
 from tasks.stages import error_report_paths
@@ -59,8 +60,22 @@ _VARIANT_METRICS = (
 )
 
 
-def log_pipeline_run(ws: Workspace, params: Params, summary: dict, stage_metrics: dict[str, float], ran: list[str]) -> str:
-    """Log one pipeline run (parent) and its variants (children); return the parent run id."""
+def log_pipeline_run(
+    ws: Workspace,
+    params: Params,
+    summary: dict,
+    stage_metrics: dict[str, float],
+    ran: list[str],
+    run_key: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> str:
+    """Log one pipeline run (parent) and its variants (children), register the best variant per
+    target, and return the parent run id.
+
+    `run_key` (the Prefect flow run id) makes this idempotent: a finished parent run with the same
+    key is returned as is, a half-logged one (its process died) is deleted and logged again, so a
+    retry never duplicates or loses a record.
+    """
     configure(ws)
     exp_id = _experiment_id(params.experiment_name, ws)
     tags = {
@@ -69,7 +84,14 @@ def log_pipeline_run(ws: Workspace, params: Params, summary: dict, stage_metrics
         "params_hash": params_hash(params),
         "model": summary["model"],
         "stages_run": ",".join(ran) or "none (all up to date)",
+        **(extra_tags or {}),
     }
+    if run_key:
+        tags["vitq.run_key"] = run_key
+        done = _existing_parent(exp_id, run_key)
+        if done is not None:
+            return done
+    child_runs: dict[str, str] = {}
     with mlflow.start_run(experiment_id=exp_id, run_name=f"{summary['model']}-pipeline", tags=tags) as parent:
         mlflow.log_params(_flatten(params.model_dump(mode="json", by_alias=True)))
         base = {f"baseline_{k}": v for k, v in summary["baseline"].items() if isinstance(v, (int, float))}
@@ -81,7 +103,8 @@ def log_pipeline_run(ws: Workspace, params: Params, summary: dict, stage_metrics
             with mlflow.start_run(
                 experiment_id=exp_id, run_name=v["name"], nested=True,
                 tags={**tags, "target": v["target"], "recipe": v["recipe"], "passed": str(v["passed"])},
-            ):
+            ) as child:
+                child_runs[v["name"]] = child.info.run_id
                 folder = variant_dir(ws.variants_dir, v["name"])
                 meta = (folder / "variant.json")
                 mlflow.log_params({f"recipe.{k}": str(val) for k, val in _recipe(meta).items()})
@@ -98,7 +121,25 @@ def log_pipeline_run(ws: Workspace, params: Params, summary: dict, stage_metrics
             with mlflow.start_run(experiment_id=exp_id, run_name=nr["name"], nested=True,
                                   tags={**tags, "not_run": nr["reason"]}):
                 pass
+        for png in sorted(ws.plots_dir.glob("tradeoff-*.png")):
+            mlflow.log_artifact(str(png), artifact_path="plots")
+        version_tags = {"params_hash": tags["params_hash"], "git_commit": tags["git_commit"],
+                        "parent_run_id": parent.info.run_id, "workspace": str(ws.root)}
+        decisions = register_best(mlflow.MlflowClient(), params.experiment_name, summary, child_runs, version_tags)
+        mlflow.set_tags({f"registry.{target}": line[:500] for target, line in decisions.items()})
         return parent.info.run_id
+
+
+def _existing_parent(exp_id: str, run_key: str) -> str | None:
+    """The finished parent run logged under `run_key`, after deleting any unfinished one."""
+    client = mlflow.MlflowClient()
+    found = client.search_runs([exp_id], filter_string=f"tags.`vitq.run_key` = '{run_key}'")
+    for run in found:
+        if "mlflow.parentRunId" not in run.data.tags and run.info.status == "FINISHED":
+            return run.info.run_id
+    for run in found:  # a half-logged attempt: parent and children share the key
+        client.delete_run(run.info.run_id)
+    return None
 
 
 def _recipe(meta: Path) -> dict:

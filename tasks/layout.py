@@ -52,3 +52,7 @@ class Workspace:
     @property
     def report_file(self) -> Path:
         return self.root / "reports" / "report.md"
+
+    @property
+    def plots_dir(self) -> Path:  # tradeoff-<target>.png, linked from report.md
+        return self.root / "reports" / "plots"

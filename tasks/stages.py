@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks import benchmark, calibrate, data, error_report, export, model, quantize, report, validate
+from tasks import benchmark, calibrate, data, error_report, export, model, quantize, report, tradeoff, validate
 from tasks.layout import Workspace
 from tasks.targets import get_target
 from vitq.config import Params
@@ -126,8 +126,12 @@ def dvc_data_digest(ws: Workspace) -> str | None:
     return None
 
 
-def build_summary(ws: Workspace, p: Params) -> dict:
+def build_summary(ws: Workspace, p: Params, variants: list[str] | None = None) -> dict:
+    """`variants`: the variant names produced (default: the recipes this machine can run); when the
+    orchestrated flow routed every recipe to a worker that can run it, none is "not run"."""
     runnable, not_run = plan_variants(p)
+    if variants is not None:
+        runnable, not_run = list(variants), {n: r for n, r in not_run.items() if n not in variants}
     data_result = data.load_data_result(ws.data_dir)
     md5 = dvc_data_digest(ws)
     variants = [
@@ -147,8 +151,11 @@ def build_summary(ws: Workspace, p: Params) -> dict:
     )
 
 
-def run_report(ws: Workspace, p: Params) -> str:
-    return report.write_report(build_summary(ws, p), ws.summary_file, ws.report_file)
+def run_report(ws: Workspace, p: Params, variants: list[str] | None = None) -> str:
+    summary = build_summary(ws, p, variants)
+    table = report.write_report(summary, ws.summary_file, ws.report_file)
+    tradeoff.append_plot_section(ws.report_file, tradeoff.write_tradeoff_plots(summary, ws.plots_dir))
+    return table
 
 
 STAGES: dict[str, Callable[[Workspace, Params], object]] = {

@@ -1,0 +1,110 @@
+"""MLflow Model Registry: the best passing variant per target, under an alias named for the target.
+
+One registered model per experiment (the model name); aliases `@onnx`, `@coreml`, `@tensorrt`.
+A version carries the variant's metrics, recipe, data digest and params hash as tags. Before an
+alias moves, the candidate is compared with the version holding it: only a strictly better
+variant (smaller top-1 drop, then smaller size, then lower latency) takes it, so a worse run never
+steals the alias, and rerunning the same run changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+log = logging.getLogger("vitq.flow")
+
+# Tags on a registered version, compared when a candidate challenges the alias holder.
+RANK_TAGS = ("top1_drop", "size_mb", "latency_ms_p50")
+
+
+def rank(metrics: dict) -> tuple[float, float, float]:
+    """Smaller is better. A missing top-1 (no labels) ranks by disagreement with FP32, in points."""
+    drop = metrics.get("top1_drop")
+    if drop is None and metrics.get("agreement") is not None:
+        drop = 100 * (1 - float(metrics["agreement"]))
+    size, latency = metrics.get("size_mb"), metrics.get("latency_ms_p50")
+    return (
+        float(drop) if drop is not None else math.inf,
+        float(size) if size is not None else math.inf,
+        float(latency) if latency is not None else math.inf,
+    )
+
+
+def best_per_target(summary: dict) -> dict[str, dict]:
+    """The best passing variant of each target in one summary.json (targets with none passing: absent)."""
+    best: dict[str, dict] = {}
+    for v in summary["variants"]:
+        if v["passed"] and (v["target"] not in best or rank(v) < rank(best[v["target"]])):
+            best[v["target"]] = v
+    return best
+
+
+def _holder(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def _holder_metrics(version) -> dict:
+    tags = version.tags or {}
+    return {k: (float(tags[k]) if tags.get(k) not in (None, "", "None") else None) for k in (*RANK_TAGS, "agreement")}
+
+
+def register_best(
+    client: MlflowClient,
+    model_name: str,
+    summary: dict,
+    child_runs: dict[str, str],
+    extra_tags: dict[str, str],
+) -> dict[str, str]:
+    """Register each target's best passing variant of this run if it beats the alias holder.
+
+    `child_runs` maps variant name -> its MLflow run id (the version's source is that run's
+    `model/` artifacts). Returns target -> decision, one line each, for the log and the parent run.
+    """
+    decisions = {}
+    for target, v in sorted(best_per_target(summary).items()):
+        run_id = child_runs.get(v["name"])
+        if run_id is None:
+            decisions[target] = f"{v['name']} has no MLflow run; not registered"
+            continue
+        alias = target
+        holder = _holder(client, model_name, alias)
+        if holder is not None and holder.run_id == run_id:
+            decisions[target] = f"@{alias} already is v{holder.version} ({v['name']}, this run)"
+            continue
+        if holder is not None and not rank(v) < rank(_holder_metrics(holder)):
+            decisions[target] = (f"@{alias} kept v{holder.version} ({holder.tags.get('variant')}): "
+                                 f"{_fmt(rank(_holder_metrics(holder)))} is not worse than {v['name']} {_fmt(rank(v))}")
+            continue
+        try:
+            client.get_registered_model(model_name)
+        except MlflowException:
+            client.create_registered_model(model_name, tags={"vitq": "true"},
+                                           description="vitq: best passing INT8 variant per target, alias = target")
+        tags = {
+            **{k: str(v[k]) for k in (*RANK_TAGS, "agreement", "sqnr_db", "int8_weight_fraction", "compression",
+                                      "latency_ms_p95", "top1") if v.get(k) is not None},
+            "variant": v["name"], "recipe": v["recipe"], "target": target, "data_digest": summary["data"]["digest"],
+            **extra_tags,
+        }
+        mv = client.create_model_version(model_name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags,
+                                         description=f"{v['name']}: top-1 drop {v['top1_drop']} pts, "
+                                                     f"{v['size_mb']:.3f} MB")
+        client.set_registered_model_alias(model_name, alias, mv.version)
+        was = f" (was v{holder.version}, {_fmt(rank(_holder_metrics(holder)))})" if holder is not None else ""
+        decisions[target] = f"@{alias} -> v{mv.version} ({v['name']}, {_fmt(rank(v))}){was}"
+    for target, line in decisions.items():
+        log.info("registry %s: %s", model_name, line)
+    return decisions
+
+
+def _fmt(r: tuple[float, float, float]) -> str:
+    return f"drop {r[0]:.2f} pts, {r[1]:.3f} MB, p50 {r[2]:.3f} ms"
