@@ -126,12 +126,12 @@ def dvc_data_digest(ws: Workspace) -> str | None:
     return None
 
 
-def build_summary(ws: Workspace, p: Params, variants: list[str] | None = None) -> dict:
-    """`variants`: the variant names produced (default: the recipes this machine can run); when the
+def build_summary(ws: Workspace, p: Params, produced: list[str] | None = None) -> dict:
+    """`produced`: the variant names produced (default: the recipes this machine can run); when the
     orchestrated flow routed every recipe to a worker that can run it, none is "not run"."""
     runnable, not_run = plan_variants(p)
-    if variants is not None:
-        runnable, not_run = list(variants), {n: r for n, r in not_run.items() if n not in variants}
+    if produced is not None:
+        runnable, not_run = list(produced), {n: r for n, r in not_run.items() if n not in produced}
     data_result = data.load_data_result(ws.data_dir)
     md5 = dvc_data_digest(ws)
     variants = [
@@ -151,8 +151,8 @@ def build_summary(ws: Workspace, p: Params, variants: list[str] | None = None) -
     )
 
 
-def run_report(ws: Workspace, p: Params, variants: list[str] | None = None) -> str:
-    summary = build_summary(ws, p, variants)
+def run_report(ws: Workspace, p: Params, produced: list[str] | None = None) -> str:
+    summary = build_summary(ws, p, produced)
     table = report.write_report(summary, ws.summary_file, ws.report_file)
     tradeoff.append_plot_section(ws.report_file, tradeoff.write_tradeoff_plots(summary, ws.plots_dir))
     return table
