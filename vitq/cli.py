@@ -4,6 +4,7 @@ calls it), `vitq recipes` (the registry). Bad input: one line on stderr and exit
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -40,7 +41,102 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--static-recipe", default=None, help="static recipe to compare (default: the pipeline default)")
     bench.add_argument("--workdir", default=".")
     bench.add_argument("--out", default="reports/bench.json")
+    pool_help = "KEY=POOL: the work pool for 'prepare' or a target (onnx, coreml, tensorrt); repeatable"
+    orch = sub.add_parser("orchestrate", help="run the pipeline on Prefect work pools (needs PREFECT_API_URL and "
+                                               "`vitq deploy`); steps go to the pool of their target")
+    orch.add_argument("--workdir", default=".", help="workspace, at the same path on every worker (shared storage)")
+    orch.add_argument("--pool", action="append", default=[], metavar="KEY=POOL", help=pool_help)
+    orch.add_argument("--dvc-remote", default=None, help="DVC remote the prepared inputs and outputs are pushed to")
+    orch.add_argument("--force", action="store_true", help="rerun every stage")
+    orch.add_argument("--requantize", action="store_true", help="rerun quantize onward (prepared stages reused)")
+    orch.add_argument("--start-timeout", type=float, default=600.0,
+                      help="seconds a step waits for a live worker of its pool before failing (default 600)")
+    orch.add_argument("--submit", action="store_true",
+                      help="run the orchestrator itself as a flow run of the vitq-orchestrate deployment")
+    dep = sub.add_parser("deploy", help="create the work pools, deployments, schedules and triggers on PREFECT_API_URL")
+    dep.add_argument("--pool", action="append", default=[], metavar="KEY=POOL", help=pool_help)
+    dep.add_argument("--workspace", action="append", default=[],
+                     help="workspace the nightly and data-watch schedules cover (besides registered ones); repeatable")
+    dep.add_argument("--dvc-remote", default=None, help="DVC remote for scheduled and triggered runs")
+    dep.add_argument("--paused", action="store_true", help="create the schedules inactive")
+    cmp_ = sub.add_parser("compare", help="the variants of the last N pipeline runs side by side, from MLflow")
+    cmp_.add_argument("--workdir", default=".")
+    cmp_.add_argument("--runs", type=int, default=3, help="how many of the latest finished runs (default 3)")
+    cmp_.add_argument("--experiment", default=None, help="MLflow experiment (default: params.yaml's)")
     return ap
+
+
+def _prefect_api() -> str:
+    url = os.environ.get("PREFECT_API_URL", "")
+    if not url:
+        raise VitqError("PREFECT_API_URL is not set: work pools need a Prefect server (start one with "
+                        "`python infra/local/stack.py up` and `source .stack/env`)")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    return url
+
+
+def _orchestrate(args) -> int:
+    from flows.routing import parse_pool_overrides
+    from tasks.stages import preflight
+    from vitq.config import load_params
+
+    ws = _workspace(args.workdir)
+    preflight(ws, load_params(ws.params_file))  # fail fast, before any server is asked
+    pools = parse_pool_overrides(args.pool)
+    if args.start_timeout <= 0:
+        raise VitqError(f"--start-timeout {args.start_timeout} must be > 0 seconds")
+    _prefect_api()
+    parameters = dict(workspace=str(ws.root), force=args.force, requantize=args.requantize, dvc_remote=args.dvc_remote,
+                      pools=pools or None, start_timeout_s=args.start_timeout)
+    if args.submit:
+        from flows.routing import pool_map, run_step
+
+        pool = pool_map(pools)["prepare"]
+        step = run_step(f"vitq-orchestrate/{pool}", pool, parameters, run_name="orchestrate",
+                        start_timeout_s=args.start_timeout, retries=0)
+        print(f"orchestrated run {step.flow_run_id} completed on pool {step.pool} (worker {step.worker})")
+        summary = json.loads(ws.summary_file.read_text())
+    else:
+        from flows.distributed import orchestrate_flow
+
+        summary = orchestrate_flow(**parameters)
+    from tasks.report import summary_table
+
+    print(summary_table(summary))
+    print(f"summary: {ws.summary_file}  report: {ws.report_file}")
+    return 0
+
+
+def _deploy(args) -> int:
+    from flows.deployments import deploy
+    from flows.routing import parse_pool_overrides
+
+    pools = parse_pool_overrides(args.pool)
+    workspaces = [str(_workspace(w).root) for w in args.workspace]
+    api = _prefect_api()
+    for name in deploy(pools or None, workspaces, args.dvc_remote, schedules_active=not args.paused):
+        print(f"deployment {name}")
+    print(f"applied to {api}; start workers with `prefect worker start --pool <pool>` on each machine")
+    return 0
+
+
+def _compare(args) -> int:
+    from tasks.layout import Workspace
+    from vitq.config import load_params
+
+    ws: Workspace = _workspace(args.workdir)
+    experiment = args.experiment
+    if experiment is None:
+        if not ws.params_file.is_file():
+            raise VitqError(f"no params.yaml in {ws.root}; pass --experiment or --workdir")
+        experiment = load_params(ws.params_file).experiment_name
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ws.root / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise VitqError(f"no MLflow records at {uri}: run `vitq run` first, or set MLFLOW_TRACKING_URI")
+    from flows.compare import compare_table
+
+    print(compare_table(uri, experiment, args.runs))
+    return 0
 
 
 def _bench(args) -> int:
@@ -83,6 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return _bench(args)
+        if args.command == "orchestrate":
+            from flows.routing import StepFailed
+
+            try:
+                return _orchestrate(args)
+            except StepFailed as exc:  # a step failed or found no worker: not bad input, but one clear line
+                print(f"vitq: error: {exc}", file=sys.stderr)
+                return 1
+        if args.command == "deploy":
+            return _deploy(args)
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "recipes":
             from vitq.recipes import RECIPES
 
