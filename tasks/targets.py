@@ -20,10 +20,11 @@ class Target:
     name: str
     worker: Worker  # the worker pool whose machines run this target's tasks
     modules: tuple[str, ...]  # Python modules the runtime needs
-    platforms: tuple[str, ...] | None = None  # sys.platform values it runs on; None: any
+    platforms: tuple[str, ...] | None = None  # sys.platform values that can produce its artifacts; None: any
+    run_platforms: tuple[str, ...] | None = None  # where its runtime predicts / times them; None: as platforms
 
     def missing_runtime(self) -> str | None:
-        """None when this machine can run the target, else the reason it cannot."""
+        """None when this machine can produce the target's artifacts, else the reason it cannot."""
         if self.platforms is not None and sys.platform not in self.platforms:
             return f"target {self.name!r} needs a {self.worker} worker ({'/'.join(self.platforms)}); this is {sys.platform}"
         for mod in self.modules:
@@ -31,10 +32,18 @@ class Target:
                 return f"target {self.name!r} needs the Python module {mod!r}, which is not installed here"
         return None
 
+    def missing_executor(self) -> str | None:
+        """None when this machine can also run (predict, time) the artifacts, else why not."""
+        platforms = self.run_platforms or self.platforms
+        if platforms is not None and sys.platform not in platforms:
+            return f"target {self.name!r} runs its models on a {self.worker} worker ({'/'.join(platforms)}); this is {sys.platform}"
+        return self.missing_runtime()
+
 
 TARGETS: dict[str, Target] = {
     "onnx": Target("onnx", "cpu", ("onnxruntime",)),
-    "coreml": Target("coreml", "macos", ("coremltools",), platforms=("darwin",)),
+    # Core ML programs are converted and inspected anywhere; only macOS predicts and times them.
+    "coreml": Target("coreml", "macos", ("coremltools",), run_platforms=("darwin",)),
     "tensorrt": Target("tensorrt", "cuda", ("tensorrt", "torch")),
 }
 

@@ -16,8 +16,11 @@ def test_variant_whose_runtime_is_absent_is_not_run_with_its_reason(monkeypatch)
 
 def test_platform_bound_target_names_the_worker_it_needs(monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
-    reason = targets.TARGETS["coreml"].missing_runtime()
-    assert reason and "macos worker" in reason
+    assert targets.TARGETS["coreml"].missing_runtime() is None  # conversion works on Linux
+    reason = targets.TARGETS["coreml"].missing_executor()
+    assert reason and "macos worker" in reason and "linux" in reason
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert targets.TARGETS["coreml"].missing_executor() is None
 
 
 def test_variant_tasks_carry_their_worker_tag():

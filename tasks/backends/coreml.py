@@ -1,0 +1,361 @@
+"""Core ML backend: FP16 / W8 / W8A8 ML programs from a torch model, on any OS; prediction on macOS.
+
+How W8A8 gets through `torch.export` (chosen by evidence, reproduced with coremltools 9.0 and
+torch 2.14 on Linux):
+- coremltools' own `LinearQuantizer(...).finalize()` graph cannot be exported: `torch.export`
+  fails with "quantized nyi in meta tensors" (no fake kernel for quantized tensors; registering one
+  for `aten::quantize_per_tensor.tensor_qparams` still fails on the quantized tensor type), and
+  coremltools' `CoreMLQuantizer` (its PT2E quantizer) no longer imports with torch 2.14.
+- Calibrating at the Core ML program level (`linear_quantize_activations`) needs `MLModel.predict`,
+  which exists only on macOS.
+- PyTorch's PT2E flow works end to end: `torch.export` -> `prepare_pt2e` with a quantizer ->
+  calibration in torch -> `convert_pt2e`, whose graph holds plain `quantize_per_tensor` /
+  `dequantize_per_*` ops (no quantized tensor types), exports again, and `ct.convert` maps them to
+  MIL `quantize`/`dequantize` and int8 `constexpr_affine_dequantize` weights. So the quantizer here
+  is a torchao `Quantizer` (`CoreMLInt8Quantizer`) that annotates every linear, conv and matmul
+  (both attention matmuls included), symmetric int8 activations per tensor and symmetric int8
+  weights per output channel, which is what the Core ML int8 path executes. The converted torch
+  graph is also the "torch counterpart" of the ML program: the validation stage runs it on Linux.
+- Attention must be explicit for the quantizer to see it (`tasks.attention.rewrite_attention`):
+  `nn.MultiheadAttention` otherwise hides its projections and matmuls in a fused kernel.
+
+Coverage is read back from the saved ML program (`coverage`), not from what we meant to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+log = logging.getLogger("vitq.coreml")
+
+aten = torch.ops.aten
+Observer = Literal["minmax", "histogram"]
+LINEAR_OPS = {aten.linear.default: "linear", aten.conv2d.default: "conv", aten.conv1d.default: "conv"}
+MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
+# Ops that multiply by a weight but that the quantizer does not handle: reported, never skipped silently.
+UNHANDLED_OPS = {
+    aten.scaled_dot_product_attention.default: "fused attention (run tasks.attention.rewrite_attention first)",
+    aten.addmm.default: "addmm", aten.einsum.default: "einsum", aten.conv_transpose2d.input: "transposed conv",
+    aten._native_multi_head_attention.default: "fused nn.MultiheadAttention",
+}
+MIL_COMPUTE_OPS = ("linear", "matmul", "conv")
+MIL_INT8_WEIGHT_OPS = ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")
+EPS = 2**-14  # smallest activation scale: keeps all-zero tensors quantizable
+
+
+def _observer(kind: Observer, per_channel: bool):
+    from torchao.quantization.pt2e import HistogramObserver, MinMaxObserver, PerChannelMinMaxObserver
+
+    if per_channel:
+        return PerChannelMinMaxObserver.with_args(eps=EPS)
+    return {"minmax": MinMaxObserver, "histogram": HistogramObserver}[kind].with_args(eps=EPS)
+
+
+def _act_spec(kind: Observer):
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec
+
+    return QuantizationSpec(
+        dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_tensor_symmetric,
+        is_dynamic=False, observer_or_fake_quant_ctr=_observer(kind, per_channel=False),
+    )
+
+
+def _weight_spec():
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec
+
+    return QuantizationSpec(
+        dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric, ch_axis=0,
+        is_dynamic=False, observer_or_fake_quant_ctr=_observer("minmax", per_channel=True),
+    )
+
+
+def layer_name(node) -> str:
+    """The torch module path a graph node came from (`blocks.0.attn.qkv`), or the node's name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return node.name
+    path = list(stack.values())[-1][0]
+    # torch.export spells nested paths with "." after unflattening but with "_" / "L['self']" before
+    return path.replace("L['self'].", "").replace("L__self___", "")
+
+
+def compute_nodes(graph) -> list[tuple[object, str, str]]:
+    """(node, kind, layer name) for every linear / conv / matmul in graph order; kind as in MIL.
+
+    Matmuls are named after their module: `blocks.0.attn#qk` and `#av` for attention's two."""
+    out, per_scope = [], Counter()
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in LINEAR_OPS:
+            out.append((node, LINEAR_OPS[node.target], layer_name(node)))
+        elif node.target in MATMUL_OPS:
+            scope = layer_name(node)
+            per_scope[scope] += 1
+            i = per_scope[scope]
+            out.append((node, "matmul", f"{scope}#{('qk', 'av')[i - 1] if i <= 2 else i}"))
+    return out
+
+
+@dataclass
+class QuantizerReport:
+    quantized: list[str] = field(default_factory=list)  # layer names with quantized inputs/weights
+    kept_float: list[str] = field(default_factory=list)  # asked to stay float (mixed precision)
+    unhandled: list[str] = field(default_factory=list)  # weight-bearing ops the quantizer cannot annotate
+
+
+def _make_quantizer(activations: bool, observer: Observer, float_layers: frozenset[str], report: QuantizerReport):
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, Quantizer
+
+    class CoreMLInt8Quantizer(Quantizer):
+        """Int8 for Core ML: per-channel symmetric weights of linear/conv, and (W8A8) per-tensor
+        symmetric inputs of linear/conv/matmul. Layers named in `float_layers` are left alone."""
+
+        def annotate(self, model):
+            act, weight = _act_spec(observer), _weight_spec()
+            for node in model.graph.nodes:
+                if node.op == "call_function" and node.target in UNHANDLED_OPS:
+                    report.unhandled.append(f"{layer_name(node)}: {UNHANDLED_OPS[node.target]}")
+            for node, kind, name in compute_nodes(model.graph):
+                if kind == "matmul":
+                    if not activations:
+                        continue  # activation x activation: nothing to store in int8
+                    qmap = {node.args[0]: act, node.args[1]: act}
+                else:
+                    qmap = {node.args[1]: weight, **({node.args[0]: act} if activations else {})}
+                if name in float_layers:
+                    report.kept_float.append(name)
+                    continue
+                node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=qmap, _annotated=True)
+                report.quantized.append(name)
+            return model
+
+        def validate(self, model) -> None:
+            return None
+
+    return CoreMLInt8Quantizer()
+
+
+def quantize_pt2e(
+    model: torch.nn.Module,
+    calibration: list[torch.Tensor],
+    *,
+    activations: bool,
+    observer: Observer = "minmax",
+    float_layers: frozenset[str] = frozenset(),
+) -> tuple[torch.fx.GraphModule, QuantizerReport]:
+    """PT2E post-training quantization: export, annotate, calibrate on `calibration` batches, convert.
+
+    Returns the converted graph (runs in torch with quantize/dequantize ops) and what was quantized.
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    model = model.eval()
+    example = calibration[0]
+    graph = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
+    report = QuantizerReport()
+    prepared = prepare_pt2e(graph, _make_quantizer(activations, observer, frozenset(float_layers), report))
+    with torch.no_grad():
+        for i, batch in enumerate(calibration):
+            prepared(batch)
+            log.debug("coreml: calibration batch %d/%d", i + 1, len(calibration))
+    converted = convert_pt2e(prepared)
+    if report.unhandled:
+        log.warning("coreml: %d weight-bearing op(s) left in float: %s", len(report.unhandled), report.unhandled)
+    return converted, report
+
+
+def export_program(module: torch.nn.Module, example: torch.Tensor, dynamic_batch: bool = False):
+    """`torch.export` in the inference (ATen) dialect ct.convert accepts; batch size dynamic on request."""
+    shapes = ({0: torch.export.Dim.AUTO},) if dynamic_batch else None
+    example = torch.empty(example.shape, dtype=example.dtype).copy_(example)  # default strides: Core ML reads dim order
+    program = torch.export.export(module, (example,), dynamic_shapes=shapes).run_decompositions({})
+    # ct.convert has no `alias` op (a no-op view, e.g. from timm's identity layers): bypass it
+    graph = program.graph_module.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target == aten.alias.default:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    program.graph_module.recompile()
+    return program
+
+
+def convert(program, input_name: str = "image", output_name: str = "logits"):
+    """ExportedProgram -> Core ML ML program (iOS17: int8 activations need it), FP16 compute."""
+    import coremltools as ct
+
+    ml = ct.convert(
+        program,
+        minimum_deployment_target=ct.target.iOS17,
+        compute_precision=ct.precision.FLOAT16,
+        skip_model_load=True,  # loading compiles the model, which only macOS can do
+    )
+    spec = ml.get_spec()
+    ct.utils.rename_feature(spec, spec.description.input[0].name, input_name)
+    ct.utils.rename_feature(spec, spec.description.output[0].name, output_name)
+    return ct.models.MLModel(spec, weights_dir=ml.weights_dir, skip_model_load=True)
+
+
+def package_size_mb(path: Path) -> float:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size / 2**20
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+@dataclass(frozen=True)
+class CoverageRow:
+    layer: str  # torch module path (from the exported program), or the MIL op name
+    op: str  # MIL op name
+    op_type: str  # linear | matmul | conv
+    weight_elements: int  # 0 for activation x activation matmuls
+    int8_weight: bool
+    activation_quantized: bool  # every non-constant input comes from a dequantize
+
+
+def load_program(package: Path):
+    """The MIL program of a saved .mlpackage, read with coremltools' own loader (no prediction)."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    ml = ct.models.MLModel(str(package), skip_model_load=True)
+    spec = ml.get_spec()
+    return load(spec, spec.specificationVersion, file_weights_dir=ml.weights_dir)
+
+
+def _producer(var):
+    op = var.op
+    while op is not None and op.op_type in ("cast", "reshape", "transpose", "expand_dims", "squeeze"):
+        if op.op_type == "cast" or not _is_const(op.inputs.get("x")):
+            break
+        op = op.inputs["x"].op  # a reshaped constant weight is still that weight
+    return op
+
+
+def _is_const(var) -> bool:
+    return var is not None and (var.op is None or var.op.op_type == "const" or var.op.op_type.startswith("constexpr_"))
+
+
+def _const_elements(var) -> int:
+    op = _producer(var)
+    if op is None:
+        return 0
+    if op.op_type in MIL_INT8_WEIGHT_OPS:
+        data = op.inputs.get("quantized_data") if "quantized_data" in op.inputs else op.inputs.get("data")
+        return int(np.prod(data.shape))
+    return int(np.prod(var.shape)) if _is_const(var) and var.shape else 0
+
+
+def coverage(program, layer_names: dict[str, list[str]] | None = None) -> list[CoverageRow]:
+    """For every linear / matmul / conv op: is its weight int8, is its input activation quantized?
+
+    `layer_names` (from `program_layer_names` of the converted torch program) names the ops after
+    torch modules: the n-th MIL op of a kind is the n-th node of that kind (the converter keeps
+    order); a kind whose count differs (ops fused by a pass) keeps the MIL op names.
+    """
+    rows = []
+    for fn in program.functions.values():
+        for op in fn.operations:
+            if op.op_type not in MIL_COMPUTE_OPS:
+                continue
+            inputs = ("x", "weight") if op.op_type != "matmul" else ("x", "y")
+            weight_var = None
+            acts = []
+            for n in inputs:
+                v = op.inputs[n]
+                if _is_const(v):
+                    weight_var = v
+                else:
+                    acts.append(v)
+            int8 = weight_var is not None and _producer(weight_var) is not None and _producer(weight_var).op_type in MIL_INT8_WEIGHT_OPS
+            rows.append(
+                CoverageRow(
+                    layer=op.name,
+                    op=op.name,
+                    op_type=op.op_type,
+                    weight_elements=_const_elements(weight_var) if weight_var is not None else 0,
+                    int8_weight=bool(int8),
+                    activation_quantized=bool(acts) and all(a.op is not None and a.op.op_type == "dequantize" for a in acts),
+                )
+            )
+    counts = Counter(r.op_type for r in rows)
+    named = {k: iter(v) for k, v in (layer_names or {}).items() if len(v) == counts[k]}
+    return [replace(r, layer=next(named[r.op_type])) if r.op_type in named else r for r in rows]
+
+
+def program_layer_names(exported_program) -> dict[str, list[str]]:
+    """Torch layer names of the linear / conv / matmul nodes of a program, per kind, in order."""
+    out: dict[str, list[str]] = {}
+    for _, kind, name in compute_nodes(exported_program.graph):
+        out.setdefault(kind, []).append(name)
+    return out
+
+
+def int8_weight_fraction(rows: list[CoverageRow]) -> float:
+    total = sum(r.weight_elements for r in rows)
+    return sum(r.weight_elements for r in rows if r.int8_weight) / total if total else 0.0
+
+
+def op_counts(program) -> dict[str, int]:
+    return dict(Counter(op.op_type for fn in program.functions.values() for op in fn.operations))
+
+
+# --- macOS: prediction and latency through Core ML itself --------------------------------------------
+
+COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
+
+
+def macos_unavailable() -> str | None:
+    """None where Core ML can run a model (macOS with coremltools' native part), else why not."""
+    import sys
+
+    if sys.platform != "darwin":
+        return f"MLModel.predict needs macOS (Core ML runtime); this is {sys.platform}"
+    try:
+        import coremltools.libcoremlpython  # noqa: F401
+    except ImportError as exc:
+        return f"coremltools' native runtime is missing ({exc})"
+    return None
+
+
+def load_for_prediction(package: Path, compute_units: str = "ALL"):
+    import coremltools as ct
+
+    if compute_units not in COMPUTE_UNITS:
+        raise ValueError(f"compute_units {compute_units!r}; allowed: {', '.join(COMPUTE_UNITS)}")
+    return ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, compute_units))
+
+
+def predict(mlmodel, x: np.ndarray, input_name: str = "image", output_name: str = "logits") -> np.ndarray:
+    """Outputs of a Core ML model (batch-1 program) for each image in `x` (N, C, H, W), stacked."""
+    outs = []
+    for i in range(len(x)):
+        result = mlmodel.predict({input_name: np.ascontiguousarray(x[i : i + 1], dtype=np.float32)})
+        outs.append(np.asarray(result[output_name], dtype=np.float32).reshape(1, -1))
+    return np.concatenate(outs).reshape(len(x), *np.asarray(result[output_name]).shape[1:])
+
+
+def time_predictions(mlmodels: dict, x1: np.ndarray, warmup: int, repeats: int, rounds: int, input_name: str = "image") -> dict[str, list[float]]:
+    """Latency samples (ms) of several Core ML models on one batch-1 input, interleaved in rounds."""
+    feed = {input_name: np.ascontiguousarray(x1, dtype=np.float32)}
+    for m in mlmodels.values():
+        for _ in range(warmup):
+            m.predict(feed)
+    samples: dict[str, list[float]] = {k: [] for k in mlmodels}
+    per_round = max(1, repeats // rounds)
+    for _ in range(rounds):
+        for name, m in mlmodels.items():
+            for _ in range(per_round):
+                t = time.perf_counter()
+                m.predict(feed)
+                samples[name].append((time.perf_counter() - t) * 1e3)
+    return samples
+

@@ -1,0 +1,186 @@
+"""Core ML variants: `coreml-fp16`, `coreml-w8`, `coreml-w8a8` from the FP32 model and the calibration split.
+
+Produced on any OS (conversion, compression and inspection need no Core ML runtime); each variant
+folder holds
+- `model.mlpackage`: the ML program (iOS17+, FP16 compute; int8 weights / activations per recipe)
+- `model.pt2`: the torch program it was converted from (the PT2E graph with its quantize /
+  dequantize ops), which the validate stage runs where Core ML cannot
+- `coverage.csv`: per linear / matmul / conv op of the ML program, int8 weight? quantized input?
+- `variant.json`: the record, as for every variant.
+On macOS the validate and benchmark stages also run the ML program itself (`MLModel.predict`).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tasks._io import atomic_dir, write_json
+from tasks.attention import rewrite_attention
+from tasks.backends import coreml as backend
+from tasks.data import load_split, model_inputs
+from tasks.model import load_model
+from tasks.quantize import VariantArtifact, variant_dir
+from vitq.recipes import Recipe
+
+log = logging.getLogger("vitq.coreml")
+logging.getLogger("coremltools").setLevel(logging.WARNING)  # one INFO line per graph pass otherwise
+
+PACKAGE, PROGRAM, COVERAGE = "model.mlpackage", "model.pt2", "coverage.csv"
+
+
+def build_variant(
+    model: torch.nn.Module,
+    recipe: Recipe,
+    calibration: np.ndarray,
+    out: Path,
+    batch_size: int = 32,
+    float_layers: frozenset[str] = frozenset(),
+) -> dict:
+    """Write `model.mlpackage`, `model.pt2` and `coverage.csv` for one recipe into `out`; return facts."""
+    start = time.perf_counter()
+    model = model.eval()
+    attention = rewrite_attention(model)
+    batches = [torch.from_numpy(np.ascontiguousarray(b)) for b in np.array_split(calibration, max(1, -(-len(calibration) // batch_size)))]
+    report = None
+    if recipe.scheme == "float":
+        program_module: torch.nn.Module = model
+    else:
+        program_module, report = backend.quantize_pt2e(
+            model, batches, activations=recipe.scheme == "static", observer=recipe.observer or "minmax",
+            float_layers=float_layers,
+        )
+    example = batches[0][:1]
+    torch.export.save(backend.export_program(program_module, batches[0][: min(2, len(batches[0]))], dynamic_batch=True), str(out / PROGRAM))
+    program = backend.export_program(program_module, example)
+    log.info("coreml: %s: converting to an ML program", recipe.name)
+    backend.convert(program).save(str(out / PACKAGE))
+    mil = backend.load_program(out / PACKAGE)
+    rows = backend.coverage(mil, backend.program_layer_names(program))
+    with open(out / COVERAGE, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()) if rows else ["layer"])
+        w.writeheader()
+        w.writerows(asdict(r) for r in rows)
+    facts = {
+        "size_mb": backend.package_size_mb(out / PACKAGE),
+        "int8_weight_fraction": backend.int8_weight_fraction(rows),
+        "op_counts": backend.op_counts(mil),
+        "quantized_inputs": f"{sum(r.activation_quantized for r in rows)}/{len(rows)}",
+        "attention": attention,
+        "unhandled": report.unhandled if report else [],
+        "float_layers": sorted(report.kept_float) if report else [],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    log.info(
+        "coreml: %s -> %.2f MB, int8 weights %.0f%%, quantized inputs %s (%.0fs)",
+        recipe.name, facts["size_mb"], 100 * facts["int8_weight_fraction"], facts["quantized_inputs"], facts["seconds"],
+    )
+    return facts
+
+
+def quantize_variant(
+    recipe: Recipe, model_dir: Path, data_dir: Path, variants_dir: Path, float_layers: frozenset[str] = frozenset()
+) -> VariantArtifact:
+    """The quantize stage for a Core ML recipe: calibration split in, variant folder out (atomically)."""
+    model, spec = load_model(model_dir)
+    images = load_split(data_dir, "calibration").images
+    calibration = model_inputs(images, spec.mean, spec.std)
+    with atomic_dir(variant_dir(variants_dir, recipe.name)) as tmp:
+        facts = build_variant(model, recipe, calibration, tmp, float_layers=float_layers)
+        artifact = VariantArtifact(
+            name=recipe.name,
+            recipe=asdict(recipe),
+            artifact=PACKAGE,
+            qdq_artifact=PROGRAM,
+            size_mb=facts["size_mb"],
+            int8_weight_fraction=facts["int8_weight_fraction"],
+            op_counts=facts["op_counts"],
+            calibration_table=None,
+            tensorrt_ready=False,
+            tensorrt_note="a Core ML variant (TensorRT builds from the onnx-* / tensorrt-* Q/DQ graphs)",
+        )
+        write_json(tmp / "variant.json", asdict(artifact))
+        write_json(tmp / "coreml.json", {k: v for k, v in facts.items() if k != "op_counts"})
+    return artifact
+
+
+def predict_counterpart(program_path: Path, x: np.ndarray, batch_size: int, fp16: bool) -> np.ndarray:
+    """Logits of the torch program the ML program was converted from. `fp16`: compute in half
+    precision as Core ML does (the float recipe; int8 graphs run their quantize ops in float32)."""
+    module = torch.export.load(str(program_path)).module()
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size]))
+            if fp16:
+                module = module.half()
+                outs.append(module(xb.half()).float().numpy())
+            else:
+                outs.append(module(xb).numpy())
+    return np.concatenate(outs)
+
+
+def predict_coreml(package: Path, x: np.ndarray, compute_units: str) -> np.ndarray:
+    """Logits from Core ML itself (macOS only)."""
+    return backend.predict(backend.load_for_prediction(package, compute_units), x)
+
+
+def validate_variant(
+    name: str, folder: Path, model_dir: Path, data_dir: Path, cfg, out_dir: Path, compute_units: str = "ALL"
+):
+    """Judge a Core ML variant: its torch counterpart everywhere, the ML program itself on macOS."""
+    from tasks import validate
+    from tasks.quantize import load_variant
+    from tasks.targets import get_target
+
+    x, labels = validate._labels(model_dir, data_dir)
+    ref = np.load(Path(out_dir) / f"{validate.REFERENCE}.npy")
+    ref_top1 = validate.load_validation(out_dir, validate.REFERENCE).metrics.top1
+    art = load_variant(folder.parent, name)
+    counterpart = predict_counterpart(folder / PROGRAM, x, cfg.batch_size, fp16=art.recipe["scheme"] == "float")
+    metrics = validate.compare_outputs(ref, counterpart, labels, ref_top1)
+    runtime, details, not_measured = "torch counterpart (model.pt2)", {}, {}
+    why = get_target("coreml").missing_executor()
+    if why:
+        not_measured["coreml_predict"] = f"{why}; metrics are from the torch program it was converted from"
+    else:
+        details["torch_counterpart"] = asdict(metrics)
+        metrics = validate.compare_outputs(ref, predict_coreml(folder / PACKAGE, x, compute_units), labels, ref_top1)
+        runtime = f"coreml ({compute_units})"
+    reasons = validate.budget_reasons(metrics, cfg.max_top1_drop, cfg.min_sqnr_db)
+    result = validate.ValidationResult(
+        name=name, images=len(x), metrics=metrics, passed=not reasons, reasons=reasons,
+        runtime=runtime, not_measured=not_measured, details=details,
+    )
+    write_json(Path(out_dir) / f"{name}.json", asdict(result))
+    log.info(
+        "validate: %s (%s) top-1 %s (drop %s pts), agreement %.4f, SQNR %.1f dB -> %s",
+        name, runtime, metrics.top1, metrics.top1_drop, metrics.agreement, metrics.sqnr_db,
+        "pass" if result.passed else "FAIL",
+    )
+    return result
+
+
+def benchmark_packages(packages: dict[str, Path], x1: np.ndarray, cfg) -> tuple[dict, dict[str, str]]:
+    """Core ML latency of each package on one batch-1 input, interleaved, against `coreml-fp16` when
+    present. Returns (timings, not_measured); off macOS every package is not measured, with why."""
+    from tasks.benchmark import _timing
+    from tasks.targets import get_target
+
+    why = get_target("coreml").missing_executor()
+    if why:
+        return {}, {name: why for name in packages}
+    units = cfg.coreml_compute_units
+    models = {name: backend.load_for_prediction(path, units) for name, path in packages.items()}
+    samples = backend.time_predictions(models, x1[:1], cfg.warmup, cfg.repeats, cfg.rounds)
+    baseline = "coreml-fp16" if "coreml-fp16" in packages else next(iter(packages))
+    timings = {
+        name: _timing(np.asarray(ms), packages[name], 1, baseline, f"coreml:{units}") for name, ms in samples.items()
+    }
+    return timings, {}
