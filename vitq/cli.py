@@ -41,6 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--static-recipe", default=None, help="static recipe to compare (default: the pipeline default)")
     bench.add_argument("--workdir", default=".")
     bench.add_argument("--out", default="reports/bench.json")
+    rec = sub.add_parser("recovery", help="plain INT8 vs the accuracy-recovery recipes per case (reports/recovery.json)")
+    rec.add_argument("--cases", default="digits,outliers,efficientvit_b0",
+                     help="comma-separated: digits, outliers, efficientvit_b0")
+    rec.add_argument("--workdir", default=".")
+    rec.add_argument("--out", default="reports/recovery.json")
+    cm = sub.add_parser("coreml-bench", help="Core ML FP16 / W8 / W8A8 sizes and int8 coverage per model "
+                                              "(reports/coreml.json); runs on Linux, no Core ML runtime needed")
+    cm.add_argument("--models", default=None, help="comma-separated: 'demo' (the workspace's model), timm names, "
+                    "'torchvision:<name>' (default: demo and the five reference ViTs)")
+    cm.add_argument("--workdir", default=".")
+    cm.add_argument("--out", default="reports/coreml.json")
     pool_help = "KEY=POOL: the work pool for 'prepare' or a target (onnx, coreml, tensorrt); repeatable"
     orch = sub.add_parser("orchestrate", help="run the pipeline on Prefect work pools (needs PREFECT_API_URL and "
                                                "`vitq deploy`); steps go to the pool of their target")
@@ -164,6 +175,38 @@ def _bench(args) -> int:
     return 0
 
 
+def _coreml_bench(args) -> int:
+    from tasks import coreml_bench
+
+    ws = _workspace(args.workdir)
+    names = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else list(coreml_bench.DEFAULT_MODELS)
+    if not names:
+        raise VitqError(f"--models {args.models!r} names no model")
+    for name in names:  # resolve every name before the first (minutes-long) conversion
+        if name != "demo" and not name.startswith("torchvision:"):
+            import timm
+
+            if not timm.is_model(name):
+                raise VitqError(f"unknown model {name!r}; allowed: 'demo', a timm name, or 'torchvision:<name>'")
+    records = coreml_bench.run(names, ws.root / args.out, ws.root)
+    print(coreml_bench.table(records))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _recovery(args) -> int:
+    from tasks.recovery.bench import recovery_table, run_recovery
+    from vitq.config import load_params
+
+    ws = _workspace(args.workdir)
+    params = load_params(ws.params_file)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    records = run_recovery(ws, params, cases, ws.root / args.out)
+    print(recovery_table(records))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _workspace(workdir: str):
     from tasks.layout import Workspace
 
@@ -179,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return _bench(args)
+        if args.command == "recovery":
+            return _recovery(args)
+        if args.command == "coreml-bench":
+            return _coreml_bench(args)
         if args.command == "orchestrate":
             from flows.routing import StepFailed
 
