@@ -113,7 +113,12 @@ def log_pipeline_run(
                 for f in sorted({Path(v["artifact"]).name, "model.onnx"}):
                     if (folder / f).is_file():
                         mlflow.log_artifact(str(folder / f), artifact_path="model")
+                    elif (folder / f).is_dir():  # a Core ML .mlpackage
+                        mlflow.log_artifacts(str(folder / f), artifact_path=f"model/{f}")
                 mlflow.log_artifact(str(meta), artifact_path="model")
+                for f in ("coverage.csv", "coreml.json"):  # Core ML: which layers are int8, read from the program
+                    if (folder / f).is_file():
+                        mlflow.log_artifact(str(folder / f), artifact_path="reports")
                 for f in (ws.validation_dir / f"{v['name']}.json", *error_report_paths(ws, v["name"])):
                     if f.is_file():
                         mlflow.log_artifact(str(f), artifact_path="reports")
