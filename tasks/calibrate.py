@@ -43,25 +43,16 @@ def table_path(calibration_dir: Path, method: str) -> Path:
     return Path(calibration_dir) / f"{method}.json"
 
 
-def calibrate(prep_onnx: Path, model_dir: Path, data_dir: Path, cfg: CalibrationConfig, out_dir: Path) -> CalibrationResult:
-    from onnxruntime.quantization.calibrate import (
-        CalibrationMethod,
-        HistogramCalibrater,
-        HistogramCollector,
-        TensorData,
-        TensorsData,
-        save_tensors_data,
-    )
+def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, entropy: bool, op_types=CALIBRATED_OP_TYPES):
+    """One pass of model inputs `x` (N, C, H, W) through the model, batch by batch, into an |x|
+    histogram collector (percentile, min/max) and, if `entropy`, a signed one (entropy/KL).
+    Returns (calibrated tensor names, abs collector, signed collector or None)."""
+    from onnxruntime.quantization.calibrate import HistogramCalibrater, HistogramCollector
 
-    spec = load_model_spec(model_dir)
-    split = load_split(data_dir, "calibration")
-    if len(split.images) == 0:
-        raise DataError("the calibration split is empty; calibration needs at least one image")
-    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vitq-calib-") as scratch:
         calibrater = HistogramCalibrater(
             str(prep_onnx),
-            op_types_to_calibrate=list(CALIBRATED_OP_TYPES),
+            op_types_to_calibrate=list(op_types),
             augmented_model_path=str(Path(scratch) / "augmented.onnx"),
             method="percentile",
             symmetric=True,
@@ -72,18 +63,31 @@ def calibrate(prep_onnx: Path, model_dir: Path, data_dir: Path, cfg: Calibration
         names = sorted(calibrater.tensors_to_calibrate)
         abs_hist = HistogramCollector("percentile", True, cfg.num_bins, cfg.num_quantized_bins, cfg.percentile, "same")
         value_hist = HistogramCollector("entropy", True, cfg.num_bins, cfg.num_quantized_bins, cfg.percentile, "same")
-        n = len(split.images)
+        n = len(x)
         batches = range(0, n, cfg.batch_size)
         for i, lo in enumerate(batches, 1):
-            x = model_inputs(split.images[lo : lo + cfg.batch_size], spec.mean, spec.std)
-            outputs = dict(zip((o.name for o in session.get_outputs()), session.run(None, {INPUT_NAME: x})))
+            outputs = dict(zip((o.name for o in session.get_outputs()), session.run(None, {INPUT_NAME: x[lo : lo + cfg.batch_size]})))
             batch = {name: outputs[name] for name in names}
             with contextlib.redirect_stdout(io.StringIO()):  # the collectors print per call
                 abs_hist.collect(batch)
-                if "entropy" in cfg.methods:
+                if entropy:
                     value_hist.collect(batch)
             log.info("calibrate: batch %d/%d (%d images)", i, len(batches), min(lo + cfg.batch_size, n))
         del calibrater, session
+    return names, abs_hist, value_hist if entropy else None
+
+
+def calibrate(prep_onnx: Path, model_dir: Path, data_dir: Path, cfg: CalibrationConfig, out_dir: Path) -> CalibrationResult:
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
+
+    spec = load_model_spec(model_dir)
+    split = load_split(data_dir, "calibration")
+    if len(split.images) == 0:
+        raise DataError("the calibration split is empty; calibration needs at least one image")
+    start = time.perf_counter()
+    x = model_inputs(split.images, spec.mean, spec.std)
+    n = len(x)
+    names, abs_hist, value_hist = collect_histograms(prep_onnx, x, cfg, "entropy" in cfg.methods)
 
     ranges: dict[str, dict[str, tuple[float, float]]] = {}
     with contextlib.redirect_stdout(io.StringIO()):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
@@ -30,22 +30,41 @@ class VariantArtifact:
     calibration_table: str | None
     tensorrt_ready: bool  # valid for TensorRT explicit quantization (conformance-checked Q/DQ)
     tensorrt_note: str | None  # why not, when it is not
+    # Torch module names of the Linear/Conv layers left in float (what the Core ML target skips too),
+    # the attention matmuls left in float (`<attn>#qk` / `#av`), and the share of Linear/Conv MACs in INT8.
+    float_layers: list[str] = field(default_factory=list)
+    float_attention: list[str] = field(default_factory=list)
+    int8_mac_fraction: float | None = None
 
 
 def variant_dir(variants_dir: Path, name: str) -> Path:
     return Path(variants_dir) / name
 
 
-def quantize_variant(recipe_name: str, prep_onnx: Path, calibration_dir: Path, variants_dir: Path) -> VariantArtifact:
-    """Quantize the FP32 model with one recipe into `variants_dir/<recipe>/`."""
+def quantize_variant(
+    recipe_name: str, prep_onnx: Path, calibration_dir: Path, variants_dir: Path, recovery_inputs=None
+) -> VariantArtifact:
+    """Quantize the FP32 model with one recipe into `variants_dir/<recipe>/`. Recovery recipes
+    (`recipe.recovery`) also read the model, data and params: `recovery_inputs`
+    (a `tasks.recovery.variants.Inputs`)."""
+    from tasks.recovery import layers as layer_map, variants as recovery
+
     recipe: Recipe = get_recipe(recipe_name)
+    if recipe.recovery and recovery_inputs is None:
+        raise ValueError(f"recipe {recipe.name!r} needs the model, data and params: pass recovery_inputs")
     table = table_path(calibration_dir, recipe.calibration) if recipe.calibration else None
     if table is not None and not table.is_file():
         raise FileNotFoundError(f"calibration table {table} is missing; rerun the calibrate stage")
     start = time.perf_counter()
     out = variant_dir(variants_dir, recipe.name)
     with atomic_dir(out) as tmp:
-        onnx_backend.quantize(recipe, prep_onnx, tmp / "model.onnx", table)
+        if recipe.recovery:
+            with recovery.scratch_dir(tmp.parent) as scratch:
+                decision = recovery.build(recipe, recovery_inputs, tmp, Path(scratch))
+            layers = decision.layers
+        else:
+            onnx_backend.quantize(recipe, prep_onnx, tmp / "model.onnx", table)
+            layers = layer_map.quantizable_layers(Path(prep_onnx).with_name("model.onnx"), prep_onnx)
         onnx.checker.check_model(str(tmp / "model.onnx"))
         quantized = onnx.load(str(tmp / "model.onnx"))
         assert_conforms(quantized)  # a violation fails the variant, naming the node
@@ -79,11 +98,13 @@ def quantize_variant(recipe_name: str, prep_onnx: Path, calibration_dir: Path, v
             calibration_table=table.name if table else None,
             tensorrt_ready=trt_note is None,
             tensorrt_note=trt_note,
+            **recovery.layer_precision(layers, quantized),
         )
         write_json(tmp / "variant.json", asdict(artifact))
     log.info(
-        "quantize: %s -> %.2f MB, int8 weights %.0f%% (%.1fs)",
-        recipe.name, artifact.size_mb, 100 * artifact.int8_weight_fraction, time.perf_counter() - start,
+        "quantize: %s -> %.2f MB, int8 weights %.0f%%, int8 MACs %.1f%%, %d float layer(s) (%.1fs)",
+        recipe.name, artifact.size_mb, 100 * artifact.int8_weight_fraction, 100 * artifact.int8_mac_fraction,
+        len(artifact.float_layers), time.perf_counter() - start,
     )
     return artifact
 

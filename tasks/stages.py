@@ -60,8 +60,15 @@ def prune_outputs(folder: Path, keep: set[str]) -> None:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
-def quantize_one(ws: Workspace, name: str) -> quantize.VariantArtifact:
-    return quantize.quantize_variant(name, ws.export_dir / "model.prep.onnx", ws.calibration_dir, ws.variants_dir)
+def quantize_one(ws: Workspace, name: str, p: Params | None = None) -> quantize.VariantArtifact:
+    """One variant. Recovery recipes also read the model, data and params (from params.yaml when `p` is None)."""
+    inputs = None
+    if get_recipe(name).recovery:
+        from tasks.recovery.variants import Inputs
+        from vitq.config import load_params
+
+        inputs = Inputs(ws.model_dir, ws.data_dir, ws.export_dir, ws.calibration_dir, p or load_params(ws.params_file))
+    return quantize.quantize_variant(name, ws.export_dir / "model.prep.onnx", ws.calibration_dir, ws.variants_dir, inputs)
 
 
 def run_quantize(ws: Workspace, p: Params) -> list[quantize.VariantArtifact]:
@@ -69,7 +76,7 @@ def run_quantize(ws: Workspace, p: Params) -> list[quantize.VariantArtifact]:
     for name, why in not_run.items():
         log.warning("quantize: %s not run: %s", name, why)
     prune_outputs(ws.variants_dir, set(runnable))
-    return [quantize_one(ws, name) for name in runnable]
+    return [quantize_one(ws, name, p) for name in runnable]
 
 
 def validate_reference(ws: Workspace, p: Params) -> validate.ValidationResult:
@@ -84,9 +91,9 @@ def validate_one(ws: Workspace, p: Params, name: str) -> validate.ValidationResu
     if art.recipe["scheme"] == "static" and p.validate_.error_report_images:
         spec = model.load_model_spec(ws.model_dir)
         images = data.load_split(ws.data_dir, "calibration").images[: p.validate_.error_report_images]
-        rows = error_report.tensor_errors(
-            ws.export_dir / "model.prep.onnx", path, data.model_inputs(images, spec.mean, spec.std)
-        )
+        own_float = quantize.variant_dir(ws.variants_dir, name) / "float.prep.onnx"  # smoothquant/qat weights
+        float_ref = own_float if own_float.is_file() else ws.export_dir / "model.prep.onnx"
+        rows = error_report.tensor_errors(float_ref, path, data.model_inputs(images, spec.mean, spec.std))
         csv_path, png_path = error_report_paths(ws, name)
         error_report.write_error_report(rows, csv_path, png_path, name)
     return result

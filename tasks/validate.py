@@ -6,6 +6,10 @@ Metrics (all on the logits of the whole validation split):
 - agreement: fraction of images whose arg-max matches FP32
 - cosine: mean per-image cosine similarity of the logits
 - sqnr_db: 10 log10(sum ref^2 / sum (ref - out)^2)
+Dense outputs (N, C, H, W: feature maps, masks, segmentation logits) also get
+- psnr_db: 10 log10(peak^2 / MSE), peak = the FP32 map's value range
+- mask_iou: IoU of the masks `map > MASK_THRESHOLD` (mask logits: 0), variant vs FP32
+and there agreement is per pixel (arg-max over C) and top1 does not apply.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from vitq.config import ValidateConfig
 log = logging.getLogger("vitq.validate")
 
 REFERENCE = "fp32"
+MASK_THRESHOLD = 0.0  # dense outputs: a pixel is "in the mask" where the map exceeds this (mask logits)
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class OutputMetrics:
     agreement: float
     cosine: float
     sqnr_db: float
+    psnr_db: float | None = None  # dense outputs only
+    mask_iou: float | None = None  # dense outputs only
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,9 @@ class ValidationResult:
 
 
 def compare_outputs(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None, ref_top1: float | None) -> OutputMetrics:
-    """Compare variant logits `out` with FP32 logits `ref`, both (N, classes)."""
+    """Compare variant logits `out` with FP32 logits `ref`, both (N, classes), or dense maps (N, C, H, W)."""
+    if ref.ndim == 4:
+        return _compare_dense(ref, out)
     ref = ref.astype(np.float64).reshape(len(ref), -1)
     out = out.astype(np.float64).reshape(len(out), -1)
     noise = np.sum((ref - out) ** 2)
@@ -60,6 +69,37 @@ def compare_outputs(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None,
         if ref_top1 is not None:
             top1_drop = round(100.0 * (ref_top1 - top1), 6)
     return OutputMetrics(top1=top1, top1_drop=top1_drop, agreement=agreement, cosine=cosine, sqnr_db=sqnr)
+
+
+def _compare_dense(ref: np.ndarray, out: np.ndarray) -> OutputMetrics:
+    ref, out = ref.astype(np.float64), out.astype(np.float64)
+    mse = float(np.mean((ref - out) ** 2))
+    noise = mse * ref.size
+    sqnr = float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref**2) / noise))
+    peak = float(ref.max() - ref.min())
+    psnr = float("inf") if mse == 0 else float(10 * np.log10(peak**2 / mse))
+    a, b = ref > MASK_THRESHOLD, out > MASK_THRESHOLD
+    union = np.logical_or(a, b).sum()
+    iou = 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+    r, o = ref.reshape(len(ref), -1), out.reshape(len(out), -1)
+    norms = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)
+    cosine = float(np.mean(np.sum(r * o, axis=1) / np.maximum(norms, 1e-12)))
+    agreement = float(np.mean(ref.argmax(1) == out.argmax(1)))  # per pixel, over channels
+    return OutputMetrics(top1=None, top1_drop=None, agreement=agreement, cosine=cosine, sqnr_db=sqnr,
+                         psnr_db=psnr, mask_iou=iou)
+
+
+def budget_reasons(m: OutputMetrics, max_top1_drop: float, min_sqnr_db: float | None) -> list[str]:
+    """Why `m` misses the accuracy budget (empty: it meets it). Without labels the top-1 budget
+    applies to the disagreement with FP32, in points."""
+    reasons = []
+    drop = m.top1_drop if m.top1_drop is not None else 100.0 * (1.0 - m.agreement)
+    if drop > max_top1_drop:
+        what = "top-1 drop" if m.top1_drop is not None else "disagreement with FP32"
+        reasons.append(f"{what} {drop:.2f} pts > validate.max_top1_drop {max_top1_drop}")
+    if min_sqnr_db is not None and m.sqnr_db < min_sqnr_db:
+        reasons.append(f"SQNR {m.sqnr_db:.1f} dB < validate.min_sqnr_db {min_sqnr_db}")
+    return reasons
 
 
 def _labels(model_dir: Path, data_dir: Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -103,13 +143,7 @@ def validate_variant(
     ref_top1 = load_validation(out_dir, REFERENCE).metrics.top1
     logits = predict_artifact(variant_onnx, x, cfg.batch_size)
     m = compare_outputs(ref, logits, labels, ref_top1)
-    reasons = []
-    drop = m.top1_drop if m.top1_drop is not None else 100.0 * (1.0 - m.agreement)
-    if drop > cfg.max_top1_drop:
-        what = "top-1 drop" if m.top1_drop is not None else "disagreement with FP32"
-        reasons.append(f"{what} {drop:.2f} pts > validate.max_top1_drop {cfg.max_top1_drop}")
-    if cfg.min_sqnr_db is not None and m.sqnr_db < cfg.min_sqnr_db:
-        reasons.append(f"SQNR {m.sqnr_db:.1f} dB < validate.min_sqnr_db {cfg.min_sqnr_db}")
+    reasons = budget_reasons(m, cfg.max_top1_drop, cfg.min_sqnr_db)
     result = ValidationResult(name=name, images=len(x), metrics=m, passed=not reasons, reasons=reasons)
     write_json(Path(out_dir) / f"{name}.json", asdict(result))
     log.info(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
@@ -33,3 +34,23 @@ def vit_digits_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransforme
         VisionTransformer, "vit_digits_patch4_32", pretrained,
         pretrained_filter_fn=checkpoint_filter_fn, **dict(args, **kwargs),
     )
+
+
+class FeatureMap(torch.nn.Module):
+    """A timm model whose output is its `forward_features` map (N, C, H, W): a dense-output case."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.pretrained_cfg = model.pretrained_cfg  # timm's data config (input size, mean, std) still resolves
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+@register_model
+def efficientvit_b0_features(pretrained: bool = False, **kwargs) -> FeatureMap:
+    """timm `efficientvit_b0` (MIT EfficientViT-B0) returning `forward_features`: (N, 128, H/32, W/32)."""
+    import timm
+
+    return FeatureMap(timm.create_model("efficientvit_b0", pretrained=pretrained, **kwargs))

@@ -114,6 +114,33 @@ class ValidateConfig(_Strict):
     error_report_images: int = Field(32, ge=0)  # calibration images for the per-tensor error report; 0: off
 
 
+class RecoveryConfig(_Strict):
+    """Settings of the accuracy-recovery recipes (onnx-w8a8-auto/-smoothquant/-search/-qat); their
+    accuracy budget is validate.max_top1_drop / validate.min_sqnr_db."""
+
+    search_images: int = Field(450, ge=1)  # validation images the sensitivity and mixed-precision searches measure on
+    smoothquant_alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # candidates, each in (0, 1)
+    search_percentiles: tuple[float, ...] = (99.9, 99.99, 99.999)  # of |x|, calibration-search candidates
+    search_calibration_images: int = Field(64, ge=1)  # calibration images whose layer outputs judge each range
+    qat_epochs: int = Field(2, ge=1)  # epochs over the training split
+    qat_lr: float = Field(1e-4, gt=0)  # peak AdamW learning rate, cosine decay
+    qat_batch_size: int = Field(64, ge=1)
+    qat_init: Literal["smoothquant", "fp32"] = "smoothquant"  # fine-tune the SmoothQuant model (when it has pairs) or FP32
+
+    @field_validator("smoothquant_alphas", "search_percentiles", mode="before")
+    @classmethod
+    def _floats(cls, v, info):
+        v = tuple(float(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v) if isinstance(v, list) else v
+        if not v:
+            raise ValueError("needs at least one value")
+        lo, hi = (0.0, 1.0) if info.field_name == "smoothquant_alphas" else (50.0, 100.0)
+        for x in v:
+            if not isinstance(x, float) or not lo < x <= hi or (info.field_name == "smoothquant_alphas" and x >= 1.0):
+                allowed = "in (0, 1)" if info.field_name == "smoothquant_alphas" else "in (50, 100]"
+                raise ValueError(f"{x!r} is not a number {allowed}")
+        return v
+
+
 class BenchmarkConfig(_Strict):
     threads: int = Field(2, ge=1)  # ONNX Runtime intra-op threads, the same for every model
     batch_size: int = Field(1, ge=1)
@@ -133,6 +160,7 @@ class Params(_Strict):
     quantize: QuantizeConfig = QuantizeConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     benchmark: BenchmarkConfig = BenchmarkConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 

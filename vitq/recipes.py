@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+RECOVERY_METHODS = ("auto", "smoothquant", "search", "qat")  # see Recipe.recovery
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,10 @@ class Recipe:
     op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
     # Also quantize the two activation-activation MatMuls of attention (q @ k^T, attn @ v).
     quantize_attention: bool = False
+    # Accuracy recovery applied on the way to INT8 (tasks/recovery/): "auto" (sensitivity-driven
+    # mixed precision under the validate budget), "smoothquant", "search" (per-tensor calibration
+    # method search), "qat" (quantization-aware fine-tune); None: plain post-training quantization.
+    recovery: str | None = None
 
 
 def _static_onnx(method: str) -> Recipe:
@@ -51,6 +56,54 @@ RECIPES: dict[str, Recipe] = {
         description="ONNX Runtime quantize_dynamic: int8 weights, activations quantized per batch at run time",
     ),
     **{r.name: r for r in (_static_onnx(m) for m in CALIBRATION_METHODS)},
+    "onnx-w8a8-auto": Recipe(
+        name="onnx-w8a8-auto",
+        target="onnx",
+        scheme="static",
+        calibration="percentile",
+        per_channel=True,
+        recovery="auto",
+        description=(
+            "W8A8 static Q/DQ with automatic mixed precision: per-layer sensitivity, then the fewest "
+            "layers back in float until validate.max_top1_drop / min_sqnr_db hold"
+        ),
+    ),
+    "onnx-w8a8-smoothquant": Recipe(
+        name="onnx-w8a8-smoothquant",
+        target="onnx",
+        scheme="static",
+        calibration=None,  # min/max of the smoothed model, measured by the recipe itself
+        per_channel=True,
+        recovery="smoothquant",
+        description=(
+            "W8A8 static Q/DQ after SmoothQuant on every LayerNorm -> qkv / fc1 pair (alpha searched "
+            "on calibration data), min/max ranges of the smoothed model"
+        ),
+    ),
+    "onnx-w8a8-search": Recipe(
+        name="onnx-w8a8-search",
+        target="onnx",
+        scheme="static",
+        calibration=None,  # its own table: per tensor, the best of minmax / percentiles / entropy / MSE
+        per_channel=True,
+        recovery="search",
+        description=(
+            "W8A8 static Q/DQ with the calibration method chosen per tensor (minmax, percentiles, "
+            "entropy, MSE) by the error of the layer output it feeds"
+        ),
+    ),
+    "onnx-w8a8-qat": Recipe(
+        name="onnx-w8a8-qat",
+        target="onnx",
+        scheme="static",
+        calibration="percentile",  # starting ranges; the fine-tune learns its own
+        per_channel=True,
+        recovery="qat",
+        description=(
+            "W8A8 static Q/DQ after a short quantization-aware fine-tune on the training split "
+            "(fake quant, straight-through gradients, learned activation ranges)"
+        ),
+    ),
     "tensorrt-w8a8-percentile": Recipe(
         name="tensorrt-w8a8-percentile",
         target="tensorrt",

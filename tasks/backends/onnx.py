@@ -135,9 +135,11 @@ def assert_same_outputs(reference: Path, candidate: Path, batch: int = 2, rtol: 
         raise RuntimeError(f"{candidate.name} differs from {reference.name} by {err:.3g} (max abs): rewrite is wrong")
 
 
-def quantize(recipe: Recipe, prep_onnx: Path, out_path: Path, table: Path | None) -> None:
-    """Produce the recipe's quantized ONNX at `out_path` from the quantization-ready FP32 model."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+def quantize(recipe: Recipe, prep_onnx: Path, out_path: Path, table: Path | None, exclude_nodes=()) -> None:
+    """Produce the recipe's quantized ONNX at `out_path` from the quantization-ready FP32 model;
+    `exclude_nodes` stay float (mixed precision)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.calibrate import load_tensors_data
 
     # Pass a ModelProto, not the path: ORT writes `<path>-inferred.onnx` beside a path it is
     # given, which collides when several variants are quantized from one file concurrently.
@@ -150,15 +152,13 @@ def quantize(recipe: Recipe, prep_onnx: Path, out_path: Path, table: Path | None
             op_types_to_quantize=list(recipe.op_types),
         )
         return
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy}
-    exclude = [] if recipe.quantize_attention else activation_matmuls(model)
+    exclude = ([] if recipe.quantize_attention else activation_matmuls(model)) + list(exclude_nodes)
     quantize_static(
         model,
         str(out_path),
         calibration_data_reader=None,
         calibration_cache_path=str(table),  # ranges from the calibration stage; no recalibration
-        calibrate_method=methods[recipe.calibration],
+        calibrate_method=load_tensors_data(table).calibration_method,  # must match the table's
         quant_format=QuantFormat.QDQ,
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,

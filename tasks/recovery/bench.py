@@ -1,0 +1,251 @@
+"""`vitq recovery`: plain INT8 and the recovery recipes side by side, per case -> reports/recovery.json.
+
+Cases (each in `artifacts/recovery/<case>/`, rebuilt on every run; the workspace's pipeline
+outputs are read, never written, except that missing data/model/export/calibrate stages are run):
+- digits: the workspace's model (the trained digits ViT by default), as the pipeline made it.
+- outliers: the same model after `outliers.inject_outliers` (3 channels of blocks.0.norm1 at 100x
+  the others, the matching qkv columns divided back: FP32 unchanged), exported and calibrated again.
+- efficientvit_b0: timm efficientvit_b0 `forward_features` (dense output, random weights: nothing
+  can be downloaded here) on crops of scikit-learn's two bundled photos; plumbing for dense metrics.
+
+Each record: case, variant, top1, top1_drop (points), agreement, sqnr_db, psnr_db / mask_iou (dense),
+int8_mac_fraction, float_layers, passed (the case's budget), budget, seconds, note.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tasks._io import read_json, write_json
+from tasks.layout import Workspace
+from vitq.config import Params
+
+log = logging.getLogger("vitq.recovery")
+
+PLAIN = ("onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy")
+RECOVERY = ("onnx-w8a8-auto", "onnx-w8a8-smoothquant", "onnx-w8a8-search", "onnx-w8a8-qat")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    variants: tuple[str, ...]
+    max_top1_drop: float  # budget, points (disagreement with FP32 without labels)
+    min_sqnr_db: float | None = None
+    note: str = ""
+
+
+CASES: dict[str, Case] = {
+    "digits": Case("digits", PLAIN + RECOVERY, 0.2, note="the workspace's FP32 model"),
+    "outliers": Case("outliers", PLAIN + RECOVERY, 0.5,
+                     note="digits ViT with 3 LayerNorm output channels (blocks.0.norm1) scaled to 100x the others "
+                          "and the matching attn.qkv input columns divided back: FP32 function unchanged"),
+    "efficientvit_b0": Case("efficientvit_b0", PLAIN + ("onnx-w8a8-search", "onnx-w8a8-auto"), 100.0, 25.0,
+                            note="timm efficientvit_b0 forward_features (N,128,7,7), RANDOM weights (no download "
+                                 "possible): dense-output plumbing only, numbers say nothing about trained accuracy; "
+                                 "budget is SQNR >= 25 dB"),
+}
+
+
+@dataclass
+class CaseDirs:
+    model_dir: Path
+    data_dir: Path
+    export_dir: Path
+    calibration_dir: Path
+    variants_dir: Path
+    validation_dir: Path
+    facts: dict = field(default_factory=dict)
+
+
+def ensure_pipeline_outputs(ws: Workspace, p: Params) -> None:
+    """Run the data/model/export/calibrate stages whose outputs are missing (the digits model trains here)."""
+    from tasks import stages
+
+    needed = {"data": ws.data_dir / "meta.json", "model": ws.model_dir / "model.json",
+              "export": ws.export_dir / "export.json", "calibrate": ws.calibration_dir / "calibration.json"}
+    for name, marker in needed.items():
+        if not marker.is_file():
+            log.info("recovery: running the %s stage (its output is missing)", name)
+            stages.STAGES[name](ws, p)
+
+
+def _case_root(ws: Workspace, case: str) -> Path:
+    return ws.root / "artifacts" / "recovery" / case
+
+
+def _digits(ws: Workspace, p: Params) -> CaseDirs:
+    root = _case_root(ws, "digits")
+    return CaseDirs(ws.model_dir, ws.data_dir, ws.export_dir, ws.calibration_dir, root / "variants", root / "validation")
+
+
+def _outliers(ws: Workspace, p: Params) -> CaseDirs:
+    from tasks._io import atomic_dir
+    from tasks.calibrate import calibrate
+    from tasks.data import load_split, model_inputs
+    from tasks.export import export_onnx
+    from tasks.model import load_model, predict
+    from tasks.recovery.outliers import inject_outliers
+
+    root = _case_root(ws, "outliers")
+    model, spec = load_model(ws.model_dir)
+    x_cal = model_inputs(load_split(ws.data_dir, "calibration").images, spec.mean, spec.std)
+    x_val = model_inputs(load_split(ws.data_dir, "validation").images, spec.mean, spec.std)
+    before = predict(model, x_val)
+    injected = inject_outliers(model, x_cal)
+    diff = float(np.max(np.abs(predict(model, x_val) - before)))
+    log.info("recovery: outliers injected %s; FP32 logits change by %.2e (max abs)", injected.factors, diff)
+    with atomic_dir(root / "model") as tmp:
+        torch.save(model.state_dict(), tmp / "model.pt")
+        meta = read_json(ws.model_dir / "model.json")
+        write_json(tmp / "model.json", {**meta, "train": {**meta.get("train", {}), "outliers": asdict(injected)}})
+    export_onnx(root / "model", ws.data_dir, p.export, root / "export")
+    calibrate(root / "export" / "model.prep.onnx", root / "model", ws.data_dir, p.calibration, root / "calibration")
+    return CaseDirs(root / "model", ws.data_dir, root / "export", root / "calibration", root / "variants",
+                    root / "validation", {"fp32_logits_max_abs_change": diff, "outlier_factors": injected.factors})
+
+
+def _dense_images(n: int, size: int, seed: int) -> np.ndarray:
+    """(n, size, size, 3) uint8 random crops (scale 0.3-1 of the short side) of scikit-learn's bundled photos."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        h, w = img.shape[:2]
+        side = int(min(h, w) * rng.uniform(0.3, 1.0))
+        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = Image.fromarray(img[top : top + side, left : left + side]).resize((size, size), Image.BILINEAR)
+        out.append(np.asarray(crop, np.uint8))
+    return np.stack(out)
+
+
+def _efficientvit(ws: Workspace, p: Params) -> CaseDirs:
+    import timm
+
+    from tasks import zoo  # noqa: F401  (registers efficientvit_b0_features)
+    from tasks._io import atomic_dir
+    from tasks.calibrate import calibrate
+    from tasks.export import export_onnx
+
+    root = _case_root(ws, "efficientvit_b0")
+    size = 224
+    with atomic_dir(root / "data") as tmp:
+        splits = {"train": 0, "calibration": 32, "validation": 16}
+        for i, (name, n) in enumerate(splits.items()):
+            images = _dense_images(n, size, p.seed + i) if n else np.zeros((0, size, size, 3), np.uint8)
+            np.savez_compressed(tmp / f"{name}.npz", images=images, labels=np.full(n, -1, np.int64))
+        write_json(tmp / "meta.json", {"source": "sklearn-sample-images", "classes": [], "sizes": splits,
+                                      "image_size": size, "channels": 3, "digest": "n/a"})
+    torch.manual_seed(p.seed)
+    model = timm.create_model("efficientvit_b0_features", pretrained=False).eval()
+    cfg = model.pretrained_cfg
+    with atomic_dir(root / "model") as tmp:
+        torch.save(model.state_dict(), tmp / "model.pt")
+        write_json(tmp / "model.json", {
+            "name": "efficientvit_b0_features", "create_kwargs": {}, "input_size": [3, size, size],
+            "mean": list(cfg["mean"]), "std": list(cfg["std"]), "num_classes": 128, "classes": [], "top1": None,
+            "source": "timm (random weights, seed %d)" % p.seed, "train": {}, "versions": {"timm": timm.__version__},
+        })
+    export_onnx(root / "model", root / "data", p.export, root / "export")
+    cal = p.calibration.model_copy(update={"batch_size": 8})
+    calibrate(root / "export" / "model.prep.onnx", root / "model", root / "data", cal, root / "calibration")
+    return CaseDirs(root / "model", root / "data", root / "export", root / "calibration", root / "variants",
+                    root / "validation", {"weights": "random (seeded); dense-output plumbing only"})
+
+
+BUILDERS = {"digits": _digits, "outliers": _outliers, "efficientvit_b0": _efficientvit}
+
+
+def _case_params(p: Params, case: Case) -> Params:
+    v = p.validate_.model_copy(update={"max_top1_drop": case.max_top1_drop, "min_sqnr_db": case.min_sqnr_db,
+                                        "batch_size": 16 if case.name == "efficientvit_b0" else p.validate_.batch_size})
+    r = p.recovery.model_copy(update={"search_images": 16} if case.name == "efficientvit_b0" else {})
+    return p.model_copy(update={"validate_": v, "recovery": r})
+
+
+def run_case(ws: Workspace, p: Params, case: Case, variants=None) -> list[dict]:
+    from tasks import quantize, validate
+    from tasks.recovery.variants import Inputs
+
+    start = time.perf_counter()
+    dirs = BUILDERS[case.name](ws, p)
+    cp = _case_params(p, case)
+    dirs.validation_dir.mkdir(parents=True, exist_ok=True)
+    ref = validate.reference_outputs(dirs.export_dir / "model.onnx", dirs.model_dir, dirs.data_dir, cp.validate_,
+                                     dirs.validation_dir)
+    log.info("recovery: %s ready (%.0fs); FP32 top-1 %s", case.name, time.perf_counter() - start, ref.metrics.top1)
+    budget = {"max_top1_drop": case.max_top1_drop, "min_sqnr_db": case.min_sqnr_db}
+    fp32 = replace(ref.metrics, top1_drop=0.0 if ref.metrics.top1 is not None else None)
+    records = [_record(case, "fp32", fp32, 0.0, [], True, budget, 0.0, dirs.facts)]
+    inputs = Inputs(dirs.model_dir, dirs.data_dir, dirs.export_dir, dirs.calibration_dir, cp)
+    for i, name in enumerate(variants or case.variants, 1):
+        t = time.perf_counter()
+        log.info("recovery: [%s %d/%d] %s ...", case.name, i, len(variants or case.variants), name)
+        art = quantize.quantize_variant(name, dirs.export_dir / "model.prep.onnx", dirs.calibration_dir,
+                                        dirs.variants_dir, inputs)
+        res = validate.validate_variant(name, dirs.variants_dir / name / art.artifact, dirs.model_dir, dirs.data_dir,
+                                        cp.validate_, dirs.validation_dir)
+        records.append(_record(case, name, res.metrics, art.int8_mac_fraction, art.float_layers, res.passed, budget,
+                               time.perf_counter() - t, {}))
+        m = res.metrics
+        print(f"  {case.name:16s} {name:24s} top1 {_f(m.top1)} drop {_f(m.top1_drop, 2)} agreement {m.agreement:.4f} "
+              f"SQNR {m.sqnr_db:5.1f} dB  int8 MACs {100 * art.int8_mac_fraction:5.1f}%  "
+              f"float {art.float_layers or '-'}  {'PASS' if res.passed else 'FAIL'} ({time.perf_counter() - t:.0f}s)",
+              flush=True)
+    return records
+
+
+def _f(v, digits: int = 4) -> str:
+    return "  n/a " if v is None else f"{v:.{digits}f}"
+
+
+def _record(case: Case, variant: str, m, mac_fraction, float_layers, passed, budget, seconds, facts) -> dict:
+    rec = {
+        "case": case.name, "variant": variant, "top1": m.top1, "top1_drop": m.top1_drop, "agreement": m.agreement,
+        "sqnr_db": m.sqnr_db if np.isfinite(m.sqnr_db) else None,
+        "int8_mac_fraction": mac_fraction, "float_layers": list(float_layers), "passed": passed, "budget": budget,
+        "seconds": round(seconds, 1), "note": case.note,
+    }
+    if m.psnr_db is not None:
+        rec.update(psnr_db=m.psnr_db if np.isfinite(m.psnr_db) else None, mask_iou=m.mask_iou)
+    if facts:
+        rec["facts"] = facts
+    return rec
+
+
+def run_recovery(ws: Workspace, p: Params, cases: list[str], out: Path) -> list[dict]:
+    """Every case, every variant; writes `out` (a list of records) and returns it."""
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        from vitq.errors import VitqError
+
+        raise VitqError(f"unknown recovery case {unknown[0]!r}; allowed: {', '.join(CASES)}")
+    ensure_pipeline_outputs(ws, p)
+    records = []
+    for name in cases:
+        records.extend(run_case(ws, p, CASES[name]))
+        write_json(out, records)  # a partial table survives a later failure
+    return records
+
+
+def recovery_table(records: list[dict]) -> str:
+    head = "| case | variant | top1 | top1_drop (pts) | agreement | SQNR dB | INT8 MACs | float layers | budget |"
+    lines = [head, "|" + "---|" * 9]
+    for r in records:
+        fl = ", ".join(r["float_layers"]) if r["float_layers"] else "-"
+        sq = "inf" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
+        lines.append(
+            f"| {r['case']} | {r['variant']} | {_f(r['top1'])} | {_f(r['top1_drop'], 2)} | {r['agreement']:.4f} | {sq} | "
+            f"{100 * r['int8_mac_fraction']:.1f}% | {fl} | {'pass' if r['passed'] else 'FAIL'} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""Calibration-method search: per activation tensor, the range whose layer output error is lowest.
+
+Candidates per tensor, all from one pass of ONNX Runtime's histogram collectors over the
+calibration images: min/max, several percentiles of |x|, entropy (KL) and MSE (the threshold that
+minimises the expected squared error of the |x| histogram: rounding noise step^2/12 inside the
+range, (|x| - t)^2 clipping outside). ONNX Runtime has no MSE calibrator; this is TensorRT's.
+
+Choice by output error, not by the tensor's own error: for each layer reading the tensor, the
+layer's output with its input fake-quantized at the candidate range and its weight per-channel
+int8, against its float output, on cached inputs (a subset of calibration images); a tensor read
+by several layers sums their errors. The chosen ranges form one calibration table that
+`quantize_static` reads like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tasks.recovery.simulate import QMAX, fake_quant_weight
+from vitq.config import CalibrationConfig
+
+log = logging.getLogger("vitq.recovery")
+
+
+@dataclass(frozen=True)
+class TensorChoice:
+    tensor: str  # ONNX tensor name
+    layers: list[str]  # torch modules reading it
+    amax: dict[str, float]  # candidate method -> |range|
+    output_mse: dict[str, float]  # candidate method -> summed layer-output MSE (relative to output power)
+    chosen: str
+
+
+def mse_threshold(hist: np.ndarray, edges: np.ndarray, candidates: int = 256) -> float:
+    """Threshold t on an |x| histogram minimising sum(count * err): step^2/12 below t, (c - t)^2 above."""
+    centers = (edges[:-1] + edges[1:]) / 2
+    n = len(hist)
+    idx = np.unique(np.linspace(max(1, n // 64), n, candidates).astype(int))
+    t = edges[idx][:, None]  # (candidates, 1)
+    step = t / QMAX
+    inside = centers[None, :] <= t
+    err = np.where(inside, step**2 / 12.0, (centers[None, :] - t) ** 2)
+    return float(edges[idx][np.argmin((err * hist[None, :]).sum(1))])
+
+
+def candidate_ranges(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, percentiles, tensors=None) -> dict[str, dict[str, float]]:
+    """tensor -> {method: amax} for minmax, percentile-<p> for each p, entropy, mse (only `tensors`, if given)."""
+    from tasks.calibrate import collect_histograms
+
+    names, abs_hist, value_hist = collect_histograms(prep_onnx, x, cfg, entropy=True)
+    if tensors is not None:  # entropy (KL) is the slow part: only for the tensors that will be judged
+        names = [n for n in names if n in set(tensors)]
+        for h in (abs_hist, value_hist):
+            h.histogram_dict = {k: v for k, v in h.histogram_dict.items() if k in set(tensors)}
+    out: dict[str, dict[str, float]] = {n: {} for n in names}
+    with contextlib.redirect_stdout(io.StringIO()):  # the collectors print
+        hists = abs_hist.get_histogram_dict()
+        for t, (hist, edges, lo, hi) in hists.items():
+            out[t]["minmax"] = float(max(abs(lo), abs(hi)))
+            out[t]["mse"] = mse_threshold(np.asarray(hist, np.float64), np.asarray(edges, np.float64))
+        for p in percentiles:
+            abs_hist.percentile = p
+            for t, r in abs_hist.compute_percentile().items():
+                out[t][f"percentile-{p:g}"] = float(abs(r[1]))
+        for t, r in value_hist.compute_entropy().items():
+            out[t]["entropy"] = float(max(abs(r[0]), abs(r[1])))
+    return out
+
+
+@torch.inference_mode()
+def _layer_inputs(model: torch.nn.Module, names: list[str], x: np.ndarray, batch_size: int) -> dict[str, torch.Tensor]:
+    modules = dict(model.named_modules())
+    cached: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: cached[n].append(a[0].detach())) for n in names]
+    try:
+        for i in range(0, len(x), batch_size):
+            model(torch.from_numpy(x[i : i + batch_size]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(v) for n, v in cached.items()}
+
+
+@torch.inference_mode()
+def _output_mse(module: torch.nn.Module, x: torch.Tensor, amax: float) -> float:
+    from torch.func import functional_call
+
+    ref = module(x)
+    wq = fake_quant_weight(module.weight)
+    xq = torch.fake_quantize_per_tensor_affine(x, max(amax, 1e-12) / QMAX, 0, -QMAX, QMAX)
+    out = functional_call(module, {"weight": wq}, (xq,))
+    return float(((out - ref) ** 2).mean() / (ref**2).mean().clamp_min(1e-30))
+
+
+def search_calibration(
+    model: torch.nn.Module,
+    layer_inputs: dict[str, str],
+    ranges: dict[str, dict[str, float]],
+    x: np.ndarray,
+    batch_size: int = 64,
+) -> list[TensorChoice]:
+    """Pick a range per tensor. `layer_inputs`: torch layer name -> the ONNX tensor its Q/DQ reads."""
+    start = time.perf_counter()
+    model.eval()
+    by_tensor: dict[str, list[str]] = {}
+    for layer, tensor in layer_inputs.items():
+        if tensor in ranges:
+            by_tensor.setdefault(tensor, []).append(layer)
+    inputs = _layer_inputs(model, [n for ls in by_tensor.values() for n in ls], x, batch_size)
+    modules = dict(model.named_modules())
+    choices = []
+    for tensor, layers in by_tensor.items():
+        cands = ranges[tensor]
+        errs = {m: sum(_output_mse(modules[n], inputs[n], a) for n in layers) for m, a in cands.items()}
+        best = min(sorted(errs), key=lambda m: (errs[m], m))
+        choices.append(TensorChoice(tensor=tensor, layers=layers, amax=cands, output_mse=errs, chosen=best))
+    picked = {}
+    for c in choices:
+        picked[c.chosen] = picked.get(c.chosen, 0) + 1
+    log.info("calibration search: %d tensors on %d images -> %s (%.1fs)", len(choices), len(x),
+             ", ".join(f"{m} x{k}" for m, k in sorted(picked.items())), time.perf_counter() - start)
+    return choices
+
+
+def write_table(path: Path, amax: dict[str, float]) -> None:
+    """A symmetric calibration table (-amax, amax) per tensor, in the format quantize_static reads."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
+
+    data = {t: TensorData(lowest=np.array(-a, np.float32), highest=np.array(a, np.float32)) for t, a in amax.items()}
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), Path(path))
+
+
+def read_amax(path: Path) -> dict[str, float]:
+    """tensor -> max(|lowest|, |highest|) of a calibration table."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    table = load_tensors_data(Path(path))
+    return {t: float(max(abs(float(d.range_value[0])), abs(float(d.range_value[1])))) for t, d in table.data.items()}
+
+
+def write_choices(choices: list[TensorChoice], csv_path: Path) -> None:
+    from tasks._io import atomic_file
+
+    methods = sorted({m for c in choices for m in c.amax})
+    with atomic_file(csv_path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["tensor", "layers", "chosen", *[f"{m}_amax" for m in methods], *[f"{m}_output_rel_mse" for m in methods]])
+            for c in choices:
+                w.writerow([c.tensor, " ".join(c.layers), c.chosen, *[f"{c.amax.get(m, float('nan')):.6g}" for m in methods],
+                            *[f"{c.output_mse.get(m, float('nan')):.4g}" for m in methods]])

@@ -1,0 +1,106 @@
+"""SmoothQuant (Xiao et al., 2023) for LayerNorm -> Linear pairs, applied to the torch model.
+
+Per input channel j of the Linear: s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha). The LayerNorm's
+scale and shift are divided by s (its output channel j shrinks by s_j) and the Linear's input
+columns multiplied by s: the product is unchanged in exact arithmetic, but the activation's outlier
+channels move into the weight, which is quantized per output channel and absorbs them. The pairs
+are every block's norm1 -> attn.qkv and norm2 -> mlp.fc1 (where the norm feeds that Linear only).
+
+alpha is searched per model: each candidate is simulated in W8A8 (min/max ranges, the torch
+simulation of the Q/DQ scheme) on the calibration images and the one with the highest logits SQNR
+against FP32 wins. The smoothed model is plain torch (same architecture, new weights), so the ONNX
+export and the Core ML converter take it as they take the original.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.recovery.simulate import QuantSim, input_amax, quantizable_modules
+
+log = logging.getLogger("vitq.recovery")
+
+
+@dataclass(frozen=True)
+class SmoothQuantResult:
+    alpha: float
+    pairs: list[tuple[str, str]]  # (LayerNorm, Linear) module names
+    sqnr_db_by_alpha: dict[str, float]  # candidate -> W8A8 logits SQNR on the calibration images
+    unsmoothed_sqnr_db: float  # the same simulation without smoothing
+
+
+def smoothing_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(LayerNorm, Linear) module names where the norm's output goes to that Linear only."""
+    pairs = []
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for norm_attr, owner_attr, lin_attr in (("norm1", "attn", "qkv"), ("norm2", "mlp", "fc1")):
+            norm, owner = getattr(m, norm_attr, None), getattr(m, owner_attr, None)
+            lin = getattr(owner, lin_attr, None) if owner is not None else None
+            if not (isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and isinstance(lin, nn.Linear)):
+                continue
+            if getattr(owner, "gate", None) is not None:  # a gated attention reads the norm's output twice
+                continue
+            pairs.append((f"{prefix}{norm_attr}", f"{prefix}{owner_attr}.{lin_attr}"))
+    return pairs
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, pairs, act_channel_amax: dict[str, torch.Tensor], alpha: float) -> None:
+    """Apply SmoothQuant in place. `act_channel_amax`: Linear name -> (in_features,) max|X_j|."""
+    modules = dict(model.named_modules())
+    for norm_name, lin_name in pairs:
+        norm, lin = modules[norm_name], modules[lin_name]
+        a = act_channel_amax[lin_name].to(lin.weight.dtype).clamp_min(1e-5)
+        w = lin.weight.abs().amax(0).clamp_min(1e-5)  # per input channel
+        s = (a.pow(alpha) / w.pow(1 - alpha)).clamp_min(1e-5)
+        norm.weight.div_(s)
+        if norm.bias is not None:
+            norm.bias.div_(s)
+        lin.weight.mul_(s)
+
+
+def _simulated_sqnr(model: nn.Module, x: np.ndarray, ref: np.ndarray, batch_size: int) -> float:
+    from tasks.model import predict
+    from tasks.validate import compare_outputs
+
+    names = quantizable_modules(model)
+    sim = QuantSim(model, input_amax(model, names, x, batch_size)).quantize_all()
+    try:
+        out = predict(model, x, batch_size)
+    finally:
+        sim.remove()
+    return compare_outputs(ref, out, None, None).sqnr_db
+
+
+def search_alpha(model: nn.Module, x: np.ndarray, alphas, batch_size: int = 128) -> tuple[nn.Module, SmoothQuantResult]:
+    """Smooth a copy of `model` with the alpha whose simulated W8A8 logits are closest to FP32 on `x`."""
+    from tasks.model import predict
+
+    start = time.perf_counter()
+    model = copy.deepcopy(model).eval()
+    pairs = smoothing_pairs(model)
+    if not pairs:
+        raise ValueError("SmoothQuant found no LayerNorm -> Linear pair (expects timm blocks: norm1 -> attn.qkv, norm2 -> mlp.fc1)")
+    ref = predict(model, x, batch_size)
+    chan = input_amax(model, [lin for _, lin in pairs], x, batch_size, per_channel=True)
+    base = _simulated_sqnr(copy.deepcopy(model), x, ref, batch_size)
+    scores = {}
+    for alpha in alphas:
+        trial = copy.deepcopy(model)
+        smooth(trial, pairs, chan, alpha)
+        scores[f"{alpha:g}"] = _simulated_sqnr(trial, x, ref, batch_size)
+        log.info("smoothquant: alpha %.2f -> simulated W8A8 logits SQNR %.1f dB", alpha, scores[f"{alpha:g}"])
+    best = max(alphas, key=lambda a: (scores[f"{a:g}"] if math.isfinite(scores[f"{a:g}"]) else 1e9, -a))
+    smooth(model, pairs, chan, best)
+    log.info("smoothquant: alpha %.2f over %d pairs (unsmoothed %.1f dB) (%.1fs)", best, len(pairs), base,
+             time.perf_counter() - start)
+    return model, SmoothQuantResult(alpha=best, pairs=pairs, sqnr_db_by_alpha=scores, unsmoothed_sqnr_db=base)
