@@ -16,7 +16,7 @@ def test_shipped_params_are_the_defaults():
         ({"modle": {}}, "unknown key 'modle'"),
         ({"model": {"nmae": "x"}}, "unknown key 'model.nmae'"),
         ({"benchmark": {"threads": "two"}}, "benchmark.threads"),
-        ({"quantize": {"recipes": ["onnx-w4-magic"]}}, "unknown recipe 'onnx-w4-magic'; allowed: onnx-w8-dynamic"),
+        ({"quantize": {"recipes": ["onnx-w4-magic"]}}, "unknown recipe 'onnx-w4-magic'; allowed: coreml-fp16, coreml-w8"),
         ({"calibration": {"methods": ["minmax", "mse2"]}}, "unknown calibration method 'mse2'; allowed: minmax"),
         ({"data": {"source": "cifar"}}, "data.source"),
         ({"export": {"opset": 13}}, "export.opset"),

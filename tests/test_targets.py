@@ -8,9 +8,10 @@ from vitq.config import parse_params
 
 def test_variant_whose_runtime_is_absent_is_not_run_with_its_reason(monkeypatch):
     monkeypatch.setitem(targets.TARGETS, "onnx", Target("onnx", "cuda", ("no_such_runtime_module",)))
-    runnable, not_run = stages.plan_variants(parse_params({}))
-    assert runnable == []
-    assert set(not_run) == set(parse_params({}).quantize.recipes)
+    p = parse_params({})
+    runnable, not_run = stages.plan_variants(p)
+    onnx_recipes = {r for r in p.quantize.recipes if r.startswith("onnx-")}
+    assert onnx_recipes <= set(not_run) and not onnx_recipes & set(runnable)
     assert "needs the Python module 'no_such_runtime_module'" in not_run["onnx-w8-dynamic"]
 
 

@@ -93,6 +93,7 @@ class CalibrationConfig(_Strict):
 class QuantizeConfig(_Strict):
     recipes: tuple[str, ...] = (
         "onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy", "tensorrt-w8a8-percentile",
+        "coreml-fp16", "coreml-w8", "coreml-w8a8",
     )
 
     @field_validator("recipes", mode="before")
@@ -147,6 +148,8 @@ class BenchmarkConfig(_Strict):
     warmup: int = Field(10, ge=0)  # untimed runs per model
     repeats: int = Field(200, ge=1)  # timed runs per model, interleaved across models in rounds
     rounds: int = Field(5, ge=1)
+    # Core ML (macOS workers): the compute units MLModel may use; recorded with every timing
+    coreml_compute_units: Literal["ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY"] = "ALL"
 
 
 class Params(_Strict):

@@ -17,7 +17,9 @@ RECOVERY_METHODS = ("auto", "smoothquant", "search", "qat")  # see Recipe.recove
 class Recipe:
     name: str
     target: Literal["onnx", "coreml", "tensorrt"]  # where the artifact runs
-    scheme: Literal["dynamic", "static"]  # dynamic: activations quantized at run time; static: calibrated Q/DQ
+    # dynamic: activations quantized at run time; static: calibrated int8 activations and weights;
+    # weight-only: int8 weights, float activations; float: no int8 (a target's FP16 baseline)
+    scheme: Literal["dynamic", "static", "weight-only", "float"]
     calibration: str | None  # calibration table the static scheme reads (one of CALIBRATION_METHODS)
     per_channel: bool  # per-output-channel weight scales (required by TensorRT explicit quantization)
     description: str
@@ -30,6 +32,8 @@ class Recipe:
     # mixed precision under the validate budget), "smoothquant", "search" (per-tensor calibration
     # method search), "qat" (quantization-aware fine-tune); None: plain post-training quantization.
     recovery: str | None = None
+    # Targets calibrated in torch (Core ML, through PT2E): the torchao observer of activation ranges.
+    observer: Literal["minmax", "histogram"] | None = None
 
 
 def _static_onnx(method: str) -> Recipe:
@@ -116,6 +120,32 @@ RECIPES: dict[str, Recipe] = {
         ),
     ),
 }
+
+_COREML_NOTE = "converted on any OS (coremltools), predicted and timed on macOS workers"
+RECIPES.update(
+    {
+        "coreml-fp16": Recipe(
+            name="coreml-fp16", target="coreml", scheme="float", calibration=None, per_channel=False,
+            description=f"Core ML ML program (iOS17+), FP16 weights and compute: the Core ML baseline; {_COREML_NOTE}",
+        ),
+        "coreml-w8": Recipe(
+            name="coreml-w8", target="coreml", scheme="weight-only", calibration=None, per_channel=True,
+            description=(
+                "Core ML, int8 weights (symmetric, per output channel) of every linear/conv, FP16 activations; "
+                + _COREML_NOTE
+            ),
+        ),
+        "coreml-w8a8": Recipe(
+            name="coreml-w8a8", target="coreml", scheme="static", calibration=None, per_channel=True,
+            observer="minmax",
+            description=(
+                "Core ML W8A8: int8 weights per channel and int8 inputs of every linear/conv and both attention "
+                "matmuls (nn.MultiheadAttention rewritten), ranges calibrated in torch (PT2E) on the calibration "
+                "split, exported through torch.export; " + _COREML_NOTE
+            ),
+        ),
+    }
+)
 
 
 # Tensors the calibration stage measures: inputs/outputs of every op type any recipe quantizes,
