@@ -7,6 +7,7 @@ record: after either, the other finds nothing to do.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -34,7 +35,10 @@ class DvcStages:
 
     def commit(self, stage: str) -> None:
         """Record the stage's current deps/params/outs in dvc.lock and its outs in the cache."""
-        self.repo.commit(self.target(stage), force=True)
+        # DVC refuses to commit while the process's cwd is outside the repository (a worker's
+        # scratch dir, `vitq run --workdir` from elsewhere); no stage runs concurrently with a commit.
+        with contextlib.chdir(self.root):
+            self.repo.commit(self.target(stage), force=True)
 
     def close(self) -> None:
         self.repo.close()
