@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast install ui clean
+.PHONY: demo test test-fast install ui clean stack-up stack-down
 
 install: $(STAMP)
 
@@ -29,6 +29,15 @@ test-fast: $(STAMP)
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# The team stack on this machine without Docker (S3, MLflow server, Prefect server, a cpu worker),
+# then the deployments; `source .stack/env` and `vitq orchestrate`. See README: Running on a team's machines.
+stack-up: $(STAMP)
+	$(BIN)/python infra/local/stack.py up --state .stack --workers cpu
+	. .stack/env && $(BIN)/vitq deploy --paused
+
+stack-down:
+	$(BIN)/python infra/local/stack.py down --state .stack
 
 clean:
 	rm -rf data models artifacts reports dvc.lock mlflow.db mlartifacts
