@@ -160,7 +160,10 @@ def quantize_pt2e(
 
     model = model.eval()
     example = calibration[0]
-    graph = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    # Inference dialect: inlines regions the training dialect keeps opaque (timm's EfficientViT runs
+    # its attention matmuls inside `torch.autocast(enabled=False)`); linear / conv2d / matmul stay.
+    graph = program.run_decompositions({}).module()
     report = QuantizerReport()
     prepared = prepare_pt2e(graph, _make_quantizer(activations, observer, frozenset(float_layers), report))
     with torch.no_grad():
