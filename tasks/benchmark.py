@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ class BenchmarkResult:
     machine: dict
     settings: dict
     models: dict[str, Timing]  # "fp32" and each variant name
+    not_measured: dict[str, str] = field(default_factory=dict)  # variant -> why it was not timed here
 
 
 def machine_info() -> dict:
@@ -60,8 +61,10 @@ def machine_info() -> dict:
 
 
 def _timing(ms: np.ndarray, path: Path, batch_size: int, baseline: str, device: str) -> Timing:
+    path = Path(path)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
     return Timing(
-        size_mb=Path(path).stat().st_size / 2**20,
+        size_mb=size / 2**20,
         latency_ms_p50=float(np.percentile(ms, 50)),
         latency_ms_p95=float(np.percentile(ms, 95)),
         latency_ms_mean=float(ms.mean()),
@@ -139,4 +142,7 @@ def save_benchmark(result: BenchmarkResult, path: Path) -> None:
 
 def load_benchmark(path: Path) -> BenchmarkResult:
     d = read_json(path)
-    return BenchmarkResult(machine=d["machine"], settings=d["settings"], models={k: Timing(**v) for k, v in d["models"].items()})
+    return BenchmarkResult(
+        machine=d["machine"], settings=d["settings"], models={k: Timing(**v) for k, v in d["models"].items()},
+        not_measured=d.get("not_measured", {}),
+    )

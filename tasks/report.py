@@ -35,8 +35,10 @@ def build_summary(
         not_measured = {}
         if m.top1 is None:
             not_measured["top1"] = "the model's classes are not the validation data's classes"
+        not_measured.update(val.not_measured)
         if t is None:
-            not_measured["latency_ms_p50"] = "not benchmarked in this run"
+            why = bench.not_measured.get(art.name) if bench else None
+            not_measured["latency_ms_p50"] = why or "not benchmarked in this run"
         out.append(
             {
                 "name": art.name,

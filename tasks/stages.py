@@ -62,8 +62,13 @@ def prune_outputs(folder: Path, keep: set[str]) -> None:
 
 def quantize_one(ws: Workspace, name: str, p: Params | None = None) -> quantize.VariantArtifact:
     """One variant. Recovery recipes also read the model, data and params (from params.yaml when `p` is None)."""
+    recipe = get_recipe(name)
+    if recipe.target == "coreml":
+        from tasks import coreml
+
+        return coreml.quantize_variant(recipe, ws.model_dir, ws.data_dir, ws.variants_dir)
     inputs = None
-    if get_recipe(name).recovery:
+    if recipe.recovery:
         from tasks.recovery.variants import Inputs
         from vitq.config import load_params
 
@@ -86,7 +91,14 @@ def validate_reference(ws: Workspace, p: Params) -> validate.ValidationResult:
 
 def validate_one(ws: Workspace, p: Params, name: str) -> validate.ValidationResult:
     art = quantize.load_variant(ws.variants_dir, name)
-    path = quantize.variant_dir(ws.variants_dir, name) / art.artifact
+    folder = quantize.variant_dir(ws.variants_dir, name)
+    if art.recipe["target"] == "coreml":
+        from tasks import coreml
+
+        return coreml.validate_variant(
+            name, folder, ws.model_dir, ws.data_dir, p.validate_, ws.validation_dir, p.benchmark.coreml_compute_units
+        )
+    path = folder / art.artifact
     result = validate.validate_variant(name, path, ws.model_dir, ws.data_dir, p.validate_, ws.validation_dir)
     if art.recipe["scheme"] == "static" and p.validate_.error_report_images:
         spec = model.load_model_spec(ws.model_dir)
@@ -113,10 +125,21 @@ def run_validate(ws: Workspace, p: Params) -> list[validate.ValidationResult]:
 def run_benchmark(ws: Workspace, p: Params) -> benchmark.BenchmarkResult:
     runnable, _ = plan_variants(p)
     models = {"fp32": ws.export_dir / "model.onnx"}
+    packages = {}  # Core ML: timed by Core ML itself, against its FP16 program
     for name in runnable:
         art = quantize.load_variant(ws.variants_dir, name)
-        models[name] = quantize.variant_dir(ws.variants_dir, name) / art.artifact
+        path = quantize.variant_dir(ws.variants_dir, name) / art.artifact
+        (packages if art.recipe["target"] == "coreml" else models)[name] = path
     result = benchmark.benchmark_models(models, ws.model_dir, ws.data_dir, p.benchmark)
+    if packages:
+        from dataclasses import replace
+
+        from tasks import coreml
+
+        spec = model.load_model_spec(ws.model_dir)
+        x1 = data.model_inputs(data.load_split(ws.data_dir, "validation").images[:1], spec.mean, spec.std)
+        timings, not_measured = coreml.benchmark_packages(packages, x1, p.benchmark)
+        result = replace(result, models={**result.models, **timings}, not_measured={**result.not_measured, **not_measured})
     benchmark.save_benchmark(result, ws.benchmark_file)
     return result
 

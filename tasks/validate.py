@@ -15,7 +15,7 @@ and there agreement is per pixel (arg-max over C) and top1 does not apply.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,9 @@ class ValidationResult:
     metrics: OutputMetrics
     passed: bool
     reasons: list[str]  # why it failed the budget (empty when passed)
+    runtime: str = "onnxruntime"  # what produced the outputs that were compared
+    not_measured: dict[str, str] = field(default_factory=dict)  # check -> why it could not run here
+    details: dict = field(default_factory=dict)  # e.g. the torch counterpart's metrics beside Core ML's
 
 
 def compare_outputs(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None, ref_top1: float | None) -> OutputMetrics:
