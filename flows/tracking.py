@@ -6,6 +6,7 @@ Tracking URI from MLFLOW_TRACKING_URI; default: a SQLite file in the workspace (
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -110,6 +111,10 @@ def log_pipeline_run(
                 mlflow.log_params({f"recipe.{k}": str(val) for k, val in _recipe(meta).items()})
                 mlflow.log_metrics({k: float(v[k]) for k in _VARIANT_METRICS if v.get(k) is not None})
                 mlflow.log_metric("passed", float(v["passed"]))
+                record = json.loads(meta.read_text())
+                if record.get("int8_mac_fraction") is not None:  # share of Linear/Conv MACs in INT8
+                    mlflow.log_metric("int8_mac_fraction", float(record["int8_mac_fraction"]))
+                    mlflow.set_tag("float_layers", ",".join(record.get("float_layers", []))[:5000] or "none")
                 for f in sorted({Path(v["artifact"]).name, "model.onnx"}):
                     if (folder / f).is_file():
                         mlflow.log_artifact(str(folder / f), artifact_path="model")
@@ -119,6 +124,10 @@ def log_pipeline_run(
                 for f in ("coverage.csv", "coreml.json"):  # Core ML: which layers are int8, read from the program
                     if (folder / f).is_file():
                         mlflow.log_artifact(str(folder / f), artifact_path="reports")
+                # Recovery recipes: what was decided and why (sensitivity table + plot, calibration choices).
+                for f in ("recovery.json", "sensitivity.csv", "sensitivity.png", "calibration_search.csv"):
+                    if (folder / f).is_file():
+                        mlflow.log_artifact(str(folder / f), artifact_path="recovery")
                 for f in (ws.validation_dir / f"{v['name']}.json", *error_report_paths(ws, v["name"])):
                     if f.is_file():
                         mlflow.log_artifact(str(f), artifact_path="reports")

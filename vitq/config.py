@@ -119,7 +119,8 @@ class RecoveryConfig(_Strict):
     """Settings of the accuracy-recovery recipes (onnx-w8a8-auto/-smoothquant/-search/-qat); their
     accuracy budget is validate.max_top1_drop / validate.min_sqnr_db."""
 
-    search_images: int = Field(450, ge=1)  # validation images the sensitivity and mixed-precision searches measure on
+    sensitivity_images: int = Field(128, ge=1)  # validation images the per-layer sensitivity ranking measures on
+    search_images: int = Field(450, ge=1)  # validation images the mixed-precision search judges the budget on
     smoothquant_alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # candidates, each in (0, 1)
     search_percentiles: tuple[float, ...] = (99.9, 99.99, 99.999)  # of |x|, calibration-search candidates
     search_calibration_images: int = Field(64, ge=1)  # calibration images whose layer outputs judge each range

@@ -148,9 +148,11 @@ def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
     layers = layer_map.quantizable_layers(inputs.export_dir / "model.onnx", prep)
     table = table_path(inputs.calibration_dir, recipe.calibration)
     model, _ = load_model(inputs.model_dir)
-    x, labels = _split(inputs, "validation", inputs.params.recovery.search_images)
+    rc = inputs.params.recovery
+    xs, ls = _split(inputs, "validation", min(rc.sensitivity_images, rc.search_images))
     macs = {layer.name: layer.macs for layer in layers}
-    rows = layer_sensitivity(model, _layer_amax(layers, table), macs, x, labels)
+    rows = layer_sensitivity(model, _layer_amax(layers, table), macs, xs, ls)
+    x, labels = _split(inputs, "validation", rc.search_images)
     write_sensitivity(rows, out / "sensitivity.csv", out / "sensitivity.png", recipe.name)
     v = inputs.params.validate_
     budget = Budget(v.max_top1_drop, v.min_sqnr_db)
@@ -158,7 +160,8 @@ def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
     mp = search_float_layers([r.layer for r in rows], judge, budget, macs)
     onnx_backend.quantize(recipe, prep, out / "model.onnx", table, layer_map.nodes_of(layers, mp.float_layers))
     return Decision(layers, prep, {
-        "budget": asdict(budget), "budget_met": mp.budget_met, "search_images": len(x), "search_split": "validation",
+        "budget": asdict(budget), "budget_met": mp.budget_met, "search_images": len(x), "sensitivity_images": len(xs),
+        "search_split": "validation",
         "float_layers": mp.float_layers, "ranking": [r.layer for r in rows],
         "evaluations": mp.evaluations, "seconds": mp.seconds,
     })

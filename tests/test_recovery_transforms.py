@@ -1,0 +1,173 @@
+"""Recovery on the torch side: SmoothQuant and the outlier transform preserve FP32, the sensitivity
+ranking is deterministic, the calibration search picks per tensor, mixed precision stops at the
+budget. Tiny random-weight models: fast, no workspace."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from tasks import zoo  # noqa: F401  (registers vit_digits_patch4_32)
+from tasks.recovery.mixed_precision import Budget, search_float_layers
+from tasks.recovery.simulate import QuantSim, input_amax, quantizable_modules
+from tasks.validate import OutputMetrics
+
+
+def _vit(seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model("vit_digits_patch4_32", depth=2, embed_dim=32, num_heads=2, num_classes=10).eval()
+
+
+def _x(n=48, seed=1):
+    return np.random.default_rng(seed).standard_normal((n, 1, 32, 32)).astype(np.float32)
+
+
+def _logits(model, x):
+    with torch.inference_mode():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def _perturb_norms(model):
+    """Random LayerNorm scales/shifts, so the per-channel migration is not a no-op."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 3 + 0.1)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+
+
+def test_smoothquant_preserves_fp32_outputs():
+    from tasks.recovery.smoothquant import search_alpha, smoothing_pairs, smooth
+
+    model, x = _vit(), _x()
+    _perturb_norms(model)
+    ref = _logits(model, x)
+    pairs = smoothing_pairs(model)
+    assert pairs == [("blocks.0.norm1", "blocks.0.attn.qkv"), ("blocks.0.norm2", "blocks.0.mlp.fc1"),
+                     ("blocks.1.norm1", "blocks.1.attn.qkv"), ("blocks.1.norm2", "blocks.1.mlp.fc1")]
+    chan = input_amax(model, [lin for _, lin in pairs], x, per_channel=True)
+    before = model.blocks[0].attn.qkv.weight.clone()
+    smooth(model, pairs, chan, alpha=0.5)
+    assert not torch.allclose(before, model.blocks[0].attn.qkv.weight), "weights must actually change"
+    err = np.abs(_logits(model, x) - ref).max()
+    assert err < 1e-4 * np.abs(ref).max(), f"SmoothQuant changed FP32 logits by {err:.3g}"
+    smoothed, result = search_alpha(_vit(), x, (0.25, 0.5, 0.75))
+    assert result.alpha in (0.25, 0.5, 0.75) and set(result.sqnr_db_by_alpha) == {"0.25", "0.5", "0.75"}
+    assert np.abs(_logits(smoothed, x) - _logits(_vit(), x)).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_outlier_transform_preserves_fp32_and_creates_outliers():
+    from tasks.recovery.outliers import OutlierSpec, inject_outliers
+
+    model, x = _vit(), _x()
+    ref = _logits(model, x)
+    spec = inject_outliers(model, x, OutlierSpec(channels=3, ratio=100.0))
+    assert np.abs(_logits(model, x) - ref).max() < 1e-4 * np.abs(ref).max()
+    chan = input_amax(model, ["blocks.0.attn.qkv"], x, per_channel=True)["blocks.0.attn.qkv"]
+    idx = sorted(spec.factors["blocks.0.attn.qkv"])
+    rest = torch.ones_like(chan, dtype=torch.bool)
+    rest[idx] = False
+    ratio = float(chan[idx].min() / chan[rest].max())
+    assert ratio == pytest.approx(100.0, rel=1e-3), f"outlier |max| / others {ratio:.2f}"
+
+
+def test_quant_sim_is_removable_and_quantizes_when_asked():
+    model, x = _vit(), _x()
+    ref = _logits(model, x)
+    names = quantizable_modules(model)
+    sim = QuantSim(model, input_amax(model, names, x))
+    assert np.array_equal(_logits(model, x), ref), "nothing enabled: float"
+    sim.quantize_all()
+    noisy = _logits(model, x)
+    assert 0 < np.abs(noisy - ref).max() < 0.2 * np.abs(ref).max()
+    sim.remove()
+    assert np.array_equal(_logits(model, x), ref)
+    assert set(model.state_dict()) == set(_vit().state_dict()), "no parametrization left behind"
+
+
+def test_sensitivity_ranking_is_deterministic():
+    from tasks.recovery.sensitivity import layer_sensitivity
+
+    x = _x(64)
+    labels = np.random.default_rng(0).integers(0, 10, 64)
+
+    def run():
+        model = _vit()
+        names = quantizable_modules(model)
+        return layer_sensitivity(model, input_amax(model, names, x), {}, x, labels, batch_size=32)
+
+    a, b = run(), run()
+    assert [r.layer for r in a] == [r.layer for r in b]
+    assert a == b, "same seed, same numbers"
+    assert len(a) == len(quantizable_modules(_vit())) and [r.rank for r in a] == list(range(1, len(a) + 1))
+    assert [r.quant_only_sqnr_db for r in a] == sorted(r.quant_only_sqnr_db for r in a)
+
+
+def test_block_cache_gives_the_same_logits_as_a_full_forward():
+    from tasks.recovery.sensitivity import _Forward
+
+    model, x = _vit(), _x(40)
+    names = quantizable_modules(model)
+    fwd = _Forward(model, x, 16)
+    assert fwd.cache is not None and fwd.start_block({"blocks.1.mlp.fc2"}) == 1
+    sim = QuantSim(model, input_amax(model, names, x)).set(["blocks.1.mlp.fc2"], ["blocks.1.mlp.fc2"])
+    cached = fwd.logits({"blocks.1.mlp.fc2"})
+    np.testing.assert_allclose(cached, _logits(model, x), rtol=0, atol=1e-5)
+    sim.remove()
+
+
+def _metrics(drop):
+    return OutputMetrics(top1=0.9, top1_drop=drop, agreement=1 - drop / 100, cosine=1.0, sqnr_db=30.0)
+
+
+def test_mixed_precision_stops_at_the_budget_with_the_fewest_float_layers():
+    ranking = [f"l{i}" for i in range(12)]
+    calls = []
+
+    def evaluate(float_layers):  # the budget holds once l1 and l4 are float; each costs 0.4 pts
+        calls.append(float_layers)
+        missing = {"l1", "l4"} - set(float_layers)
+        return _metrics(0.1 + 0.4 * len(missing))
+
+    r = search_float_layers(ranking, evaluate, Budget(max_top1_drop=0.2), {n: 10 for n in ranking})
+    assert r.budget_met and r.float_layers == ["l1", "l4"], r.float_layers
+    assert len(calls) <= 2 + 4 + 5, f"{len(calls)} builds"  # ends, bisection, pruning
+    assert all(not e["met"] for e in r.evaluations if {"l1", "l4"} - set(e["float_layers"]))
+
+    r0 = search_float_layers(ranking, lambda fl: _metrics(0.0), Budget(0.2), {})
+    assert r0.float_layers == [] and r0.budget_met and len(r0.evaluations) == 1
+    bad = search_float_layers(ranking, lambda fl: _metrics(5.0), Budget(0.2), {})
+    assert not bad.budget_met and bad.float_layers == ranking
+
+
+def test_mixed_precision_prunes_biggest_layers_back_to_int8_first():
+    ranking = ["a", "b", "c"]  # the budget holds iff "c" is float; bisection lands on all three
+    r = search_float_layers(ranking, lambda fl: _metrics(0.0 if "c" in fl else 1.0), Budget(0.5),
+                            {"a": 1, "b": 100, "c": 1})
+    assert r.float_layers == ["c"]
+    builds = [e["float_layers"] for e in r.evaluations]
+    assert builds[-2:] == [["a", "c"], ["c"]], f"the 100-MAC layer goes back to INT8 first: {builds}"
+
+
+def test_calibration_search_picks_per_tensor_by_output_error():
+    from tasks.recovery.calib_search import mse_threshold, search_calibration
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8)).eval()
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    true = input_amax(model, ["0", "2"], x)
+    ranges = {  # per tensor, one sane candidate and one that wrecks the layer output
+        "t0": {"minmax": true["0"], "clip": true["0"] / 50},
+        "t2": {"minmax": true["2"] * 200, "percentile-99.9": true["2"]},
+    }
+    choices = {c.tensor: c for c in search_calibration(model, {"0": "t0", "2": "t2"}, ranges, x, batch_size=16)}
+    assert choices["t0"].chosen == "minmax" and choices["t2"].chosen == "percentile-99.9"
+    assert choices["t0"].output_mse["clip"] > 10 * choices["t0"].output_mse["minmax"]
+
+    # MSE threshold: a heavy-tailed |x| is clipped well inside its max, a uniform one hardly at all.
+    rng = np.random.default_rng(1)
+    for values, lo, hi in ((np.abs(rng.laplace(size=100000)), 0.2, 0.8), (rng.uniform(0, 1, 100000), 0.95, 1.0)):
+        hist, edges = np.histogram(values, bins=2048)
+        t = mse_threshold(hist.astype(float), edges)
+        assert lo * values.max() < t <= hi * values.max() + 1e-9, (t, values.max())
