@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -103,6 +102,8 @@ def measure(name: str, workspace: Path | None, calibration_images: int = 8) -> d
 def run(models: list[str], out_file: Path, workspace: Path | None) -> list[dict]:
     import coremltools
 
+    from tasks.benchmark import machine_info
+
     records = []
     start = time.perf_counter()
     for i, name in enumerate(models, 1):
@@ -116,7 +117,7 @@ def run(models: list[str], out_file: Path, workspace: Path | None) -> list[dict]
         )
     write_json(out_file, records)
     meta = {
-        "machine": {"system": platform.platform(), "cpu": platform.processor() or platform.machine()},
+        "machine": machine_info(),
         "versions": {"coremltools": coremltools.__version__, "torch": torch.__version__},
         "seconds": round(time.perf_counter() - start, 1),
     }
