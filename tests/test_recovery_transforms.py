@@ -171,3 +171,20 @@ def test_calibration_search_picks_per_tensor_by_output_error():
         hist, edges = np.histogram(values, bins=2048)
         t = mse_threshold(hist.astype(float), edges)
         assert lo * values.max() < t <= hi * values.max() + 1e-9, (t, values.max())
+
+
+def test_dense_outputs_get_sqnr_psnr_and_mask_iou():
+    from tasks.validate import compare_outputs
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((8, 4, 16, 16))  # power 1
+    m = compare_outputs(ref, ref + 0.1 * rng.standard_normal(ref.shape), None, None)  # noise power 0.01
+    assert m.top1 is None and m.top1_drop is None
+    assert m.sqnr_db == pytest.approx(20.0, abs=0.3), m.sqnr_db
+    peak = ref.max() - ref.min()
+    assert m.psnr_db == pytest.approx(10 * np.log10(peak**2 / 0.01), abs=0.3)
+    assert 0.85 < m.mask_iou < 1.0 and 0.5 < m.agreement < 1.0
+    same = compare_outputs(ref, ref.copy(), None, None)
+    assert same.sqnr_db == float("inf") and same.mask_iou == 1.0 and same.agreement == 1.0
+    flipped = compare_outputs(ref, -ref, None, None)
+    assert flipped.mask_iou == 0.0

@@ -92,8 +92,8 @@ class CalibrationConfig(_Strict):
 
 class QuantizeConfig(_Strict):
     recipes: tuple[str, ...] = (
-        "onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy", "tensorrt-w8a8-percentile",
-        "coreml-fp16", "coreml-w8", "coreml-w8a8",
+        "onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy", "onnx-w8a8-auto",
+        "onnx-w8a8-smoothquant", "onnx-w8a8-search", "tensorrt-w8a8-percentile", "coreml-fp16", "coreml-w8", "coreml-w8a8",
     )
 
     @field_validator("recipes", mode="before")

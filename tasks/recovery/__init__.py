@@ -36,3 +36,11 @@ def float_layers(variant_folder: Path, include_attention: bool = False) -> froze
     if include_attention:
         names |= set(record.get("float_attention", []))
     return frozenset(names)
+
+
+def recovered_model_dir(variant_folder: Path) -> Path | None:
+    """The model dir (`model.pt` + `model.json`, load with `tasks.model.load_model`) of a variant whose
+    recipe changed the FP32 weights (SmoothQuant, QAT), else None: convert these weights, not the
+    original's, to carry the same recovery to another target."""
+    folder = Path(variant_folder) / "torch"
+    return folder if (folder / "model.pt").is_file() else None

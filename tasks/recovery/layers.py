@@ -7,8 +7,10 @@ the node names, so the scope is read from the exported `model.onnx` and applied,
 the quantization-ready `model.prep.onnx`.
 
 Layer names: the module's qualified name for MatMul/Gemm/Conv nodes with a constant weight
-(`blocks.0.mlp.fc1`, `patch_embed.proj`, `head`); for the activation-activation MatMuls inside an
-attention module, `<module>#qk` (q @ k^T, the one feeding Softmax) and `<module>#av` (attn @ v).
+(`blocks.0.mlp.fc1`, `patch_embed.proj`, `head`), from the weight's parameter name where the
+exporter kept it (Conv, Gemm; also through a folded BatchNorm), else from the node's scope; for the activation-activation MatMuls inside an
+attention module, `<module>#qk` (q @ k^T, the one feeding Softmax) and `<module>#av` (attn @ v);
+`<module>#matmul<i>` for other activation products (e.g. EfficientViT's ReLU linear attention).
 A node with no recorded scope keeps its ONNX name as `onnx:<node>` (no torch module to point at).
 """
 
@@ -88,10 +90,14 @@ def quantizable_layers(fp32_onnx: onnx.ModelProto | Path | str, prep_onnx: onnx.
     """Every MatMul/Gemm/Conv of the quantization-ready graph as a named layer, in graph order."""
     fp32, prep = _load(fp32_onnx), _load(prep_onnx)
     scopes = node_scopes(fp32)
+    # A Conv/Gemm weight keeps its parameter name (`<module>.weight`), also when the exporter folded a
+    # BatchNorm into it (the node's scope is then the norm's): the parameter names the module exactly.
+    params = {n.name: n.input[1][: -len(".weight")] for n in fp32.graph.node
+              if len(n.input) > 1 and n.input[1].endswith(".weight")}
     consts = _constants(prep)
     shapes = _shapes(prep)
     layers: dict[str, dict] = {}
-    attention_seen: dict[str, int] = {}
+    attention_seen: dict[str, list[str]] = {}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in prep.graph.node:
         for i in n.input:
@@ -101,15 +107,18 @@ def quantizable_layers(fp32_onnx: onnx.ModelProto | Path | str, prep_onnx: onnx.
             continue
         scope = scopes.get(node.name)
         weighted = len(node.input) > 1 and node.input[1] in consts
-        if not scope:
+        if weighted and node.name in params:
+            name = params[node.name]
+        elif not scope:
             name = f"onnx:{node.name}"
         elif weighted:
             name = scope[-1]
         else:
             module = scope[-1]
-            i = attention_seen.get(module, 0)
-            attention_seen[module] = i + 1
-            name = f"{module}#{_attention_role(node, consumers, i)}"
+            roles = attention_seen.setdefault(module, [])
+            role = "qk" if _feeds_softmax(node, consumers) else ("av" if roles == ["qk"] else f"matmul{len(roles)}")
+            roles.append(role)
+            name = f"{module}#{role}"
         kind = "conv" if node.op_type == "Conv" else ("linear" if weighted else "attention")
         entry = layers.setdefault(name, {"kind": kind, "nodes": [], "input": node.input[0], "macs": 0})
         entry["nodes"].append(node.name)
@@ -117,18 +126,18 @@ def quantizable_layers(fp32_onnx: onnx.ModelProto | Path | str, prep_onnx: onnx.
     return [Layer(name=k, kind=v["kind"], nodes=tuple(v["nodes"]), input=v["input"], macs=v["macs"]) for k, v in layers.items()]
 
 
-def _attention_role(node: onnx.NodeProto, consumers, index: int) -> str:
-    """qk when the product reaches a Softmax through elementwise ops, else av (or matmul<i>)."""
+def _feeds_softmax(node: onnx.NodeProto, consumers) -> bool:
+    """q @ k^T: the product reaches a Softmax through elementwise ops (scale, mask)."""
     frontier, seen = [node.output[0]], set()
     while frontier:
         t = frontier.pop()
         for c in consumers.get(t, []):
             if c.op_type == "Softmax":
-                return "qk"
+                return True
             if c.op_type in ("Mul", "Div", "Add", "Where", "Cast") and c.name not in seen:
                 seen.add(c.name)
                 frontier.extend(c.output)
-    return "av" if index >= 1 else f"matmul{index}"
+    return False
 
 
 def nodes_of(layers: list[Layer], names) -> list[str]:

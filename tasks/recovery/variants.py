@@ -83,14 +83,17 @@ def _split(inputs: Inputs, name: str, limit: int | None = None):
     return model_inputs(split.images[idx], spec.mean, spec.std), labels
 
 
-def torch_layers(layers: list[Layer]) -> list[Layer]:
-    """Linear/Conv layers with a torch module name (what the torch-side methods can act on)."""
-    return [layer for layer in layers if layer.weighted and not layer.name.startswith("onnx:")]
+def torch_layers(layers: list[Layer], model: torch.nn.Module) -> list[Layer]:
+    """Linear/Conv layers that name a Linear/Conv module of `model` (what the torch-side methods act on)."""
+    from tasks.recovery.simulate import QUANTIZABLE_MODULES
+
+    modules = dict(model.named_modules())
+    return [layer for layer in layers if layer.weighted and isinstance(modules.get(layer.name), QUANTIZABLE_MODULES)]
 
 
-def _layer_amax(layers: list[Layer], table: Path) -> dict[str, float]:
+def _layer_amax(layers: list[Layer], model: torch.nn.Module, table: Path) -> dict[str, float]:
     ranges = calib_search.read_amax(table)
-    return {layer.name: ranges[layer.input] for layer in torch_layers(layers) if layer.input in ranges}
+    return {layer.name: ranges[layer.input] for layer in torch_layers(layers, model) if layer.input in ranges}
 
 
 def _save_torch(model: torch.nn.Module, inputs: Inputs, folder: Path, note: dict) -> None:
@@ -151,7 +154,7 @@ def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
     rc = inputs.params.recovery
     xs, ls = _split(inputs, "validation", min(rc.sensitivity_images, rc.search_images))
     macs = {layer.name: layer.macs for layer in layers}
-    rows = layer_sensitivity(model, _layer_amax(layers, table), macs, xs, ls)
+    rows = layer_sensitivity(model, _layer_amax(layers, model, table), macs, xs, ls)
     x, labels = _split(inputs, "validation", rc.search_images)
     write_sensitivity(rows, out / "sensitivity.csv", out / "sensitivity.png", recipe.name)
     v = inputs.params.validate_
@@ -196,11 +199,11 @@ def _search(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decisio
     layers = layer_map.quantizable_layers(inputs.export_dir / "model.onnx", prep)
     rc = inputs.params.recovery
     x_all, _ = _split(inputs, "calibration")
-    judged = {layer.input for layer in torch_layers(layers)}
-    ranges = calib_search.candidate_ranges(prep, x_all, inputs.params.calibration, rc.search_percentiles, judged)
     model, _ = load_model(inputs.model_dir)
+    judged = {layer.input for layer in torch_layers(layers, model)}
+    ranges = calib_search.candidate_ranges(prep, x_all, inputs.params.calibration, rc.search_percentiles, judged)
     x, _ = _split(inputs, "calibration", rc.search_calibration_images)
-    choices = calib_search.search_calibration(model, {l.name: l.input for l in torch_layers(layers)}, ranges, x)
+    choices = calib_search.search_calibration(model, {l.name: l.input for l in torch_layers(layers, model)}, ranges, x)
     amax = calib_search.read_amax(table_path(inputs.calibration_dir, "minmax")) if (
         table_path(inputs.calibration_dir, "minmax").is_file()) else {}  # tensors no layer reads (attention inputs)
     amax.update({c.tensor: c.amax[c.chosen] for c in choices})
@@ -230,7 +233,7 @@ def _qat(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
     table = table_path(inputs.calibration_dir, recipe.calibration)
     model, _ = load_model(inputs.model_dir)
     p, rc = inputs.params, inputs.params.recovery
-    start_amax, init = _layer_amax(layers0, table), {"init": "fp32"}
+    start_amax, init = _layer_amax(layers0, model, table), {"init": "fp32"}
     if rc.qat_init == "smoothquant" and smoothing_pairs(model):
         # Fine-tune what SmoothQuant leaves: outliers too large for gradient steps to undo are gone first.
         x_cal, _ = _split(inputs, "calibration")
@@ -244,7 +247,7 @@ def _qat(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
     _save_torch(tuned, inputs, out / TORCH_DIR, {**init, "qat_epochs": qr.epochs, "qat_final_loss": qr.final_loss})
     prep, layers = _export_and_prepare(out / TORCH_DIR, inputs, scratch)
     amax = calib_search.read_amax(table)  # tensors outside the fine-tune keep the calibration range
-    amax.update({layer.input: qr.act_amax[layer.name] for layer in torch_layers(layers) if layer.name in qr.act_amax})
+    amax.update({layer.input: qr.act_amax[layer.name] for layer in torch_layers(layers, tuned) if layer.name in qr.act_amax})
     calib_search.write_table(out / "calibration.json", amax)
     onnx_backend.quantize(recipe, prep, out / "model.onnx", out / "calibration.json")
     shutil.copyfile(prep, out / FLOAT_REFERENCE)
