@@ -27,6 +27,7 @@ from tasks.backends import coreml as backend
 from tasks.data import load_split, model_inputs
 from tasks.model import load_model
 from tasks.quantize import VariantArtifact, variant_dir
+from tasks.tracing import TRACE_LOCK
 from vitq.recipes import Recipe
 
 log = logging.getLogger("vitq.coreml")
@@ -43,7 +44,16 @@ def build_variant(
     batch_size: int = 32,
     float_layers: frozenset[str] = frozenset(),
 ) -> dict:
-    """Write `model.mlpackage`, `model.pt2` and `coverage.csv` for one recipe into `out`; return facts."""
+    """Write `model.mlpackage`, `model.pt2` and `coverage.csv` for one recipe into `out`; return facts.
+
+    Holds the tracing lock throughout: export, PT2E and conversion all capture graphs."""
+    with TRACE_LOCK:
+        return _build_variant(model, recipe, calibration, out, batch_size, float_layers)
+
+
+def _build_variant(
+    model: torch.nn.Module, recipe: Recipe, calibration: np.ndarray, out: Path, batch_size: int, float_layers: frozenset[str]
+) -> dict:
     start = time.perf_counter()
     model = model.eval()
     attention = rewrite_attention(model)
@@ -113,7 +123,8 @@ def quantize_variant(
 def predict_counterpart(program_path: Path, x: np.ndarray, batch_size: int, fp16: bool) -> np.ndarray:
     """Logits of the torch program the ML program was converted from. `fp16`: compute in half
     precision as Core ML does (the float recipe; int8 graphs run their quantize ops in float32)."""
-    module = torch.export.load(str(program_path)).module()
+    with TRACE_LOCK:  # deserialising builds fake tensors, like tracing
+        module = torch.export.load(str(program_path)).module()
     outs = []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):

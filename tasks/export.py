@@ -16,6 +16,7 @@ import torch
 from tasks._io import atomic_dir, read_json, write_json
 from tasks.data import load_split, model_inputs
 from tasks.model import load_model, predict
+from tasks.tracing import TRACE_LOCK
 from vitq.config import ExportConfig
 
 log = logging.getLogger("vitq.export")
@@ -51,18 +52,19 @@ def export_onnx(model_dir: Path, data_dir: Path, cfg: ExportConfig, out_dir: Pat
     with atomic_dir(out_dir) as tmp:
         onnx_path = tmp / "model.onnx"
         batch = torch.export.Dim("batch", min=1, max=1024)
-        program = torch.onnx.export(
-            model,
-            (torch.from_numpy(x[:2]),),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            opset_version=cfg.opset,
-            dynamo=True,
-            external_data=False,
-            dynamic_shapes={"x": {0: batch}},
-            optimize=True,
-            verbose=False,
-        )
+        with TRACE_LOCK:  # graph capture is not thread-safe; variants may export concurrently
+            program = torch.onnx.export(
+                model,
+                (torch.from_numpy(x[:2]),),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=cfg.opset,
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes={"x": {0: batch}},
+                optimize=True,
+                verbose=False,
+            )
         program.save(str(onnx_path), external_data=False)
         onnx.checker.check_model(str(onnx_path), full_check=True)
         expected = predict(model, x)
