@@ -249,6 +249,21 @@ def test_pool_without_a_live_worker_times_out_naming_the_pool(stack, workspace, 
         assert c.read_flow_run(run.id).labels.get("prefect.worker.name") is None
 
 
+def test_one_engine_build_per_gpu_host_at_a_time(stack):
+    import socket
+
+    from prefect.concurrency.sync import concurrency
+
+    from flows.distributed import _engine_build_slot
+
+    with _engine_build_slot("cuda"):  # held by one build: a second one on this host must wait
+        with pytest.raises(TimeoutError):
+            with concurrency(f"vitq-engine-build-{socket.gethostname()}", occupy=1, timeout_seconds=3, strict=True):
+                pass
+    with concurrency(f"vitq-engine-build-{socket.gethostname()}", occupy=1, timeout_seconds=10, strict=True):
+        pass  # released when the first build ended
+
+
 def test_worker_killed_mid_run_is_retried_and_nothing_is_lost_or_duplicated(stack, workspace, first_run):
     from prefect import get_client
     from prefect.deployments import run_deployment
