@@ -40,7 +40,7 @@ from tasks import benchmark, stages
 from tasks._io import atomic_file
 from tasks.layout import Workspace
 from tasks.model import load_model_spec
-from tasks.quantize import load_variant, variant_dir
+from tasks.quantize import variant_dir
 from tasks.targets import get_target
 from tasks.validate import REFERENCE
 from vitq.config import Params, load_params
@@ -232,12 +232,7 @@ def benchmark_flow(workspace: str, recipes: list[str], pool: str = "cpu") -> Non
 
 def _benchmark_main(root: str, out: str, recipes: list[str]) -> None:
     ws = Workspace(Path(root))
-    params = load_params(ws.params_file)
-    models = {"fp32": ws.export_dir / "model.onnx"}
-    for name in recipes:
-        models[name] = variant_dir(ws.variants_dir, name) / load_variant(ws.variants_dir, name).artifact
-    result = benchmark.benchmark_models(models, ws.model_dir, ws.data_dir, params.benchmark)
-    benchmark.save_benchmark(result, Path(out))
+    stages.run_benchmark(ws, load_params(ws.params_file), recipes, Path(out))
 
 
 def merge_benchmarks(results: dict[str, benchmark.BenchmarkResult], base_pool: str) -> benchmark.BenchmarkResult:
@@ -256,7 +251,8 @@ def merge_benchmarks(results: dict[str, benchmark.BenchmarkResult], base_pool: s
     machine = dict(base.machine)
     if len(results) > 1:
         machine["pools"] = {pool: res.machine for pool, res in results.items()}
-    return benchmark.BenchmarkResult(machine=machine, settings=base.settings, models=models)
+    not_measured = {name: why for res in results.values() for name, why in res.not_measured.items()}
+    return benchmark.BenchmarkResult(machine=machine, settings=base.settings, models=models, not_measured=not_measured)
 
 
 # -- the orchestrator ----------------------------------------------------------------------------

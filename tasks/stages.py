@@ -122,8 +122,11 @@ def run_validate(ws: Workspace, p: Params) -> list[validate.ValidationResult]:
     return [validate_one(ws, p, name) for name in runnable]
 
 
-def run_benchmark(ws: Workspace, p: Params) -> benchmark.BenchmarkResult:
-    runnable, _ = plan_variants(p)
+def run_benchmark(ws: Workspace, p: Params, names: list[str] | None = None,
+                  out: Path | None = None) -> benchmark.BenchmarkResult:
+    """FP32 and the variants side by side. `names` (default: those this machine can run) and `out`
+    (default: reports/benchmark.json): the orchestrated flow times each pool's variants on that pool."""
+    runnable = plan_variants(p)[0] if names is None else list(names)
     models = {"fp32": ws.export_dir / "model.onnx"}
     packages = {}  # Core ML: timed by Core ML itself, against its FP16 program
     for name in runnable:
@@ -140,7 +143,7 @@ def run_benchmark(ws: Workspace, p: Params) -> benchmark.BenchmarkResult:
         x1 = data.model_inputs(data.load_split(ws.data_dir, "validation").images[:1], spec.mean, spec.std)
         timings, not_measured = coreml.benchmark_packages(packages, x1, p.benchmark)
         result = replace(result, models={**result.models, **timings}, not_measured={**result.not_measured, **not_measured})
-    benchmark.save_benchmark(result, ws.benchmark_file)
+    benchmark.save_benchmark(result, out or ws.benchmark_file)
     return result
 
 

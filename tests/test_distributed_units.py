@@ -136,11 +136,12 @@ def test_merged_benchmark_keeps_each_pools_baseline():
 
     cpu = BenchmarkResult({"cpu": "x"}, {"batch_size": 1}, {"fp32": t(1.0), "a": t(0.5)})
     gpu = BenchmarkResult({"cpu": "y"}, {"batch_size": 1}, {"fp32": t(0.9), "fp16": t(0.2, device="cuda"),
-                                                           "trt": t(0.1, "fp16", "cuda"), "b": t(0.3)})
+                                                           "trt": t(0.1, "fp16", "cuda"), "b": t(0.3)},
+                          not_measured={"c": "no engine"})
     m = merge_benchmarks({"cpu": cpu, "cuda": gpu}, "cpu")
     assert m.models["fp32"].latency_ms_p50 == 1.0 and m.models["fp32@cuda"].latency_ms_p50 == 0.9
     assert m.models["b"].baseline == "fp32@cuda" and m.models["trt"].baseline == "fp16"
-    assert m.machine["pools"] == {"cpu": {"cpu": "x"}, "cuda": {"cpu": "y"}}
+    assert m.machine["pools"] == {"cpu": {"cpu": "x"}, "cuda": {"cpu": "y"}} and m.not_measured == {"c": "no engine"}
     assert merge_benchmarks({"cpu": cpu}, "cpu").models == cpu.models
 
 
