@@ -83,10 +83,17 @@ def prepared_digests(ws: Workspace) -> dict[str, str]:
     return out
 
 
+# Parameter sections that never change a variant: which recipes run (each has its own key), how
+# they are timed (the benchmark step always reruns), concurrency, the MLflow experiment name.
+_KEY_EXCLUDES = {"quantize": {"recipes"}, "benchmark": True, "max_workers": True, "experiment": True}
+
+
 def step_key(ws: Workspace, params: Params, name: str) -> str:
-    """Digest of everything a variant (or the FP32 reference) depends on: prepared inputs, recipe, budget."""
+    """Digest of everything a variant (or the FP32 reference) depends on: the prepared inputs (DVC
+    md5s), the recipe, and every parameter a quantize/validate step reads (recovery, budget, seed...)."""
     recipe = asdict(get_recipe(name)) if name != REFERENCE else REFERENCE
-    payload = {"recipe": recipe, "inputs": prepared_digests(ws), "validate": params.validate_.model_dump(mode="json")}
+    payload = {"recipe": recipe, "inputs": prepared_digests(ws),
+               "params": params.model_dump(mode="json", by_alias=True, exclude=_KEY_EXCLUDES)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -205,7 +212,7 @@ def variant_flow(workspace: str, recipe: str, force: bool = False, dvc_remote: s
                  record["host"], record["pool"])
         return "reused"
     with _engine_build_slot(target.worker):
-        task(stages.quantize_one, name=f"quantize[{recipe}]", cache_policy=NO_CACHE)(ws, recipe)
+        task(stages.quantize_one, name=f"quantize[{recipe}]", cache_policy=NO_CACHE)(ws, recipe, params)
     task(stages.validate_one, name=f"validate[{recipe}]", cache_policy=NO_CACHE)(ws, params, recipe)
     write_record(ws, params, recipe, pool)
     return "computed"

@@ -176,6 +176,10 @@ def test_step_key_changes_with_inputs_and_recipe(tmp_path):
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     k = step_key(ws, p, "onnx-w8a8-minmax")
     assert k == step_key(ws, p, "onnx-w8a8-minmax") and k != step_key(ws, p, "onnx-w8a8-percentile")
+    more_recipes = parse_params(tiny_params(quantize={"recipes": ["onnx-w8a8-minmax", "onnx-w8a8-entropy"]}))
+    assert step_key(ws, more_recipes, "onnx-w8a8-minmax") == k  # adding a recipe keeps the others' keys
+    assert step_key(ws, parse_params(tiny_params(benchmark={"repeats": 7})), "onnx-w8a8-minmax") == k
+    assert step_key(ws, parse_params(tiny_params(validate={"max_top1_drop": 0.5})), "onnx-w8a8-minmax") != k
     lock["stages"]["calibrate"]["outs"][0]["md5"] = "calibrate-2"
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     assert step_key(ws, p, "onnx-w8a8-minmax") != k
