@@ -54,7 +54,7 @@ def test_auto_mixed_precision_keeps_the_fewest_layers_float_for_a_tight_budget(w
                                              "blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "head"])
     full_int8_sqnr = rec["evaluations"][0]["sqnr_db"]
     # A budget full INT8 misses by 1 dB: some layers must go back to float, and no more than needed.
-    p = parse_params(tiny_params(validate={"min_sqnr_db": round(full_int8_sqnr + 1.0, 2)}))
+    p = parse_params(tiny_params(recovery={"min_sqnr_db": round(full_int8_sqnr + 1.0, 2)}))
     tight = stages.quantize_one(ws, "onnx-w8a8-auto", p)
     rec = json.loads((folder / "recovery.json").read_text())
     assert rec["budget_met"] and tight.float_layers, rec["evaluations"]

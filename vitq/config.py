@@ -116,9 +116,11 @@ class ValidateConfig(_Strict):
 
 
 class RecoveryConfig(_Strict):
-    """Settings of the accuracy-recovery recipes (onnx-w8a8-auto/-smoothquant/-search/-qat); their
-    accuracy budget is validate.max_top1_drop / validate.min_sqnr_db."""
+    """Settings of the accuracy-recovery recipes (onnx-w8a8-auto/-smoothquant/-search/-qat)."""
 
+    # The budget onnx-w8a8-auto steers to (validate.* is the verdict; keep this at least as strict).
+    max_top1_drop: float = Field(1.0, ge=0)  # percentage points (disagreement with FP32 without labels)
+    min_sqnr_db: float | None = None  # optional floor on the logits' SQNR
     sensitivity_images: int = Field(128, ge=1)  # validation images the per-layer sensitivity ranking measures on
     search_images: int = Field(450, ge=1)  # validation images the mixed-precision search judges the budget on
     smoothquant_alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # candidates, each in (0, 1)

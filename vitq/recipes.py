@@ -29,7 +29,7 @@ class Recipe:
     # Also quantize the two activation-activation MatMuls of attention (q @ k^T, attn @ v).
     quantize_attention: bool = False
     # Accuracy recovery applied on the way to INT8 (tasks/recovery/): "auto" (sensitivity-driven
-    # mixed precision under the validate budget), "smoothquant", "search" (per-tensor calibration
+    # mixed precision under recovery.max_top1_drop / min_sqnr_db), "smoothquant", "search" (per-tensor calibration
     # method search), "qat" (quantization-aware fine-tune); None: plain post-training quantization.
     recovery: str | None = None
     # Targets calibrated in torch (Core ML, through PT2E): the torchao observer of activation ranges.
@@ -69,7 +69,7 @@ RECIPES: dict[str, Recipe] = {
         recovery="auto",
         description=(
             "W8A8 static Q/DQ with automatic mixed precision: per-layer sensitivity, then the fewest "
-            "layers back in float until validate.max_top1_drop / min_sqnr_db hold"
+            "layers back in float until recovery.max_top1_drop / min_sqnr_db hold"
         ),
     ),
     "onnx-w8a8-smoothquant": Recipe(

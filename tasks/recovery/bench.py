@@ -169,7 +169,9 @@ BUILDERS = {"digits": _digits, "outliers": _outliers, "efficientvit_b0": _effici
 def _case_params(p: Params, case: Case) -> Params:
     v = p.validate_.model_copy(update={"max_top1_drop": case.max_top1_drop, "min_sqnr_db": case.min_sqnr_db,
                                         "batch_size": 16 if case.name == "efficientvit_b0" else p.validate_.batch_size})
-    r = p.recovery.model_copy(update={"search_images": 16, "sensitivity_images": 8} if case.name == "efficientvit_b0" else {})
+    budget = {"max_top1_drop": case.max_top1_drop, "min_sqnr_db": case.min_sqnr_db}
+    r = p.recovery.model_copy(update={**budget, **({"search_images": 16, "sensitivity_images": 8}
+                                                   if case.name == "efficientvit_b0" else {})})
     return p.model_copy(update={"validate_": v, "recovery": r})
 
 

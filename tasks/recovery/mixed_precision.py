@@ -1,4 +1,5 @@
-"""Automatic mixed precision under an accuracy budget: the fewest layers back in float.
+"""Automatic mixed precision under an accuracy budget (`recovery.max_top1_drop` / `min_sqnr_db`):
+the fewest layers back in float.
 
 Starting from full INT8, layers return to float in sensitivity order. The candidates are nested
 (the k most sensitive layers in float), so the smallest k that meets the budget is found by

@@ -157,8 +157,10 @@ def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
     rows = layer_sensitivity(model, _layer_amax(layers, model, table), macs, xs, ls)
     x, labels = _split(inputs, "validation", rc.search_images)
     write_sensitivity(rows, out / "sensitivity.csv", out / "sensitivity.png", recipe.name)
-    v = inputs.params.validate_
-    budget = Budget(v.max_top1_drop, v.min_sqnr_db)
+    budget = Budget(rc.max_top1_drop, rc.min_sqnr_db)
+    if rc.max_top1_drop > inputs.params.validate_.max_top1_drop:
+        log.warning("recovery.max_top1_drop %s is looser than validate.max_top1_drop %s: the auto variant may "
+                    "meet its own budget and still fail validation", rc.max_top1_drop, inputs.params.validate_.max_top1_drop)
     judge = _OrtJudge(recipe, inputs, prep, layers, table, scratch, x, labels)
     mp = search_float_layers([r.layer for r in rows], judge, budget, macs)
     onnx_backend.quantize(recipe, prep, out / "model.onnx", table, layer_map.nodes_of(layers, mp.float_layers))
