@@ -37,13 +37,14 @@ def test_summary_follows_the_contract(ran):
     assert s["model"] == "vit_digits_patch4_32"
     assert set(s["data"]) == {"calibration", "validation", "digest"} and s["data"]["digest"].startswith("md5:")
     assert s["baseline"]["top1"] > 0.5 and s["baseline"]["size_mb"] > 0 and s["baseline"]["latency_ms_p50"] > 0
-    names = [v["name"] for v in s["variants"]]
-    assert names == ["onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy"]
+    onnx = [v for v in s["variants"] if v["target"] == "onnx"]
+    assert [v["name"] for v in onnx] == ["onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile",
+                                         "onnx-w8a8-entropy", "onnx-w8a8-auto", "onnx-w8a8-smoothquant", "onnx-w8a8-search"]
     keys = {"name", "target", "recipe", "artifact", "size_mb", "compression", "int8_weight_fraction", "top1",
             "top1_drop", "agreement", "sqnr_db", "latency_ms_p50", "latency_ms_p95", "speedup", "passed", "not_measured"}
-    for v in s["variants"]:
+    for v in onnx:
         assert keys <= set(v), keys - set(v)
-        assert v["target"] == "onnx" and (ws / v["artifact"]).is_file()
+        assert (ws / v["artifact"]).is_file()
         assert v["compression"] > 1.5 and v["latency_ms_p50"] > 0 and v["not_measured"] == {}
         assert isinstance(v["passed"], bool)
     assert [(n["name"], "'tensorrt'" in n["reason"]) for n in s["not_run"]] == [("tensorrt-w8a8-percentile", True)]
@@ -63,14 +64,16 @@ def test_mlflow_has_parent_and_child_runs(ran):
     assert len(parents) == 1
     tags = parents[0].data.tags
     assert tags["data_digest"].startswith("md5:") and len(tags["params_hash"]) == 16 and "git_commit" in tags
-    assert {c.data.tags["mlflow.runName"] for c in children} == {
-        "onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy", "tensorrt-w8a8-percentile"}
+    assert {c.data.tags["mlflow.runName"] for c in children} == set(tiny_params()["quantize"]["recipes"])
+    auto = next(c for c in children if c.data.tags["mlflow.runName"] == "onnx-w8a8-auto")
+    assert "int8_mac_fraction" in auto.data.metrics and "float_layers" in auto.data.tags
+    assert {"recovery/sensitivity.csv", "recovery/sensitivity.png"} <= {
+        f.path for f in client.list_artifacts(auto.info.run_id, "recovery")}
     not_run = [c for c in children if "not_run" in c.data.tags]
     assert [c.data.tags["mlflow.runName"] for c in not_run] == ["tensorrt-w8a8-percentile"]
     for c in children:
-        if c in not_run:
+        if c in not_run or c.data.params["recipe.target"] != "onnx":  # Core ML children: tests/test_coreml.py
             continue
-        assert c.data.params["recipe.target"] == "onnx"
         assert {"sqnr_db", "size_mb", "latency_ms_p50", "agreement"} <= set(c.data.metrics)
         arts = {a.path for a in client.list_artifacts(c.info.run_id, "model")}
         assert "model/model.onnx" in arts
