@@ -46,11 +46,6 @@ def _parser() -> argparse.ArgumentParser:
                      help="comma-separated: digits, outliers, efficientvit_b0")
     rec.add_argument("--workdir", default=".")
     rec.add_argument("--out", default="reports/recovery.json")
-    rec = sub.add_parser("recovery", help="plain INT8 vs the accuracy-recovery recipes per case (reports/recovery.json)")
-    rec.add_argument("--cases", default="digits,outliers,efficientvit_b0",
-                     help="comma-separated: digits, outliers, efficientvit_b0")
-    rec.add_argument("--workdir", default=".")
-    rec.add_argument("--out", default="reports/recovery.json")
     cm = sub.add_parser("coreml-bench", help="Core ML FP16 / W8 / W8A8 sizes and int8 coverage per model "
                                               "(reports/coreml.json); runs on Linux, no Core ML runtime needed")
     cm.add_argument("--models", default=None, help="comma-separated: 'demo' (the workspace's model), timm names, "
@@ -212,19 +207,6 @@ def _recovery(args) -> int:
     return 0
 
 
-def _recovery(args) -> int:
-    from tasks.recovery.bench import recovery_table, run_recovery
-    from vitq.config import load_params
-
-    ws = _workspace(args.workdir)
-    params = load_params(ws.params_file)
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    records = run_recovery(ws, params, cases, ws.root / args.out)
-    print(recovery_table(records))
-    print(f"wrote {args.out}")
-    return 0
-
-
 def _workspace(workdir: str):
     from tasks.layout import Workspace
 
@@ -240,8 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return _bench(args)
-        if args.command == "recovery":
-            return _recovery(args)
         if args.command == "recovery":
             return _recovery(args)
         if args.command == "coreml-bench":
