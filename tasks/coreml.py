@@ -123,6 +123,8 @@ def quantize_variant(
 def predict_counterpart(program_path: Path, x: np.ndarray, batch_size: int, fp16: bool) -> np.ndarray:
     """Logits of the torch program the ML program was converted from. `fp16`: compute in half
     precision as Core ML does (the float recipe; int8 graphs run their quantize ops in float32)."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines the quantized_decomposed ops it calls)
+
     with TRACE_LOCK:  # deserialising builds fake tensors, like tracing
         module = torch.export.load(str(program_path)).module()
     outs = []
