@@ -52,6 +52,9 @@ def stack(tmp_path_factory):
             st.start_worker("cpu", "cpu-1")
             st.start_worker("ort", "ort-1", limit=2)
             yield st
+            from prefect.events.worker import EventsWorker
+
+            EventsWorker.drain_all(timeout=10, at_exit=False)  # this process's events, before the server goes
     finally:
         st.stop()
 
