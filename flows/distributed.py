@@ -340,9 +340,10 @@ def orchestrate_flow(
     if variants_stale:
         stages.prune_outputs(ws.variants_dir, set(recipes))
         stages.prune_outputs(ws.validation_dir, set(recipes) | {REFERENCE})
-        steps += _fan_out([(f"vitq-variant/{recipe_pool[r]}", recipe_pool[r],
-                            {**common, "recipe": r, "force": force or requantize, "pool": recipe_pool[r]},
-                            f"variant[{r}]") for r in recipes], **fan)
+        for wave in stages.variant_waves(recipes):  # a recipe reusing another variant's decision waits for it
+            steps += _fan_out([(f"vitq-variant/{recipe_pool[r]}", recipe_pool[r],
+                                {**common, "recipe": r, "force": force or requantize, "pool": recipe_pool[r]},
+                                f"variant[{r}]") for r in wave], **fan)
         _commit(ws, ["quantize", "validate"])
         ran += ["quantize", "validate"]
     else:

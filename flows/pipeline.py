@@ -100,10 +100,11 @@ def vitq_pipeline(root: str, force: bool = False) -> dict:
 
     if run.stale("quantize"):
         stages.prune_outputs(ws.variants_dir, set(runnable))
-        futures = [
-            quantize_task.with_options(name=f"quantize[{r}]", tags=worker_tags(r)).submit(ws, r) for r in runnable
-        ]
-        [f.result() for f in futures]
+        for wave in stages.variant_waves(runnable):  # a recipe reusing another variant's decision waits for it
+            futures = [
+                quantize_task.with_options(name=f"quantize[{r}]", tags=worker_tags(r)).submit(ws, r) for r in wave
+            ]
+            [f.result() for f in futures]
         run.done("quantize")
 
     if run.stale("validate"):

@@ -28,6 +28,7 @@ from tasks.data import load_split, model_inputs
 from tasks.model import load_model
 from tasks.quantize import VariantArtifact, variant_dir
 from tasks.tracing import TRACE_LOCK
+from vitq.errors import VitqError
 from vitq.recipes import Recipe
 
 log = logging.getLogger("vitq.coreml")
@@ -80,6 +81,7 @@ def _build_variant(
     facts = {
         "size_mb": backend.package_size_mb(out / PACKAGE),
         "int8_weight_fraction": backend.int8_weight_fraction(rows),
+        "int8_mac_fraction": backend.int8_mac_fraction(rows),
         "op_counts": backend.op_counts(mil),
         "quantized_inputs": f"{sum(r.activation_quantized for r in rows)}/{len(rows)}",
         "attention": attention,
@@ -97,7 +99,22 @@ def _build_variant(
 def quantize_variant(
     recipe: Recipe, model_dir: Path, data_dir: Path, variants_dir: Path, float_layers: frozenset[str] = frozenset()
 ) -> VariantArtifact:
-    """The quantize stage for a Core ML recipe: calibration split in, variant folder out (atomically)."""
+    """The quantize stage for a Core ML recipe: calibration split in, variant folder out (atomically).
+
+    A recipe that `reuses` another variant takes that variant's float layers (attention matmuls
+    included) and, where its recipe changed the weights (SmoothQuant, QAT), those weights."""
+    reused = None
+    if recipe.reuses:
+        from tasks import recovery
+
+        source = variant_dir(variants_dir, recipe.reuses)
+        if not (source / "variant.json").is_file():
+            raise VitqError(f"{recipe.name} applies {recipe.reuses}'s decision, which has not been made: "
+                            f"quantize {recipe.reuses} first (it must be in quantize.recipes)")
+        # auto's search judged its float set with attention's matmuls in float: keep them so here too
+        float_layers = frozenset(float_layers) | recovery.float_layers(source, include_attention=recipe.recovery == "auto")
+        model_dir = recovery.recovered_model_dir(source) or model_dir
+        reused = {"variant": recipe.reuses, "float_layers": sorted(float_layers), "weights": str(model_dir)}
     model, spec = load_model(model_dir)
     images = load_split(data_dir, "calibration").images
     calibration = model_inputs(images, spec.mean, spec.std)
@@ -114,9 +131,12 @@ def quantize_variant(
             calibration_table=None,
             tensorrt_ready=False,
             tensorrt_note="a Core ML variant (TensorRT builds from the onnx-* / tensorrt-* Q/DQ graphs)",
+            float_layers=[n for n in facts["float_layers"] if "#" not in n],
+            float_attention=[n for n in facts["float_layers"] if "#" in n],
+            int8_mac_fraction=facts["int8_mac_fraction"],
         )
         write_json(tmp / "variant.json", asdict(artifact))
-        write_json(tmp / "coreml.json", {k: v for k, v in facts.items() if k != "op_counts"})
+        write_json(tmp / "coreml.json", {**{k: v for k, v in facts.items() if k != "op_counts"}, "reuses": reused})
     return artifact
 
 

@@ -51,6 +51,12 @@ def plan_variants(p: Params) -> tuple[list[str], dict[str, str]]:
     return runnable, not_run
 
 
+def variant_waves(recipes: list[str]) -> list[list[str]]:
+    """Recipes in the order they can be quantized: those that reuse another variant's decision after it."""
+    first = [r for r in recipes if not get_recipe(r).reuses]
+    return [w for w in (first, [r for r in recipes if r not in first]) if w]
+
+
 def prune_outputs(folder: Path, keep: set[str]) -> None:
     """Remove outputs of recipes no longer configured, so no stale variant is reported."""
     if not folder.is_dir():
@@ -81,7 +87,7 @@ def run_quantize(ws: Workspace, p: Params) -> list[quantize.VariantArtifact]:
     for name, why in not_run.items():
         log.warning("quantize: %s not run: %s", name, why)
     prune_outputs(ws.variants_dir, set(runnable))
-    return [quantize_one(ws, name, p) for name in runnable]
+    return [quantize_one(ws, name, p) for wave in variant_waves(runnable) for name in wave]
 
 
 def validate_reference(ws: Workspace, p: Params) -> validate.ValidationResult:

@@ -206,3 +206,35 @@ def test_coreml_bench_rejects_an_unknown_model(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("vitq: error: unknown model 'vit_nope_1'")
     assert not (tmp_path / "reports").exists()
+
+
+def test_recipe_reusing_a_recovery_decision_applies_it_to_core_ml(coreml_ws):
+    """coreml-w8a8-auto leaves in FP16 exactly what onnx-w8a8-auto left in float; -smoothquant converts
+    the smoothed weights that variant saved."""
+    from tasks import quantize
+    from tasks._io import write_json
+    from vitq.errors import VitqError
+
+    vdir = coreml_ws.variants_dir
+    with pytest.raises(VitqError, match="quantize onnx-w8a8-auto first"):
+        coreml.quantize_variant(get_recipe("coreml-w8a8-auto"), coreml_ws.model_dir, coreml_ws.data_dir, vdir)
+    (vdir / "onnx-w8a8-auto").mkdir(exist_ok=True)
+    write_json(vdir / "onnx-w8a8-auto" / "variant.json", {
+        "float_layers": ["blocks.0.mlp.fc1"], "float_attention": ["blocks.0.attn#qk", "blocks.0.attn#av"]})
+    art = coreml.quantize_variant(get_recipe("coreml-w8a8-auto"), coreml_ws.model_dir, coreml_ws.data_dir, vdir)
+    assert art.float_layers == ["blocks.0.mlp.fc1"]
+    assert sorted(art.float_attention) == ["blocks.0.attn#av", "blocks.0.attn#qk"]
+    rows = {r["layer"]: r for r in _coverage(coreml_ws, "coreml-w8a8-auto")}
+    assert rows["blocks.0.mlp.fc1"]["int8_weight"] == "False" and rows["blocks.0.mlp.fc1"]["activation_quantized"] == "False"
+    assert rows["blocks.0.attn#qk"]["activation_quantized"] == "False"
+    assert rows["blocks.0.mlp.fc2"]["int8_weight"] == "True" == rows["blocks.0.mlp.fc2"]["activation_quantized"]
+    assert 0.5 < art.int8_mac_fraction < 1.0 and art.int8_weight_fraction < 1.0
+    assert quantize.load_variant(vdir, "coreml-w8a8").int8_mac_fraction == 1.0
+
+    (vdir / "onnx-w8a8-smoothquant").mkdir(exist_ok=True)
+    write_json(vdir / "onnx-w8a8-smoothquant" / "variant.json", {"float_layers": []})
+    shutil.copytree(coreml_ws.model_dir, vdir / "onnx-w8a8-smoothquant" / "torch")
+    coreml.quantize_variant(get_recipe("coreml-w8a8-smoothquant"), coreml_ws.model_dir, coreml_ws.data_dir, vdir)
+    facts = __import__("json").loads((vdir / "coreml-w8a8-smoothquant" / "coreml.json").read_text())
+    assert facts["reuses"]["weights"].endswith("onnx-w8a8-smoothquant/torch")
+    assert facts["float_layers"] == []  # attention matmuls are quantized: only auto's search keeps them float

@@ -94,6 +94,7 @@ class QuantizeConfig(_Strict):
     recipes: tuple[str, ...] = (
         "onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy", "onnx-w8a8-auto",
         "onnx-w8a8-smoothquant", "onnx-w8a8-search", "tensorrt-w8a8-percentile", "coreml-fp16", "coreml-w8", "coreml-w8a8",
+        "coreml-w8a8-auto", "coreml-w8a8-smoothquant",
     )
 
     @field_validator("recipes", mode="before")
@@ -178,6 +179,9 @@ class Params(_Strict):
                 raise ValueError(
                     f"recipe {name!r} needs the {method!r} calibration table; add it to calibration.methods"
                 )
+            source = RECIPES[name].reuses
+            if source and source not in self.quantize.recipes:
+                raise ValueError(f"recipe {name!r} applies {source!r}'s decision; add {source!r} to quantize.recipes")
         return self
 
     @property

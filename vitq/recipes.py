@@ -34,6 +34,9 @@ class Recipe:
     recovery: str | None = None
     # Targets calibrated in torch (Core ML, through PT2E): the torchao observer of activation ranges.
     observer: Literal["minmax", "histogram"] | None = None
+    # Another recipe whose recovery decision this one applies on its own target: the layers that
+    # variant left in float, and its recovered weights (SmoothQuant, QAT). Quantized after it.
+    reuses: str | None = None
 
 
 def _static_onnx(method: str) -> Recipe:
@@ -144,6 +147,26 @@ RECIPES.update(
                 "split, exported through torch.export; " + _COREML_NOTE
             ),
         ),
+    }
+)
+
+
+def _coreml_recovery(method: str, what: str) -> Recipe:
+    return Recipe(
+        name=f"coreml-w8a8-{method}", target="coreml", scheme="static", calibration=None, per_channel=True,
+        observer="minmax", recovery=method, reuses=f"onnx-w8a8-{method}",
+        description=f"Core ML W8A8 carrying onnx-w8a8-{method}'s decision: {what}; " + _COREML_NOTE,
+    )
+
+
+RECIPES.update(
+    {
+        r.name: r
+        for r in (
+            _coreml_recovery("auto", "the layers its sensitivity-driven search left in float stay FP16 here"),
+            _coreml_recovery("smoothquant", "its smoothed weights, converted and calibrated for Core ML"),
+            _coreml_recovery("qat", "its fine-tuned weights, converted and calibrated for Core ML"),
+        )
     }
 )
 

@@ -220,6 +220,7 @@ class CoverageRow:
     op: str  # MIL op name
     op_type: str  # linear | matmul | conv
     weight_elements: int  # 0 for activation x activation matmuls
+    macs: int  # multiply-accumulates per image (linear / conv; 0 where unknown)
     int8_weight: bool
     activation_quantized: bool  # every non-constant input comes from a dequantize
 
@@ -257,6 +258,15 @@ def _const_elements(var) -> int:
     return int(np.prod(var.shape)) if _is_const(var) and var.shape else 0
 
 
+def _macs(op, weight_var) -> int:
+    """MACs of a linear / conv op on its (batch-1) output shape: one per weight row element per output."""
+    out = op.outputs[0].shape
+    if weight_var is None or op.op_type == "matmul" or not out or any(not isinstance(d, int) for d in out):
+        return 0
+    per_output = int(np.prod(weight_var.shape[1:]))  # linear: in_features; conv: in/groups * kh * kw
+    return int(np.prod(out)) * per_output
+
+
 def coverage(program, layer_names: dict[str, list[str]] | None = None) -> list[CoverageRow]:
     """For every linear / matmul / conv op: is its weight int8, is its input activation quantized?
 
@@ -285,6 +295,7 @@ def coverage(program, layer_names: dict[str, list[str]] | None = None) -> list[C
                     op=op.name,
                     op_type=op.op_type,
                     weight_elements=_const_elements(weight_var) if weight_var is not None else 0,
+                    macs=_macs(op, weight_var),
                     int8_weight=bool(int8),
                     activation_quantized=bool(acts) and all(a.op is not None and a.op.op_type == "dequantize" for a in acts),
                 )
@@ -305,6 +316,13 @@ def program_layer_names(exported_program) -> dict[str, list[str]]:
 def int8_weight_fraction(rows: list[CoverageRow]) -> float:
     total = sum(r.weight_elements for r in rows)
     return sum(r.weight_elements for r in rows if r.int8_weight) / total if total else 0.0
+
+
+def int8_mac_fraction(rows: list[CoverageRow]) -> float:
+    """Share of linear / conv MACs with int8 weights and int8 inputs (what runs as int8 x int8)."""
+    rows = [r for r in rows if r.op_type != "matmul"]
+    total = sum(r.macs for r in rows)
+    return sum(r.macs for r in rows if r.int8_weight and r.activation_quantized) / total if total else 0.0
 
 
 def op_counts(program) -> dict[str, int]:

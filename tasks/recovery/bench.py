@@ -25,11 +25,15 @@ import torch
 from tasks._io import read_json, write_json
 from tasks.layout import Workspace
 from vitq.config import Params
+from vitq.recipes import get_recipe
 
 log = logging.getLogger("vitq.recovery")
 
 PLAIN = ("onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy")
 RECOVERY = ("onnx-w8a8-auto", "onnx-w8a8-smoothquant", "onnx-w8a8-search", "onnx-w8a8-qat")
+# The same decisions on the Core ML target (validated through the torch program each ML program is
+# converted from; after the ONNX recipes whose decisions they apply).
+COREML = ("coreml-w8a8", "coreml-w8a8-auto", "coreml-w8a8-smoothquant")
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,8 @@ class Case:
 
 
 CASES: dict[str, Case] = {
-    "digits": Case("digits", PLAIN + RECOVERY, 0.2, note="the workspace's FP32 model"),
-    "outliers": Case("outliers", PLAIN + RECOVERY, 0.5,
+    "digits": Case("digits", PLAIN + RECOVERY + COREML, 0.2, note="the workspace's FP32 model"),
+    "outliers": Case("outliers", PLAIN + RECOVERY + COREML, 0.5,
                      note="digits ViT with 3 LayerNorm output channels (blocks.0.norm1) scaled to 100x the others "
                           "and the matching attn.qkv input columns divided back: FP32 function unchanged"),
     "efficientvit_b0": Case("efficientvit_b0", PLAIN + ("onnx-w8a8-search", "onnx-w8a8-auto"), 100.0, 40.0,
@@ -193,10 +197,17 @@ def run_case(ws: Workspace, p: Params, case: Case, variants=None) -> list[dict]:
     for i, name in enumerate(variants or case.variants, 1):
         t = time.perf_counter()
         log.info("recovery: [%s %d/%d] %s ...", case.name, i, len(variants or case.variants), name)
-        art = quantize.quantize_variant(name, dirs.export_dir / "model.prep.onnx", dirs.calibration_dir,
-                                        dirs.variants_dir, inputs)
-        res = validate.validate_variant(name, dirs.variants_dir / name / art.artifact, dirs.model_dir, dirs.data_dir,
-                                        cp.validate_, dirs.validation_dir)
+        if get_recipe(name).target == "coreml":
+            from tasks import coreml
+
+            art = coreml.quantize_variant(get_recipe(name), dirs.model_dir, dirs.data_dir, dirs.variants_dir)
+            res = coreml.validate_variant(name, dirs.variants_dir / name, dirs.model_dir, dirs.data_dir, cp.validate_,
+                                          dirs.validation_dir)
+        else:
+            art = quantize.quantize_variant(name, dirs.export_dir / "model.prep.onnx", dirs.calibration_dir,
+                                            dirs.variants_dir, inputs)
+            res = validate.validate_variant(name, dirs.variants_dir / name / art.artifact, dirs.model_dir,
+                                            dirs.data_dir, cp.validate_, dirs.validation_dir)
         records.append(_record(case, name, res.metrics, art.int8_mac_fraction, art.float_layers, res.passed, budget,
                                time.perf_counter() - t, {}))
         m = res.metrics
