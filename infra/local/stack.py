@@ -171,14 +171,16 @@ class Stack:
             raise StackError("PostgreSQL is not installed (initdb/pg_ctl not on PATH); use the SQLite default")
         pgdata = self.state / "pgdata"
         port = free_port()
+        if os.geteuid() == 0:  # the postgres user must reach the state folder (mkdtemp makes it 0700)
+            self.state.chmod(self.state.stat().st_mode | 0o011)
         if not (pgdata / "PG_VERSION").exists():
             pgdata.mkdir(exist_ok=True)
             _as_pg_user(pgdata)
             _run_pg(["initdb", "-D", str(pgdata), "-U", "vitq", "--auth=trust", "-E", "UTF8"])
-        sock = self.state / "pgsock"
+        sock = self.state / "pgsock"  # socket and server log: written by the postgres user
         sock.mkdir(exist_ok=True)
         _as_pg_user(sock)
-        _run_pg(["pg_ctl", "-D", str(pgdata), "-l", str(self.log("postgres")), "-w", "-o",
+        _run_pg(["pg_ctl", "-D", str(pgdata), "-l", str(sock / "postgres.log"), "-w", "-o",
                  f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start"])
         self.env["VITQ_STACK_PGDATA"] = str(pgdata)
         for db in ("prefect", "mlflow"):
