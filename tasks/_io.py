@@ -54,3 +54,18 @@ def write_json(path: Path, obj) -> None:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+_STDOUT_LOCK = __import__("threading").Lock()
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Swallow what a library prints (ONNX Runtime's histogram collectors print per call).
+
+    `contextlib.redirect_stdout` swaps the process-wide `sys.stdout`; two threads nesting it out of
+    order would leave it pointing at a dead buffer. One lock makes every swap and restore pair up."""
+    import io
+
+    with _STDOUT_LOCK, contextlib.redirect_stdout(io.StringIO()):
+        yield

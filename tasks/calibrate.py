@@ -9,8 +9,6 @@ Every table is symmetric-ready: the static recipes quantize activations symmetri
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import tempfile
 import time
@@ -19,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks._io import atomic_dir, read_json, write_json
+from tasks._io import atomic_dir, quiet_stdout, read_json, write_json
 from tasks.data import load_split, model_inputs
 from tasks.export import INPUT_NAME
 from tasks.model import load_model_spec
@@ -68,7 +66,7 @@ def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, e
         for i, lo in enumerate(batches, 1):
             outputs = dict(zip((o.name for o in session.get_outputs()), session.run(None, {INPUT_NAME: x[lo : lo + cfg.batch_size]})))
             batch = {name: outputs[name] for name in names}
-            with contextlib.redirect_stdout(io.StringIO()):  # the collectors print per call
+            with quiet_stdout():  # the collectors print per call
                 abs_hist.collect(batch)
                 if entropy:
                     value_hist.collect(batch)
@@ -90,7 +88,7 @@ def calibrate(prep_onnx: Path, model_dir: Path, data_dir: Path, cfg: Calibration
     names, abs_hist, value_hist = collect_histograms(prep_onnx, x, cfg, "entropy" in cfg.methods)
 
     ranges: dict[str, dict[str, tuple[float, float]]] = {}
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet_stdout():
         hist = abs_hist.get_histogram_dict()
         ranges["minmax"] = {t: (h[2], h[3]) for t, h in hist.items()}
         if "percentile" in cfg.methods:

@@ -14,9 +14,7 @@ by several layers sums their errors. The chosen ranges form one calibration tabl
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import logging
 import time
 from dataclasses import dataclass
@@ -25,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.recovery.simulate import QMAX, fake_quant_weight
+from tasks._io import quiet_stdout
+from tasks.recovery.simulate import QMAX, fake_quant_weight, run_with_input_hooks
 from vitq.config import CalibrationConfig
 
 log = logging.getLogger("vitq.recovery")
@@ -62,7 +61,7 @@ def candidate_ranges(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, per
         for h in (abs_hist, value_hist):
             h.histogram_dict = {k: v for k, v in h.histogram_dict.items() if k in set(tensors)}
     out: dict[str, dict[str, float]] = {n: {} for n in names}
-    with contextlib.redirect_stdout(io.StringIO()):  # the collectors print
+    with quiet_stdout():  # the collectors print
         hists = abs_hist.get_histogram_dict()
         for t, (hist, edges, lo, hi) in hists.items():
             out[t]["minmax"] = float(max(abs(lo), abs(hi)))
@@ -78,15 +77,8 @@ def candidate_ranges(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, per
 
 @torch.inference_mode()
 def _layer_inputs(model: torch.nn.Module, names: list[str], x: np.ndarray, batch_size: int) -> dict[str, torch.Tensor]:
-    modules = dict(model.named_modules())
     cached: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: cached[n].append(a[0].detach())) for n in names]
-    try:
-        for i in range(0, len(x), batch_size):
-            model(torch.from_numpy(x[i : i + batch_size]))
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_input_hooks(model, names, x, batch_size, lambda n, a: cached[n].append(a))
     return {n: torch.cat(v) for n, v in cached.items()}
 
 

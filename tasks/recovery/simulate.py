@@ -105,28 +105,33 @@ class QuantSim:
         self._handles = []
 
 
-@torch.inference_mode()
-def input_amax(model: nn.Module, names, x, batch_size: int = 128, per_channel: bool = False) -> dict:
-    """|max| of each named module's input over images `x` (N, C, H, W): a float per layer, or a
-    (channels,) tensor over the last dimension with `per_channel` (SmoothQuant's statistic)."""
+def run_with_input_hooks(model: nn.Module, names, x, batch_size: int, on_input) -> None:
+    """Run `model` over images `x` in batches, calling `on_input(name, tensor)` with each named
+    module's input (forward pre-hooks, removed afterwards)."""
     modules = dict(model.named_modules())
-    out: dict = {}
-
-    def hook(name):
-        def fn(module, args):
-            a = args[0].detach().abs()
-            a = a.reshape(-1, a.shape[-1]).amax(0) if per_channel else a.amax()
-            out[name] = a if name not in out else torch.maximum(out[name], a)
-
-        return fn
-
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    handles = [
+        modules[n].register_forward_pre_hook(lambda module, args, n=n: on_input(n, args[0].detach())) for n in names
+    ]
     try:
         for i in range(0, len(x), batch_size):
             model(torch.as_tensor(x[i : i + batch_size]))
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.inference_mode()
+def input_amax(model: nn.Module, names, x, batch_size: int = 128, per_channel: bool = False) -> dict:
+    """|max| of each named module's input over images `x` (N, C, H, W): a float per layer, or a
+    (channels,) tensor over the last dimension with `per_channel` (SmoothQuant's statistic)."""
+    out: dict = {}
+
+    def update(name, a):
+        a = a.abs()
+        a = a.reshape(-1, a.shape[-1]).amax(0) if per_channel else a.amax()
+        out[name] = a if name not in out else torch.maximum(out[name], a)
+
+    run_with_input_hooks(model, names, x, batch_size, update)
     return out if per_channel else {n: float(v) for n, v in out.items()}
 
 
