@@ -228,9 +228,16 @@ def test_rerun_with_nothing_changed_reuses_and_says_so(stack, workspace, first_r
     assert fr.state_type.value == "COMPLETED", fr.state.message
     print(f"\norchestrated rerun, nothing changed: {wall_s:.1f} s (cold {cold_s:.1f} s)")
     assert [r.name for r in _flow_runs(since=fr.created) if r.id != fr.id] == []  # no step dispatched
-    with get_client(sync_client=True) as c:
-        logs = " | ".join(entry.message for entry in c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fr.id]))))
-    assert "data, model, export, calibrate, fp32 reference: up to date (dvc.lock digests), reused" in logs, logs
+    expected = "data, model, export, calibrate, fp32 reference: up to date (dvc.lock digests), reused"
+    deadline = time.monotonic() + 30  # the flow's process ships its logs in batches: wait for them
+    while True:
+        with get_client(sync_client=True) as c:
+            entries = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fr.id])))
+        logs = " | ".join(entry.message for entry in entries)
+        if expected in logs and "stages run:" in logs or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert expected in logs, logs
     assert f"{len(RECIPES)} variants reused" in logs and "stages run: none (all reused)" in logs, logs
 
 
