@@ -107,4 +107,5 @@ def register_best(
 
 
 def _fmt(r: tuple[float, float, float]) -> str:
-    return f"drop {r[0]:.2f} pts, {r[1]:.3f} MB, p50 {r[2]:.3f} ms"
+    latency = "not measured" if math.isinf(r[2]) else f"{r[2]:.3f} ms"
+    return f"drop {r[0]:.2f} pts, {r[1]:.3f} MB, p50 {latency}"
