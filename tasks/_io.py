@@ -56,6 +56,14 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
+def size_mb(path: Path) -> float:
+    """Size on disk in MiB of a file, or of every file under a directory (a Core ML .mlpackage)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size / 2**20
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
 _STDOUT_LOCK = __import__("threading").Lock()
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks._io import read_json, write_json
+from tasks._io import read_json, size_mb, write_json
 from tasks.backends import onnx as onnx_backend
 from tasks.data import load_split, model_inputs
 from tasks.model import load_model_spec
@@ -60,11 +60,10 @@ def machine_info() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(), "onnxruntime": ort.__version__}
 
 
-def _timing(ms: np.ndarray, path: Path, batch_size: int, baseline: str, device: str) -> Timing:
-    path = Path(path)
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+def timing(ms: np.ndarray, path: Path, batch_size: int, baseline: str, device: str) -> Timing:
+    """A Timing from latency samples (ms) of the model at `path`, against `baseline`."""
     return Timing(
-        size_mb=size / 2**20,
+        size_mb=size_mb(path),
         latency_ms_p50=float(np.percentile(ms, 50)),
         latency_ms_p95=float(np.percentile(ms, 95)),
         latency_ms_mean=float(ms.mean()),
@@ -108,7 +107,7 @@ def _time_engines(engines: dict[str, Path], fp32_onnx: Path, x: np.ndarray, cfg:
         runs = {"fp16-tensorrt": base, **engines}
         for name, path in runs.items():
             ms = trt_backend.EngineRunner(path).time_ms(x, cfg.warmup, cfg.repeats)
-            out[name] = _timing(ms, path, cfg.batch_size, "fp16-tensorrt", device)
+            out[name] = timing(ms, path, cfg.batch_size, "fp16-tensorrt", device)
             log.info("benchmark: %s p50 %.3f ms on %s", name, out[name].latency_ms_p50, device)
     return out
 
@@ -131,7 +130,7 @@ def _time_onnx(models: dict[str, Path], x: np.ndarray, cfg: BenchmarkConfig) -> 
         log.info("benchmark: round %d/%d", r + 1, cfg.rounds)
     timings = {}
     for name, ms in samples.items():
-        timings[name] = _timing(np.asarray(ms), models[name], cfg.batch_size, "fp32", "cpu")
+        timings[name] = timing(np.asarray(ms), models[name], cfg.batch_size, "fp32", "cpu")
         log.info("benchmark: %s p50 %.3f ms", name, timings[name].latency_ms_p50)
     return timings
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks._io import atomic_dir, write_json
+from tasks._io import atomic_dir, size_mb, write_json
 from tasks.attention import rewrite_attention
 from tasks.backends import coreml as backend
 from tasks.data import load_split, model_inputs
@@ -79,7 +79,7 @@ def _build_variant(
         w.writeheader()
         w.writerows(asdict(r) for r in rows)
     facts = {
-        "size_mb": backend.package_size_mb(out / PACKAGE),
+        "size_mb": size_mb(out / PACKAGE),
         "int8_weight_fraction": backend.int8_weight_fraction(rows),
         "int8_mac_fraction": backend.int8_mac_fraction(rows),
         "op_counts": backend.op_counts(mil),
@@ -101,8 +101,8 @@ def quantize_variant(
 ) -> VariantArtifact:
     """The quantize stage for a Core ML recipe: calibration split in, variant folder out (atomically).
 
-    A recipe that `reuses` another variant takes that variant's float layers (attention matmuls
-    included) and, where its recipe changed the weights (SmoothQuant, QAT), those weights."""
+    A recipe that `reuses` another variant takes that variant's float layers (for `auto`, its float
+    attention matmuls too) and, where its recipe changed the weights (SmoothQuant, QAT), those weights."""
     reused = None
     if recipe.reuses:
         from tasks import recovery
@@ -147,15 +147,13 @@ def predict_counterpart(program_path: Path, x: np.ndarray, batch_size: int, fp16
 
     with TRACE_LOCK:  # deserialising builds fake tensors, like tracing
         module = torch.export.load(str(program_path)).module()
+    dtype = torch.float16 if fp16 else torch.float32
+    module = module.to(dtype)
     outs = []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size]))
-            if fp16:
-                module = module.half()
-                outs.append(module(xb.half()).float().numpy())
-            else:
-                outs.append(module(xb).numpy())
+            xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(dtype)
+            outs.append(module(xb).float().numpy())
     return np.concatenate(outs)
 
 
@@ -203,7 +201,7 @@ def validate_variant(
 def benchmark_packages(packages: dict[str, Path], x1: np.ndarray, cfg) -> tuple[dict, dict[str, str]]:
     """Core ML latency of each package on one batch-1 input, interleaved, against `coreml-fp16` when
     present. Returns (timings, not_measured); off macOS every package is not measured, with why."""
-    from tasks.benchmark import _timing
+    from tasks.benchmark import timing
     from tasks.targets import get_target
 
     why = get_target("coreml").missing_executor()
@@ -214,6 +212,6 @@ def benchmark_packages(packages: dict[str, Path], x1: np.ndarray, cfg) -> tuple[
     samples = backend.time_predictions(models, x1[:1], cfg.warmup, cfg.repeats, cfg.rounds)
     baseline = "coreml-fp16" if "coreml-fp16" in packages else next(iter(packages))
     timings = {
-        name: _timing(np.asarray(ms), packages[name], 1, baseline, f"coreml:{units}") for name, ms in samples.items()
+        name: timing(np.asarray(ms), packages[name], 1, baseline, f"coreml:{units}") for name, ms in samples.items()
     }
     return timings, {}

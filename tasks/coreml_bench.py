@@ -30,6 +30,23 @@ DEFAULT_MODELS = (
 RECIPES = ("coreml-fp16", "coreml-w8", "coreml-w8a8")
 
 
+def check_model_name(name: str) -> None:
+    """Fail fast (before minutes of conversion) on a name `build_model` cannot build."""
+    if name == "demo":
+        return
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        tv = name.split(":", 1)[1]
+        if tv not in torchvision.models.list_models():
+            raise VitqError(f"unknown torchvision model {tv!r}; see torchvision.models.list_models()")
+        return
+    import timm
+
+    if not timm.is_model(name):
+        raise VitqError(f"unknown model {name!r}; allowed: 'demo', a timm name, or 'torchvision:<name>'")
+
+
 def build_model(name: str, workspace: Path | None) -> tuple[torch.nn.Module, tuple[int, ...], str, np.ndarray | None]:
     """(model, input size C,H,W, where its weights came from, calibration images or None)."""
     if name == "demo":
@@ -49,17 +66,13 @@ def build_model(name: str, workspace: Path | None) -> tuple[torch.nn.Module, tup
     if name.startswith("torchvision:"):
         import torchvision
 
-        tv = name.split(":", 1)[1]
-        try:
-            model = torchvision.models.get_model(tv, weights=None)
-        except ValueError:
-            raise VitqError(f"unknown torchvision model {tv!r}; see torchvision.models.list_models()") from None
+        check_model_name(name)
+        model = torchvision.models.get_model(name.split(":", 1)[1], weights=None)
         size = int(getattr(model, "image_size", 224))
         return model, (3, size, size), "random (torchvision, weights=None)", None
     import timm
 
-    if not timm.is_model(name):
-        raise VitqError(f"unknown model {name!r}; allowed: 'demo', a timm name, or 'torchvision:<name>'")
+    check_model_name(name)
     model = timm.create_model(name, pretrained=False)
     return model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))), "random (timm, pretrained=False)", None
 

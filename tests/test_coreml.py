@@ -238,3 +238,10 @@ def test_recipe_reusing_a_recovery_decision_applies_it_to_core_ml(coreml_ws):
     facts = __import__("json").loads((vdir / "coreml-w8a8-smoothquant" / "coreml.json").read_text())
     assert facts["reuses"]["weights"].endswith("onnx-w8a8-smoothquant/torch")
     assert facts["float_layers"] == []  # attention matmuls are quantized: only auto's search keeps them float
+
+
+def test_coreml_bench_rejects_an_unknown_torchvision_model_before_converting(tmp_path):
+    proc = vitq(["coreml-bench", "--models", "demo,torchvision:vit_nope"], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("vitq: error: unknown torchvision model 'vit_nope'")
+    assert not (tmp_path / "reports").exists()

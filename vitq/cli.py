@@ -183,11 +183,7 @@ def _coreml_bench(args) -> int:
     if not names:
         raise VitqError(f"--models {args.models!r} names no model")
     for name in names:  # resolve every name before the first (minutes-long) conversion
-        if name != "demo" and not name.startswith("torchvision:"):
-            import timm
-
-            if not timm.is_model(name):
-                raise VitqError(f"unknown model {name!r}; allowed: 'demo', a timm name, or 'torchvision:<name>'")
+        coreml_bench.check_model_name(name)
     records = coreml_bench.run(names, ws.root / args.out, ws.root)
     print(coreml_bench.table(records))
     print(f"wrote {args.out}")

@@ -207,13 +207,6 @@ def convert(program, input_name: str = "image", output_name: str = "logits"):
     return ct.models.MLModel(spec, weights_dir=ml.weights_dir, skip_model_load=True)
 
 
-def package_size_mb(path: Path) -> float:
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size / 2**20
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
-
-
 @dataclass(frozen=True)
 class CoverageRow:
     layer: str  # torch module path (from the exported program), or the MIL op name
