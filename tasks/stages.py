@@ -109,9 +109,11 @@ def validate_one(ws: Workspace, p: Params, name: str) -> validate.ValidationResu
     if art.recipe["scheme"] == "static" and p.validate_.error_report_images:
         spec = model.load_model_spec(ws.model_dir)
         images = data.load_split(ws.data_dir, "calibration").images[: p.validate_.error_report_images]
-        own_float = quantize.variant_dir(ws.variants_dir, name) / "float.prep.onnx"  # smoothquant/qat weights
+        own_float = folder / "float.prep.onnx"  # smoothquant/qat weights
         float_ref = own_float if own_float.is_file() else ws.export_dir / "model.prep.onnx"
-        rows = error_report.tensor_errors(float_ref, path, data.model_inputs(images, spec.mean, spec.std))
+        # On the Q/DQ graph, not the served file: a fused form (model.ort.onnx) or an engine has no Q/DQ pairs left.
+        qdq = folder / art.qdq_artifact
+        rows = error_report.tensor_errors(float_ref, qdq, data.model_inputs(images, spec.mean, spec.std))
         csv_path, png_path = error_report_paths(ws, name)
         error_report.write_error_report(rows, csv_path, png_path, name)
     return result
