@@ -11,6 +11,7 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from prefect import flow, task
@@ -20,10 +21,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import tracking
 from flows.dvc_state import DvcStages
+from flows.prefect_server import ensure_api
 from tasks import stages
 from tasks.layout import Workspace
 from tasks.model import load_model_spec
 from tasks.targets import worker_tags
+from vitq import interrupt
 from vitq.config import Params, load_params
 
 log = logging.getLogger("vitq.flow")
@@ -39,7 +42,8 @@ def stage_task(name: str, ws: Workspace, params: Params) -> None:
 
 @task(cache_policy=NO_CACHE)
 def quantize_task(ws: Workspace, recipe: str) -> None:
-    stages.quantize_one(ws, recipe)
+    with interrupt.running(recipe):
+        stages.quantize_one(ws, recipe)
 
 
 @task(cache_policy=NO_CACHE)
@@ -52,16 +56,22 @@ def benchmark_task(ws: Workspace) -> None:
     """Timing runs in its own process, as under `dvc repro`: the flow's own threads (Prefect's
     event and log shipping) would otherwise land inside the measured runs of sub-ms models."""
     cmd = [sys.executable, "-m", "vitq.cli", "stage", "benchmark", "--workdir", str(ws.root)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout.splitlines():
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    forget = interrupt.on_interrupt(proc.kill)  # when only this process was signalled, not its group
+    try:
+        out, _ = proc.communicate()
+    finally:
+        forget()
+    for line in out.splitlines():
         log.info("%s", line)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark stage failed (exit {proc.returncode}): {proc.stdout.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"benchmark stage failed (exit {proc.returncode}): {out.strip().splitlines()[-1:]}")
 
 
 @task(cache_policy=NO_CACHE)
 def validate_task(ws: Workspace, params: Params, recipe: str) -> None:
-    stages.validate_one(ws, params, recipe)
+    with interrupt.running(recipe):
+        stages.validate_one(ws, params, recipe)
 
 
 class _Runner:
@@ -74,18 +84,24 @@ class _Runner:
 
     def stale(self, name: str) -> bool:
         if self.force or not self.dvc.is_fresh(name):
+            interrupt.begin_stage(name)  # what an interruption names, until `done`
+            log.info("%s: running", name)
             return True
         log.info("%s: up to date (dvc.lock), skipped", name)
         return False
 
     def done(self, name: str) -> None:
-        self.dvc.commit(name)
+        with interrupt.deferred():  # dvc.lock is written in place: never cut it in half
+            self.dvc.commit(name)
+        interrupt.end_stage(name)
         self.ran.append(name)
 
 
 @flow(name="vitq-pipeline")
 def vitq_pipeline(root: str, force: bool = False) -> dict:
     ws = Workspace(Path(root))
+    if threading.current_thread() is threading.main_thread():
+        interrupt.install(ws.root)  # Prefect swapped in its own SIGTERM handler for the flow run
     params = load_params(ws.params_file)
     run = _Runner(ws, force)
     cpu = ["worker:cpu"]
@@ -131,14 +147,16 @@ def vitq_pipeline(root: str, force: bool = False) -> dict:
     stage_metrics = {"fp32_top1_torch": spec.top1} if spec.top1 is not None else {}
     export = stages.export.load_export_result(ws.export_dir)
     stage_metrics["export_max_abs_diff"] = export.max_abs_diff
-    run_id = tracking.log_pipeline_run(ws, params, summary, stage_metrics, run.ran, run_key=str(flow_run.id),
-                                      extra_tags={"orchestration": "embedded"})
+    with interrupt.stage("MLflow record"):
+        run_id = tracking.log_pipeline_run(ws, params, summary, stage_metrics, run.ran, run_key=str(flow_run.id),
+                                          extra_tags={"orchestration": "embedded"})
     log.info("MLflow: parent run %s (%s)", run_id, tracking.configure(ws))
     return summary
 
 
 def run_pipeline(root: Path, params: Params, force: bool = False) -> dict:
     """Run the flow with `params.max_workers` concurrent variant tasks (Prefect's temporary server
-    when PREFECT_API_URL is unset)."""
+    when PREFECT_API_URL is unset, started in a session of its own so Ctrl-C reaches only this process)."""
+    ensure_api()
     runner = ThreadPoolTaskRunner(max_workers=params.max_workers)
     return vitq_pipeline.with_options(task_runner=runner)(str(root), force)

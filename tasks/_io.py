@@ -11,12 +11,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+# Name part of every temporary entry a stage writes beside its outputs (`.model.onnx.tmp-x1y2`);
+# `remove_partial_outputs` finds what an interrupted or killed run left by it.
+PARTIAL_MARK = ".tmp-"
+OUTPUT_ROOTS = ("data", "models", "artifacts", "reports")  # the workspace folders stages write to
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp directory beside `final`; on success it replaces `final`, on error it is removed."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{PARTIAL_MARK}", dir=final.parent))
     try:
         yield tmp
     except BaseException:
@@ -35,7 +41,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
     """Yield a temp file path beside `final`; on success it is renamed onto `final`."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}{PARTIAL_MARK}", dir=final.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -45,6 +51,21 @@ def atomic_file(final: Path) -> Iterator[Path]:
         raise
     tmp.chmod(0o644)  # mkstemp makes it 0600
     os.replace(tmp, final)
+
+
+def remove_partial_outputs(root: Path) -> list[Path]:
+    """Remove the temporary entries of unfinished writes under the workspace's output folders (left
+    by an interrupted or killed run; DVC would otherwise hash them into the stage's outputs)."""
+    removed = []
+    for top in OUTPUT_ROOTS:
+        for parent, dirs, files in os.walk(Path(root) / top):
+            for name in [*dirs, *files]:
+                if name.startswith(".") and PARTIAL_MARK in name:
+                    path = Path(parent) / name
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                    removed.append(path)
+            dirs[:] = [d for d in dirs if not (d.startswith(".") and PARTIAL_MARK in d)]
+    return removed
 
 
 def write_json(path: Path, obj) -> None:

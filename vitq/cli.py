@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from vitq import interrupt
 from vitq.errors import VitqError
 
 STAGE_NAMES = ("data", "model", "export", "calibrate", "quantize", "validate", "benchmark", "report")
@@ -247,12 +248,15 @@ def main(argv: list[str] | None = None) -> int:
             from vitq.config import load_params
 
             ws = _workspace(args.workdir)
-            result = STAGES[args.name](ws, load_params(ws.params_file))
+            _take_signals(ws)
+            with interrupt.stage(args.name):
+                result = STAGES[args.name](ws, load_params(ws.params_file))
             if isinstance(result, str):  # the report stage's table
                 print(result)
             return 0
         if args.command == "run":
             ws = _workspace(args.workdir)
+            _take_signals(ws)
             from vitq.config import load_params
 
             params = load_params(ws.params_file)  # fail fast, before any server starts
@@ -274,7 +278,20 @@ def main(argv: list[str] | None = None) -> int:
     except VitqError as exc:
         print(f"vitq: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # commands without a teardown of their own (bench, recovery, ...)
+        print(f"vitq: interrupted during {interrupt.describe()}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _take_signals(ws) -> None:
+    """`run` and `stage`: Ctrl-C / SIGTERM end the command within seconds, naming the stage
+    (`vitq.interrupt`); first remove what a killed run may have left half-written."""
+    from tasks._io import remove_partial_outputs
+
+    interrupt.install(ws.root)
+    for path in remove_partial_outputs(ws.root):
+        logging.getLogger("vitq").info("removed %s (left by an interrupted run)", path.relative_to(ws.root))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import torch
 
-from tasks._io import read_json, write_json
+from tasks._io import PARTIAL_MARK, read_json, write_json
 from tasks.backends import onnx as onnx_backend
 from tasks.recovery import calib_search, layers as layer_map
 from tasks.recovery.layers import Layer
@@ -287,4 +287,4 @@ def layer_precision(layers: list[Layer], quantized: onnx.ModelProto) -> dict:
 
 
 def scratch_dir(parent: Path):
-    return tempfile.TemporaryDirectory(prefix=".recovery-", dir=parent)
+    return tempfile.TemporaryDirectory(prefix=f".recovery{PARTIAL_MARK}", dir=parent)

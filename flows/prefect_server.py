@@ -1,0 +1,66 @@
+"""Prefect's temporary local server, started in a session of its own.
+
+Without PREFECT_API_URL, Prefect starts a temporary server as a child process of `vitq run`, in
+the terminal's process group: Ctrl-C reached the server too, which exited while the flow went on
+and hung on a dead API. Here the same server (Prefect's own `SubprocessASGIServer`, the instance
+Prefect's clients look up) is started in a new session, so a terminal's signals reach only `vitq
+run`, which stops the server itself, normally or when interrupted (`vitq.interrupt`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from unittest import mock
+
+from vitq import interrupt
+
+
+def ensure_api() -> None:
+    """Start the temporary server in its own session unless PREFECT_API_URL names a server."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    server = _own_session_server()
+    server.start()
+    interrupt.on_interrupt(lambda: _kill_group(server))
+
+
+def _own_session_server():
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class OwnSessionServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            # Prefect builds the command and environment; only the session is ours to set.
+            own_session = _popen_in_new_session(subprocess.Popen)
+            with mock.patch.object(subprocess, "Popen", own_session):
+                return super()._run_uvicorn_command()
+
+    # SubprocessASGIServer keeps one instance per port (None: "any free port") in a class-level
+    # dict; created first, this one is what Prefect's clients get from `SubprocessASGIServer()`.
+    return OwnSessionServer()
+
+
+def _popen_in_new_session(popen):
+    def start(*args, **kwargs):
+        return popen(*args, start_new_session=True, **kwargs)
+
+    return start
+
+
+def _kill_group(server) -> None:
+    """SIGTERM the server's process group, SIGKILL what is left after 3 s."""
+    proc = server.server_process
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
