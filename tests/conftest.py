@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,9 +65,17 @@ def vitq(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.Completed
     )
 
 
+def _listing(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(f.relative_to(root)): (f.stat().st_size, f.stat().st_mtime_ns) for f in root.rglob("*") if f.is_file()}
+
+
 @pytest.fixture(scope="session")
-def staged_workspace(tmp_path_factory) -> Path:
-    """A workspace with data, model, export and calibration stages run (no DVC, no Prefect)."""
+def staged_workspace(tmp_path_factory) -> Iterator[Path]:
+    """A workspace with data, model, export and calibration stages run (no DVC, no Prefect).
+
+    Read-only, shared by every module: a module that runs stages on it takes `workspace_copy(...)`,
+    so what one module writes (variants, validation results) never reaches another and no test
+    depends on the order modules run in. Teardown fails if anything in it changed."""
     from tasks import stages
     from tasks.layout import Workspace
     from vitq.config import parse_params
@@ -74,4 +84,17 @@ def staged_workspace(tmp_path_factory) -> Path:
     ws, p = Workspace(root), parse_params(tiny_params())
     for name in ("data", "model", "export", "calibrate"):
         stages.STAGES[name](ws, p)
-    return root
+    before = _listing(root)
+    yield root
+    after = _listing(root)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"a test wrote into the shared staged_workspace (use workspace_copy): {changed[:10]}"
+
+
+def workspace_copy(staged: Path, tmp_path_factory, name: str):
+    """A private copy of the staged workspace (a `Workspace`) for a module that runs stages on it."""
+    from tasks.layout import Workspace
+
+    root = tmp_path_factory.mktemp(name) / "ws"
+    shutil.copytree(staged, root)
+    return Workspace(root)

@@ -20,15 +20,13 @@ from tasks.layout import Workspace
 from vitq.config import parse_params
 from vitq.recipes import get_recipe
 
-from conftest import tiny_params, vitq
+from conftest import tiny_params, vitq, workspace_copy
 
 
 @pytest.fixture(scope="module")
 def coreml_ws(staged_workspace, tmp_path_factory) -> Workspace:
     """A copy of the staged workspace with the three Core ML variants quantized and validated."""
-    root = tmp_path_factory.mktemp("coreml") / "ws"
-    shutil.copytree(staged_workspace, root)
-    ws, p = Workspace(root), parse_params(tiny_params())
+    ws, p = workspace_copy(staged_workspace, tmp_path_factory, "coreml"), parse_params(tiny_params())
     stages.validate_reference(ws, p)
     for name in ("coreml-fp16", "coreml-w8", "coreml-w8a8"):
         stages.quantize_one(ws, name)
@@ -140,14 +138,18 @@ def test_ops_the_quantizer_cannot_handle_are_reported():
 
 
 class _FakeMLModel:
-    """Stands in for coremltools.models.MLModel on Linux: records feeds, returns fixed logits."""
+    """Stands in for coremltools.models.MLModel on Linux: records feeds (and, given a shared `calls`
+    list, its name per call, so the order across models shows), returns fixed logits."""
 
-    def __init__(self, classes: int = 3):
+    def __init__(self, classes: int = 3, name: str = "", calls: list[str] | None = None):
         self.feeds: list[dict] = []
         self.classes = classes
+        self.name, self.calls = name, calls
 
     def predict(self, feed: dict) -> dict:
         self.feeds.append(feed)
+        if self.calls is not None:
+            self.calls.append(self.name)
         x = feed["image"]
         return {"logits": np.full((1, self.classes), float(x.sum()), dtype=np.float32)}
 
@@ -173,32 +175,86 @@ def test_timing_interleaves_models_and_records_compute_units(monkeypatch, tmp_pa
     timings, why = coreml.benchmark_packages(packages, np.zeros((1, 1, 2, 2), np.float32), cfg)
     assert timings == {} and set(why) == set(packages) and "macos" in why["coreml-w8a8"]
 
-    fakes = {name: _FakeMLModel() for name in packages}
+    calls: list[str] = []
+    loaded: list[tuple[str, str]] = []
+    fakes = {name: _FakeMLModel(name=name, calls=calls) for name in packages}
+
+    def load(path, units):
+        loaded.append((Path(path).name, units))
+        return fakes[Path(path).name]
+
     monkeypatch.setattr(sys, "platform", "darwin")
-    monkeypatch.setattr(backend, "load_for_prediction", lambda path, units: fakes[Path(path).name])
+    monkeypatch.setattr(backend, "load_for_prediction", load)
     timings, why = coreml.benchmark_packages(packages, np.zeros((1, 1, 2, 2), np.float32), cfg)
     assert why == {} and set(timings) == set(packages)
+    assert sorted(loaded) == [(name, cfg.coreml_compute_units) for name in sorted(packages)]
     t = timings["coreml-w8a8"]
     assert t.baseline == "coreml-fp16" and t.device == "coreml:ALL" and t.runs == cfg.repeats
     assert t.size_mb == pytest.approx(1024 / 2**20)
     assert all(len(f.feeds) == cfg.warmup + cfg.repeats for f in fakes.values())
+    # Timed calls go in rounds, each model's block once per round: fp16, w8a8, fp16, w8a8 (not all
+    # of fp16's runs, then all of w8a8's), so drift during the run reaches every model alike.
+    assert cfg.rounds >= 2, "interleaving only shows with two rounds or more"
+    per_round = cfg.repeats // cfg.rounds
+    timed = calls[len(packages) * cfg.warmup:]
+    assert timed == [name for _ in range(cfg.rounds) for name in packages for _ in range(per_round)], timed
 
 
 def test_validation_on_macos_compares_core_ml_outputs(coreml_ws, monkeypatch):
+    """The stand-in for Core ML returns FP32's logits with the top two classes swapped on every 4th
+    image: the metrics must be exactly those of that perturbation, not the torch counterpart's."""
+    import json
+
+    from tasks.data import load_split
+    from tasks.validate import load_validation
+
     p = parse_params(tiny_params())
-    logits = np.load(coreml_ws.validation_dir / "fp32.npy")
+    ref = np.load(coreml_ws.validation_dir / "fp32.npy")
+    labels = load_split(coreml_ws.data_dir, "validation").labels
+    ref_top1 = load_validation(coreml_ws.validation_dir, "fp32").metrics.top1
+    n = len(ref)
+    order = np.argsort(ref, axis=1)
+    first, second = order[:, -1], order[:, -2]
+    flipped = np.arange(0, n, 4)
+    perturbed = ref.copy()
+    top, runner_up = ref[flipped, first[flipped]], ref[flipped, second[flipped]]
+    perturbed[flipped, first[flipped]], perturbed[flipped, second[flipped]] = runner_up, top
+    assert np.all(top > runner_up), "a tie would not flip"
+    predicted = first.copy()
+    predicted[flipped] = second[flipped]
+    gap = top.astype(np.float64) - runner_up
+    expected_agreement = 1.0 - len(flipped) / n
+    expected_top1 = float(np.mean(predicted == labels))
+    # noise: in each flipped row two entries moved by the gap between them
+    expected_sqnr_db = 10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum(2 * gap**2))
+
+    seen = []
+
+    def fake_predict_coreml(package, x, units):
+        seen.append((Path(package), x.shape, units))
+        return perturbed.copy()
+
     monkeypatch.setattr(sys, "platform", "darwin")
-    monkeypatch.setattr(coreml, "predict_coreml", lambda package, x, units: logits.copy())
+    monkeypatch.setattr(coreml, "predict_coreml", fake_predict_coreml)
     out = coreml_ws.root / "validation-mac"  # beside, so the Linux results stay as they are
     out.mkdir(exist_ok=True)
     for f in ("fp32.npy", "fp32.json"):
         shutil.copy(coreml_ws.validation_dir / f, out / f)
+    folder = coreml_ws.variants_dir / "coreml-w8a8"
     v = coreml.validate_variant(
-        "coreml-w8a8", coreml_ws.variants_dir / "coreml-w8a8", coreml_ws.model_dir, coreml_ws.data_dir,
-        p.validate_, out, "CPU_ONLY",
+        "coreml-w8a8", folder, coreml_ws.model_dir, coreml_ws.data_dir, p.validate_, out, "CPU_ONLY",
     )
-    assert v.runtime == "coreml (CPU_ONLY)" and v.not_measured == {}
-    assert v.metrics.agreement == 1.0 and "torch_counterpart" in v.details
+    assert seen == [(folder / "model.mlpackage", (n, 1, 32, 32), "CPU_ONLY")]
+    assert v.runtime == "coreml (CPU_ONLY)" and v.not_measured == {} and v.images == n
+    m = v.metrics
+    assert m.agreement == pytest.approx(expected_agreement, abs=1e-12), m
+    assert m.top1 == pytest.approx(expected_top1, abs=1e-12), m
+    assert m.top1_drop == pytest.approx(100 * (ref_top1 - expected_top1), abs=1e-6), m
+    assert m.sqnr_db == pytest.approx(expected_sqnr_db, rel=1e-6), m
+    # the torch counterpart's metrics are kept beside, as details, and are not these
+    assert v.details["torch_counterpart"]["sqnr_db"] != pytest.approx(m.sqnr_db)
+    saved = json.loads((out / "coreml-w8a8.json").read_text())
+    assert saved["runtime"] == "coreml (CPU_ONLY)" and saved["metrics"]["agreement"] == m.agreement
 
 
 def test_coreml_bench_rejects_an_unknown_model(tmp_path):
@@ -208,11 +264,22 @@ def test_coreml_bench_rejects_an_unknown_model(tmp_path):
     assert not (tmp_path / "reports").exists()
 
 
+def _layer_norm_gammas(package: Path) -> list[np.ndarray]:
+    """The scale (gamma) of every layer_norm op in a saved ML program, as float32."""
+    program = backend.load_program(package)
+    return [np.asarray(op.inputs["gamma"].val, np.float32) for fn in program.functions.values()
+            for op in fn.operations if op.op_type == "layer_norm"]
+
+
 def test_recipe_reusing_a_recovery_decision_applies_it_to_core_ml(coreml_ws):
     """coreml-w8a8-auto leaves in FP16 exactly what onnx-w8a8-auto left in float; -smoothquant converts
     the smoothed weights that variant saved."""
     from tasks import quantize
     from tasks._io import write_json
+    from tasks.data import load_split, model_inputs
+    from tasks.model import load_model
+    from tasks.recovery.simulate import input_amax
+    from tasks.recovery.smoothquant import smooth, smoothing_pairs
     from vitq.errors import VitqError
 
     vdir = coreml_ws.variants_dir
@@ -231,13 +298,37 @@ def test_recipe_reusing_a_recovery_decision_applies_it_to_core_ml(coreml_ws):
     assert 0.5 < art.int8_mac_fraction < 1.0 and art.int8_weight_fraction < 1.0
     assert quantize.load_variant(vdir, "coreml-w8a8").int8_mac_fraction == 1.0
 
-    (vdir / "onnx-w8a8-smoothquant").mkdir(exist_ok=True)
-    write_json(vdir / "onnx-w8a8-smoothquant" / "variant.json", {"float_layers": []})
-    shutil.copytree(coreml_ws.model_dir, vdir / "onnx-w8a8-smoothquant" / "torch")
+    # What onnx-w8a8-smoothquant saves: the FP32 model smoothed (alpha 0.5, per-channel input ranges
+    # from the calibration images), so the norms' scales and the Linears' columns differ from FP32's.
+    original, spec = load_model(coreml_ws.model_dir)
+    smoothed, _ = load_model(coreml_ws.model_dir)
+    pairs = smoothing_pairs(smoothed)
+    x = model_inputs(load_split(coreml_ws.data_dir, "calibration").images, spec.mean, spec.std)
+    smooth(smoothed, pairs, input_amax(smoothed, [lin for _, lin in pairs], x, per_channel=True), alpha=0.5)
+    sq = vdir / "onnx-w8a8-smoothquant"
+    (sq / "torch").mkdir(parents=True)
+    write_json(sq / "variant.json", {"float_layers": []})
+    torch.save(smoothed.state_dict(), sq / "torch" / "model.pt")
+    shutil.copy(coreml_ws.model_dir / "model.json", sq / "torch" / "model.json")
+    norms = [norm for norm, _ in pairs]
+    for norm in norms:
+        w0, w1 = original.get_submodule(norm).weight.detach(), smoothed.get_submodule(norm).weight.detach()
+        assert (w1 / w0 - 1).abs().max() > 0.1, f"smoothing left {norm} (nearly) as it was"
+
     coreml.quantize_variant(get_recipe("coreml-w8a8-smoothquant"), coreml_ws.model_dir, coreml_ws.data_dir, vdir)
-    facts = __import__("json").loads((vdir / "coreml-w8a8-smoothquant" / "coreml.json").read_text())
+    folder = vdir / "coreml-w8a8-smoothquant"
+    facts = __import__("json").loads((folder / "coreml.json").read_text())
     assert facts["reuses"]["weights"].endswith("onnx-w8a8-smoothquant/torch")
     assert facts["float_layers"] == []  # attention matmuls are quantized: only auto's search keeps them float
+    # The ML program and the torch program it came from carry the smoothed norms, not FP32's.
+    gammas = _layer_norm_gammas(folder / "model.mlpackage")
+    program = torch.export.load(str(folder / "model.pt2")).state_dict
+    for norm in norms:
+        w0 = original.get_submodule(norm).weight.detach().numpy()
+        w1 = smoothed.get_submodule(norm).weight.detach().numpy()
+        assert any(np.allclose(g, w1, rtol=2e-3, atol=1e-4) for g in gammas), f"{norm}: smoothed scale not in the ML program"
+        assert not any(np.allclose(g, w0, rtol=2e-3, atol=1e-4) for g in gammas), f"{norm}: FP32's scale in the ML program"
+        np.testing.assert_array_equal(program[f"{norm}.weight"].detach().numpy(), w1)
 
 
 def test_coreml_bench_rejects_an_unknown_torchvision_model_before_converting(tmp_path):

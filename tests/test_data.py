@@ -1,3 +1,5 @@
+from collections import Counter
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,9 +20,31 @@ def test_digits_splits_are_disjoint_deterministic_and_labelled(tmp_path):
     splits = {n: load_split(tmp_path / "a", n) for n in ("train", "calibration", "validation")}
     assert splits["validation"].images.shape == (300, 32, 32, 1)
     assert set(np.unique(splits["validation"].labels)) == set(range(10))
-    # No image is in two splits (digits has a few exact duplicates, so compare by count of unique rows).
-    flat = {n: {s.tobytes() for s in sp.images} for n, sp in splits.items()}
-    assert len(flat["validation"] & flat["calibration"]) <= 2
+    # No source image is in two splits. The splits keep no indices, so identify images by content:
+    # every digits image is distinct (checked below), so equal content means the same source image.
+    source = _digits_source(cfg)
+    seen = {n: [(bytes(img), int(y)) for img, y in zip(sp.images, sp.labels)] for n, sp in splits.items()}
+    for a, b in (("train", "validation"), ("calibration", "validation"), ("train", "calibration")):
+        shared = set(seen[a]) & set(seen[b])
+        assert not shared, f"{len(shared)} {a} images are also in {b}"
+    # Together the splits are the whole dataset, each image once: calibration (like train) comes from
+    # the images validation left, never from validation's.
+    together = Counter(seen["train"] + seen["calibration"] + seen["validation"])
+    assert together == source
+
+
+def _digits_source(cfg: DataConfig) -> Counter:
+    """(image bytes, label) of every digits image, through the data stage's own resize."""
+    from sklearn.datasets import load_digits
+
+    from tasks.data import _resize
+
+    digits = load_digits()
+    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    images = [_resize(Image.fromarray(p), cfg.image_size, cfg.channels) for p in pixels]
+    source = Counter(zip(map(bytes, images), digits.target.tolist()))
+    assert len(source) == len(digits.target) == 1797, "digits images are no longer distinct: compare by index"
+    return source
 
 
 def test_model_inputs_normalise_to_nchw():

@@ -5,16 +5,15 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import tiny_params
+from conftest import tiny_params, workspace_copy
 from tasks import stages
 from tasks.calibrate import table_path
-from tasks.layout import Workspace
 from vitq.config import parse_params
 
 
 @pytest.fixture(scope="module")
-def ws(staged_workspace):
-    return Workspace(staged_workspace)
+def ws(staged_workspace, tmp_path_factory):
+    return workspace_copy(staged_workspace, tmp_path_factory, "quantize")  # writes variants
 
 
 def _inits(model):

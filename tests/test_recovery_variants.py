@@ -9,18 +9,17 @@ import onnx
 import pytest
 import torch
 
-from conftest import tiny_params
+from conftest import tiny_params, workspace_copy
 from tasks import stages
 from tasks.conformance import check_qdq
-from tasks.layout import Workspace
 from tasks.recovery import float_layers
 from tasks.recovery.layers import quantizable_layers
 from vitq.config import parse_params
 
 
 @pytest.fixture(scope="module")
-def ws(staged_workspace):
-    return Workspace(staged_workspace)
+def ws(staged_workspace, tmp_path_factory):
+    return workspace_copy(staged_workspace, tmp_path_factory, "recovery")  # writes variants
 
 
 def _dq_fed(model: onnx.ModelProto) -> set[str]:
