@@ -21,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import tracking
 from flows.dvc_state import DvcStages
-from flows.prefect_server import ensure_api
+from flows.prefect_server import prefect_api
 from tasks import stages
 from tasks.layout import Workspace
 from tasks.model import load_model_spec
@@ -157,6 +157,6 @@ def vitq_pipeline(root: str, force: bool = False) -> dict:
 def run_pipeline(root: Path, params: Params, force: bool = False) -> dict:
     """Run the flow with `params.max_workers` concurrent variant tasks (Prefect's temporary server
     when PREFECT_API_URL is unset, started in a session of its own so Ctrl-C reaches only this process)."""
-    ensure_api()
     runner = ThreadPoolTaskRunner(max_workers=params.max_workers)
-    return vitq_pipeline.with_options(task_runner=runner)(str(root), force)
+    with prefect_api():
+        return vitq_pipeline.with_options(task_runner=runner)(str(root), force)

@@ -13,20 +13,36 @@ import contextlib
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from unittest import mock
 
 from vitq import interrupt
 
 
-def ensure_api() -> None:
-    """Start the temporary server in its own session unless PREFECT_API_URL names a server."""
-    from prefect.settings import PREFECT_API_URL
+@contextlib.contextmanager
+def prefect_api() -> Iterator[None]:
+    """Inside: a Prefect API. PREFECT_API_URL's server when it names one; otherwise the temporary
+    server in a session of its own, named as the API URL for every client (an empty PREFECT_API_URL
+    would otherwise send events to no address), stopped on the way out or on an interruption."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
+        yield
         return
     server = _own_session_server()
     server.start()
-    interrupt.on_interrupt(lambda: _kill_group(server))
+    forget = interrupt.on_interrupt(lambda: _kill_group(server))
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+            for worker in (APILogWorker, EventsWorker):  # deliver what is queued while the server is up
+                worker.drain_all(timeout=10)
+    finally:
+        _kill_group(server)
+        server.stop()  # forgets Prefect's instance
+        forget()
 
 
 def _own_session_server():

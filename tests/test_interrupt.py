@@ -1,0 +1,119 @@
+"""Ctrl-C and SIGTERM sent to a real `vitq run`'s process group in the middle of a stage: exit within
+10 s with 128 + signal and one line naming the stage, no process left (the temporary Prefect server
+included), nothing half-written, and the next run continues from the last completed stage."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import VITQ, make_workspace, run_env, tiny_params
+from tasks._io import PARTIAL_MARK, remove_partial_outputs
+from vitq import interrupt
+
+
+def _processes_of(env_home: str) -> list[psutil.Process]:
+    """Processes started with this test's PREFECT_HOME (vitq itself, the server, a timing subprocess)."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("PREFECT_HOME") == env_home:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _interrupt_at(ws: Path, marker: str, sig: signal.Signals) -> tuple[int, float, list[str]]:
+    """Start `vitq run`, send `sig` to its process group as soon as `marker` is logged."""
+    env = run_env(ws)
+    proc = subprocess.Popen([VITQ, "run"], cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if marker in line:
+            break
+    else:
+        pytest.fail(f"{marker!r} never logged; run ended with {proc.wait()}: " + "\n".join(lines[-30:]))
+    sent = time.monotonic()
+    os.killpg(proc.pid, sig)
+    try:
+        rest, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"vitq run still alive 30 s after {sig.name}")
+    return proc.returncode, time.monotonic() - sent, lines + rest.splitlines()
+
+
+def _assert_clean_stop(ws: Path, rc: int, seconds: float, lines: list[str], sig: signal.Signals, stage: str):
+    assert rc == 128 + sig, (rc, lines[-20:])
+    assert seconds < 10, f"took {seconds:.1f} s to stop"
+    said = [line for line in lines if line.startswith("vitq: interrupted")]
+    assert len(said) == 1 and f"by {sig.name} during stage '{stage}'" in said[0], lines[-20:]
+    assert not any("Traceback" in line for line in lines), "\n".join(lines[-40:])
+    deadline = time.monotonic() + 5
+    while (left := _processes_of(run_env(ws)["PREFECT_HOME"])) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, [p.cmdline() for p in left]
+    partial = [p for top in ("data", "models", "artifacts", "reports") for p in (ws / top).rglob(f"*{PARTIAL_MARK}*")]
+    assert not partial, partial
+
+
+@pytest.mark.slow
+def test_interrupted_run_stops_cleanly_and_the_next_run_continues(tmp_path):
+    ws = make_workspace(tmp_path / "ws", tiny_params(quantize={"recipes": ["onnx-w8-dynamic", "onnx-w8a8-minmax"]}))
+
+    rc, seconds, lines = _interrupt_at(ws, "calibrate: running", signal.SIGINT)
+    _assert_clean_stop(ws, rc, seconds, lines, signal.SIGINT, "calibrate")
+    assert any("export: running" in line for line in lines)
+
+    rc, seconds, lines = _interrupt_at(ws, "quantize: running", signal.SIGTERM)
+    _assert_clean_stop(ws, rc, seconds, lines, signal.SIGTERM, "quantize")
+    for name in ("data", "model", "export"):  # finished before the first interruption
+        assert f"{name}: up to date (dvc.lock), skipped" in lines
+    assert "calibrate: running" in lines  # interrupted the first time: not recorded, so rerun
+
+    done = subprocess.run([VITQ, "run"], cwd=ws, env=run_env(ws), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("data", "model", "export", "calibrate"):
+        assert f"{name}: up to date (dvc.lock), skipped" in done.stderr + done.stdout
+    for name in ("quantize", "validate", "benchmark", "report"):
+        assert f"{name}: running" in done.stderr + done.stdout
+    assert (ws / "reports" / "summary.json").is_file()
+
+
+def test_partial_outputs_are_found_and_removed(tmp_path):
+    kept = tmp_path / "artifacts" / "variants" / "onnx-w8a8-minmax" / "model.onnx"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("done")
+    half = tmp_path / "artifacts" / "variants" / f".onnx-w8a8-auto{PARTIAL_MARK}x1y2"
+    (half / "nested").mkdir(parents=True)
+    stray = tmp_path / "reports" / f".summary.json{PARTIAL_MARK}abc"
+    stray.parent.mkdir()
+    stray.write_text("{")
+    outside = tmp_path / f".elsewhere{PARTIAL_MARK}keep"  # not an output folder: not ours to remove
+    outside.write_text("")
+    assert sorted(remove_partial_outputs(tmp_path)) == sorted([half, stray])
+    assert kept.is_file() and outside.exists() and not half.exists() and not stray.exists()
+
+
+def test_a_signal_inside_deferred_waits_for_the_block(monkeypatch):
+    handled = []
+    monkeypatch.setattr(interrupt.os, "_exit", lambda code: handled.append(code))
+    monkeypatch.setattr(interrupt, "_cleanups", {})
+    monkeypatch.setattr(interrupt, "_workspace", [])
+    try:
+        with interrupt.deferred():
+            interrupt._handle(signal.SIGINT, None)
+            assert handled == []  # e.g. DVC writing dvc.lock: not cut in half
+        assert handled == [130]
+    finally:
+        for sig in interrupt.HANDLED:
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
