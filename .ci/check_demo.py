@@ -1,0 +1,58 @@
+"""Checks of `make demo`'s result for .ci/run, from the workspace's own params.yaml.
+
+    check_demo.py summary        reports/summary.json has the baseline and every configured recipe
+    check_demo.py skipped LOG    the rerun's log says every stage was skipped and none ran
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tasks.stages import STAGES, plan_variants
+from vitq.config import load_params
+
+
+def check_summary(root: Path) -> list[str]:
+    params = load_params(root / "params.yaml")
+    summary = json.loads((root / "reports" / "summary.json").read_text())
+    problems = []
+    base = summary.get("baseline", {})
+    if not (isinstance(base.get("top1"), float) and base.get("size_mb", 0) > 0 and base.get("latency_ms_p50")):
+        problems.append(f"baseline incomplete: {base}")
+    runnable, not_run = plan_variants(params)
+    variants = {v["name"]: v for v in summary.get("variants", [])}
+    reported_not_run = {n["name"] for n in summary.get("not_run", [])}
+    for name in runnable:
+        v = variants.get(name)
+        if v is None:
+            problems.append(f"configured recipe {name} has no variant in summary.json")
+        elif not (v["size_mb"] > 0 and isinstance(v["agreement"], float) and Path(root, v["artifact"]).exists()):
+            problems.append(f"variant {name} incomplete: {v}")
+    for name in not_run:
+        if name not in reported_not_run:
+            problems.append(f"recipe {name} cannot run here but summary.json does not say why")
+    extra = set(variants) - set(runnable)
+    if extra:
+        problems.append(f"summary.json has variants nobody configured: {sorted(extra)}")
+    print(f"ci: summary.json: baseline top-1 {base.get('top1')}, {len(variants)} variants, "
+          f"{len(reported_not_run)} not run here")
+    return problems
+
+
+def check_skipped(log: Path) -> list[str]:
+    text = log.read_text()
+    skipped = [s for s in STAGES if f"{s}: up to date (dvc.lock), skipped" in text]
+    problems = [f"stage {s} was not reported skipped" for s in STAGES if s not in skipped]
+    problems += [f"stage {s} ran on a rerun with nothing changed" for s in STAGES if f"{s}: running" in text]
+    print(f"ci: rerun: {len(skipped)} of {len(STAGES)} stages skipped")
+    return problems
+
+
+if __name__ == "__main__":
+    root = Path.cwd()
+    found = check_summary(root) if sys.argv[1] == "summary" else check_skipped(Path(sys.argv[2]))
+    for p in found:
+        print(f"ci: {p}", file=sys.stderr)
+    sys.exit(1 if found else 0)
