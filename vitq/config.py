@@ -50,7 +50,8 @@ class TrainConfig(_Strict):
 
 class ModelConfig(_Strict):
     # train: build `name` with `arch` overrides and train it on the training split;
-    # timm: `timm.create_model(name, pretrained=..., checkpoint_path=checkpoint)`.
+    # timm: `timm.create_model(name)`, then `checkpoint` loaded strictly (every key and shape must
+    # fit; tasks/model.py), or timm's hub weights with `pretrained` and no checkpoint.
     source: Literal["train", "timm"] = "train"
     name: str = "vit_digits_patch4_32"  # a timm model name (vitq registers the digits ViT with timm)
     pretrained: bool = False
