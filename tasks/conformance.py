@@ -35,7 +35,7 @@ ORT_ONLY_QUANT_OPS = frozenset(
 )
 _WEIGHT_AXIS = {"MatMul": lambda node, rank: rank - 1, "Conv": lambda node, rank: 0,
                 "ConvTranspose": lambda node, rank: 1,
-                "Gemm": lambda node, rank: 0 if _attr(node, "transB", 0) else 1}
+                "Gemm": lambda node, rank: 0 if node_attr(node, "transB", 0) else 1}
 
 
 @dataclass(frozen=True)
@@ -55,18 +55,20 @@ class QdqConformanceError(RuntimeError):
         super().__init__(f"Q/DQ graph is not valid for TensorRT: {violations[0]}{more}")
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
+def node_attr(node: onnx.NodeProto, name: str, default):
+    """Attribute `name` of `node`, or `default`."""
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
     return default
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+def graph_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every initializer and Constant output of the graph, by name."""
     consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.output:
-            value = _attr(node, "value", None)
+            value = node_attr(node, "value", None)
             if value is not None:
                 consts[node.output[0]] = numpy_helper.to_array(value)
     return consts
@@ -74,7 +76,7 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def check_qdq(model: onnx.ModelProto) -> list[Violation]:
     """Every violation of the rules above (empty list: the graph conforms)."""
-    consts = _constants(model)
+    consts = graph_constants(model)
     consumers: dict[str, list[onnx.NodeProto]] = {}
     producers: dict[str, onnx.NodeProto] = {}
     for node in model.graph.node:
@@ -143,7 +145,7 @@ def check_qdq(model: onnx.ModelProto) -> list[Violation]:
 
 
 def _check_axis(node, name, scale, weight, consumers) -> list[Violation]:
-    axis = _attr(node, "axis", 1)
+    axis = node_attr(node, "axis", 1)
     axis = axis + weight.ndim if axis < 0 else axis
     out = []
     for c in consumers.get(node.output[0], []):

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from tasks.conformance import _attr, _constants
+from tasks.conformance import graph_constants, node_attr
 from tasks.export import INPUT_NAME
 
 WORST_PLOTTED = 30
@@ -105,7 +105,7 @@ def quantized_tensors(model: onnx.ModelProto) -> tuple[dict[str, str], dict[str,
     """The Q/DQ pairs of a graph: activations {tensor a QuantizeLinear reads: its DequantizeLinear's
     output} and weights {constant: (its QuantizeLinear or None, the DequantizeLinear)}: an int8/int32
     constant read by a DequantizeLinear, or a float constant read by a QuantizeLinear."""
-    consts = _constants(model)
+    consts = graph_constants(model)
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -131,7 +131,7 @@ def _scale_zero_point(node: onnx.NodeProto, consts: dict[str, np.ndarray], rank:
     zp = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros(scale.shape, np.uint8)
     if scale.ndim == 1 and rank > 1:
         shape = [1] * rank
-        shape[_attr(node, "axis", 1) % rank] = -1
+        shape[node_attr(node, "axis", 1) % rank] = -1
         scale, zp = scale.reshape(shape), zp.reshape(shape)
     return scale, zp
 
@@ -154,7 +154,7 @@ def weight_errors(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto) -> d
     keyed by the float weight's name."""
     from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio as sqnr
 
-    consts, float_consts = _constants(qdq_model), _constants(float_model)
+    consts, float_consts = graph_constants(qdq_model), graph_constants(float_model)
     out = {}
     for name, (q, dq) in quantized_tensors(qdq_model)[1].items():
         # `w_quantized` is weight `w`; a bias's DequantizeLinear outputs the bias's own name.

@@ -9,15 +9,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import tiny_params
+from conftest import tiny_params, workspace_copy
 from tasks import error_report, stages
-from tasks.layout import Workspace
 from vitq.config import parse_params
 
 
 @pytest.fixture(scope="module")
-def ws(staged_workspace):
-    return Workspace(staged_workspace)
+def ws(staged_workspace, tmp_path_factory):
+    return workspace_copy(staged_workspace, tmp_path_factory, "error_report")  # writes variants and reports
 
 
 def _qdq_tensors_by_position(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> set[tuple[str, str]]:
