@@ -68,18 +68,7 @@ def prune_outputs(folder: Path, keep: set[str]) -> None:
 
 def quantize_one(ws: Workspace, name: str, p: Params | None = None) -> quantize.VariantArtifact:
     """One variant. Recovery recipes also read the model, data and params (from params.yaml when `p` is None)."""
-    recipe = get_recipe(name)
-    if recipe.target == "coreml":
-        from tasks import coreml
-
-        return coreml.quantize_variant(recipe, ws.model_dir, ws.data_dir, ws.variants_dir)
-    inputs = None
-    if recipe.recovery:
-        from tasks.recovery.variants import Inputs
-        from vitq.config import load_params
-
-        inputs = Inputs(ws.model_dir, ws.data_dir, ws.export_dir, ws.calibration_dir, p or load_params(ws.params_file))
-    return quantize.quantize_variant(name, ws.export_dir / "model.prep.onnx", ws.calibration_dir, ws.variants_dir, inputs)
+    return get_target(get_recipe(name).target).quantize(ws, name, p)
 
 
 def run_quantize(ws: Workspace, p: Params) -> list[quantize.VariantArtifact]:
@@ -97,13 +86,13 @@ def validate_reference(ws: Workspace, p: Params) -> validate.ValidationResult:
 
 def validate_one(ws: Workspace, p: Params, name: str) -> validate.ValidationResult:
     art = quantize.load_variant(ws.variants_dir, name)
-    folder = quantize.variant_dir(ws.variants_dir, name)
-    if art.recipe["target"] == "coreml":
-        from tasks import coreml
+    return get_target(art.recipe["target"]).validate(ws, p, name)
 
-        return coreml.validate_variant(
-            name, folder, ws.model_dir, ws.data_dir, p.validate_, ws.validation_dir, p.benchmark.coreml_compute_units
-        )
+
+def validate_onnx_graph(ws: Workspace, p: Params, name: str) -> validate.ValidationResult:
+    """Validation of a variant produced from the ONNX graph (onnx, tensorrt), with its per-tensor error report."""
+    art = quantize.load_variant(ws.variants_dir, name)
+    folder = quantize.variant_dir(ws.variants_dir, name)
     path = folder / art.artifact
     result = validate.validate_variant(name, path, ws.model_dir, ws.data_dir, p.validate_, ws.validation_dir)
     if art.recipe["scheme"] == "static" and p.validate_.error_report_images:
@@ -136,21 +125,24 @@ def run_benchmark(ws: Workspace, p: Params, names: list[str] | None = None,
     (default: reports/benchmark.json): the orchestrated flow times each pool's variants on that pool."""
     runnable = plan_variants(p)[0] if names is None else list(names)
     models = {"fp32": ws.export_dir / "model.onnx"}
-    packages = {}  # Core ML: timed by Core ML itself, against its FP16 program
+    by_target: dict[str, dict[str, Path]] = {}
     for name in runnable:
         art = quantize.load_variant(ws.variants_dir, name)
-        path = quantize.variant_dir(ws.variants_dir, name) / art.artifact
-        (packages if art.recipe["target"] == "coreml" else models)[name] = path
+        by_target.setdefault(art.recipe["target"], {})[name] = quantize.variant_dir(ws.variants_dir, name) / art.artifact
+    own_timings, own_not_measured = {}, {}  # targets timed by their own runtime, against their own baseline (Core ML)
+    for target_name, paths in by_target.items():
+        timed = get_target(target_name).benchmark(ws, p, paths)
+        if timed is None:  # timed here, beside FP32
+            models.update(paths)
+        else:
+            own_timings.update(timed[0])
+            own_not_measured.update(timed[1])
     result = benchmark.benchmark_models(models, ws.model_dir, ws.data_dir, p.benchmark)
-    if packages:
+    if own_timings or own_not_measured:
         from dataclasses import replace
 
-        from tasks import coreml
-
-        spec = model.load_model_spec(ws.model_dir)
-        x1 = data.model_inputs(data.load_split(ws.data_dir, "validation").images[:1], spec.mean, spec.std)
-        timings, not_measured = coreml.benchmark_packages(packages, x1, p.benchmark)
-        result = replace(result, models={**result.models, **timings}, not_measured={**result.not_measured, **not_measured})
+        result = replace(result, models={**result.models, **own_timings},
+                         not_measured={**result.not_measured, **own_not_measured})
     benchmark.save_benchmark(result, out or ws.benchmark_file)
     return result
 

@@ -10,7 +10,12 @@ from __future__ import annotations
 import importlib.util
 import sys
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # only for annotations: this module stays importable without the stages
+    from tasks.layout import Workspace
+    from vitq.config import Params
 
 Worker = Literal["cpu", "macos", "cuda"]
 
@@ -39,13 +44,77 @@ class Target:
             return f"target {self.name!r} runs its models on a {self.worker} worker ({'/'.join(platforms)}); this is {sys.platform}"
         return self.missing_runtime()
 
+    # The interface the stages call. The defaults are the ONNX-graph path (onnx and tensorrt: a Q/DQ
+    # graph from the FP32 ONNX and the calibration tables, run by ONNX Runtime or TensorRT); a target
+    # with another path (Core ML) overrides them.
+    def quantize(self, ws: Workspace, name: str, p: Params | None = None):
+        """Produce the variant of recipe `name` from the workspace's FP32 model and calibration data."""
+        from tasks import quantize
+        from vitq.recipes import get_recipe
 
-TARGETS: dict[str, Target] = {
-    "onnx": Target("onnx", "cpu", ("onnxruntime",)),
-    # Core ML programs are converted and inspected anywhere; only macOS predicts and times them.
-    "coreml": Target("coreml", "macos", ("coremltools",), run_platforms=("darwin",)),
-    "tensorrt": Target("tensorrt", "cuda", ("tensorrt", "torch")),
-}
+        inputs = None
+        if get_recipe(name).recovery:
+            from tasks.recovery.variants import Inputs
+            from vitq.config import load_params
+
+            inputs = Inputs(ws.model_dir, ws.data_dir, ws.export_dir, ws.calibration_dir, p or load_params(ws.params_file))
+        return quantize.quantize_variant(name, ws.export_dir / "model.prep.onnx", ws.calibration_dir, ws.variants_dir, inputs)
+
+    def validate(self, ws: Workspace, p: Params, name: str):
+        """Load variant `name`, predict the validation split and compare with FP32."""
+        from tasks import stages
+
+        return stages.validate_onnx_graph(ws, p, name)
+
+    def benchmark(self, ws: Workspace, p: Params, paths: dict[str, Path]) -> tuple[dict, dict] | None:
+        """Time the variants at `paths` against this target's own baseline: (timings, not_measured).
+        None: timed by the benchmark stage beside FP32 (ONNX Runtime, or TensorRT for an engine)."""
+        return None
+
+    def artifacts(self, folder: Path, art) -> list[Path]:
+        """Files of a variant (its folder, its VariantArtifact) that tracking logs besides variant.json."""
+        return [folder / art.artifact]
+
+
+@dataclass(frozen=True)
+class CoreMLTarget(Target):
+    """Core ML programs: converted from the torch model (tasks/coreml.py), predicted on macOS."""
+
+    def quantize(self, ws: Workspace, name: str, p: Params | None = None):
+        from tasks import coreml
+        from vitq.recipes import get_recipe
+
+        return coreml.quantize_variant(get_recipe(name), ws.model_dir, ws.data_dir, ws.variants_dir)
+
+    def validate(self, ws: Workspace, p: Params, name: str):
+        from tasks import coreml, quantize
+
+        folder = quantize.variant_dir(ws.variants_dir, name)
+        return coreml.validate_variant(
+            name, folder, ws.model_dir, ws.data_dir, p.validate_, ws.validation_dir, p.benchmark.coreml_compute_units
+        )
+
+    def benchmark(self, ws: Workspace, p: Params, paths: dict[str, Path]) -> tuple[dict, dict] | None:
+        from tasks import coreml, data, model
+
+        spec = model.load_model_spec(ws.model_dir)
+        x1 = data.model_inputs(data.load_split(ws.data_dir, "validation").images[:1], spec.mean, spec.std)
+        return coreml.benchmark_packages(paths, x1, p.benchmark)
+
+
+TARGETS: dict[str, Target] = {}
+
+
+def register_target(target: Target) -> Target:
+    """Add a target to the registry (recipes name it by `target.name`); returns it."""
+    TARGETS[target.name] = target
+    return target
+
+
+register_target(Target("onnx", "cpu", ("onnxruntime",)))
+# Core ML programs are converted and inspected anywhere; only macOS predicts and times them.
+register_target(CoreMLTarget("coreml", "macos", ("coremltools",), run_platforms=("darwin",)))
+register_target(Target("tensorrt", "cuda", ("tensorrt", "torch")))
 
 
 def get_target(name: str) -> Target:
