@@ -15,8 +15,9 @@ import mlflow
 
 from flows.registry import register_best
 from tasks.layout import Workspace
-from tasks.quantize import variant_dir
+from tasks.quantize import load_variant, variant_dir
 from tasks.stages import error_report_paths
+from tasks.targets import get_target
 from vitq.config import Params, params_hash
 
 
@@ -115,15 +116,14 @@ def log_pipeline_run(
                 if record.get("int8_mac_fraction") is not None:  # share of Linear/Conv MACs in INT8
                     mlflow.log_metric("int8_mac_fraction", float(record["int8_mac_fraction"]))
                     mlflow.set_tag("float_layers", ",".join(record.get("float_layers", []))[:5000] or "none")
-                for f in sorted({Path(v["artifact"]).name, "model.onnx"}):
-                    if (folder / f).is_file():
-                        mlflow.log_artifact(str(folder / f), artifact_path="model")
-                    elif (folder / f).is_dir():  # a Core ML .mlpackage
-                        mlflow.log_artifacts(str(folder / f), artifact_path=f"model/{f}")
+                art = load_variant(ws.variants_dir, v["name"])
+                for artifact_path, files in get_target(v["target"]).artifacts(folder, art).items():
+                    for f in files:
+                        if f.is_file():
+                            mlflow.log_artifact(str(f), artifact_path=artifact_path)
+                        elif f.is_dir():  # e.g. a Core ML .mlpackage
+                            mlflow.log_artifacts(str(f), artifact_path=f"{artifact_path}/{f.name}")
                 mlflow.log_artifact(str(meta), artifact_path="model")
-                for f in ("coverage.csv", "coreml.json"):  # Core ML: which layers are int8, read from the program
-                    if (folder / f).is_file():
-                        mlflow.log_artifact(str(folder / f), artifact_path="reports")
                 # Recovery recipes: what was decided and why (sensitivity table + plot, calibration choices).
                 for f in ("recovery.json", "sensitivity.csv", "sensitivity.png", "calibration_search.csv"):
                     if (folder / f).is_file():

@@ -75,41 +75,19 @@ def timing(ms: np.ndarray, path: Path, batch_size: int, baseline: str, device: s
 
 
 def benchmark_models(models: dict[str, Path], model_dir: Path, data_dir: Path, cfg: BenchmarkConfig) -> BenchmarkResult:
-    """Time every model: ONNX files in ONNX Runtime against "fp32"; TensorRT engines on the GPU
-    against an FP16 engine built from the FP32 graph in the same run."""
-    spec = load_model_spec(model_dir)
-    images = load_split(data_dir, "validation").images
-    reps = int(np.ceil(cfg.batch_size / len(images)))
-    x = model_inputs(np.concatenate([images] * reps)[: cfg.batch_size], spec.mean, spec.std)
-    engines = {n: p for n, p in models.items() if Path(p).suffix == ".engine"}
-    models = {n: p for n, p in models.items() if n not in engines}
+    """Time every model (ONNX files) in ONNX Runtime against "fp32", interleaved."""
+    x = benchmark_inputs(model_dir, data_dir, cfg)
     timings = _time_onnx(models, x, cfg)
-    if engines:
-        timings.update(_time_engines(engines, models["fp32"], x, cfg))
     settings = {**cfg.model_dump(), "graph_optimization": "all", "input_shape": list(x.shape)}
     return BenchmarkResult(machine=machine_info(), settings=settings, models=timings)
 
 
-def _time_engines(engines: dict[str, Path], fp32_onnx: Path, x: np.ndarray, cfg: BenchmarkConfig) -> dict[str, Timing]:
-    import tempfile
-
-    import torch
-
-    from tasks.backends import tensorrt as trt_backend
-
-    device = torch.cuda.get_device_name()
-    out = {}
-    with tempfile.TemporaryDirectory(prefix="vitq-trt-") as tmp:
-        base = Path(tmp) / "fp16.engine"
-        trt_backend.build_engine(
-            fp32_onnx, base, trt_backend.EngineBuildConfig(int8=False), Path(tmp) / "timing-cache"
-        )
-        runs = {"fp16-tensorrt": base, **engines}
-        for name, path in runs.items():
-            ms = trt_backend.EngineRunner(path).time_ms(x, cfg.warmup, cfg.repeats)
-            out[name] = timing(ms, path, cfg.batch_size, "fp16-tensorrt", device)
-            log.info("benchmark: %s p50 %.3f ms on %s", name, out[name].latency_ms_p50, device)
-    return out
+def benchmark_inputs(model_dir: Path, data_dir: Path, cfg: BenchmarkConfig) -> np.ndarray:
+    """One batch of `cfg.batch_size` validation images (repeated when the split is smaller), preprocessed."""
+    spec = load_model_spec(model_dir)
+    images = load_split(data_dir, "validation").images
+    reps = int(np.ceil(cfg.batch_size / len(images)))
+    return model_inputs(np.concatenate([images] * reps)[: cfg.batch_size], spec.mean, spec.std)
 
 
 def _time_onnx(models: dict[str, Path], x: np.ndarray, cfg: BenchmarkConfig) -> dict[str, Timing]:

@@ -13,6 +13,7 @@ from tasks._io import atomic_dir, read_json, write_json
 from tasks.backends import onnx as onnx_backend
 from tasks.calibrate import table_path
 from tasks.conformance import assert_conforms, tensorrt_readiness
+from tasks.targets import get_target
 from vitq.recipes import Recipe, get_recipe
 
 log = logging.getLogger("vitq.quantize")
@@ -69,23 +70,7 @@ def quantize_variant(
         quantized = onnx.load(str(tmp / "model.onnx"))
         assert_conforms(quantized)  # a violation fails the variant, naming the node
         trt_note = tensorrt_readiness(quantized)
-        artifact_name = "model.onnx"
-        if recipe.target == "onnx" and recipe.scheme == "static":
-            serving, fused = onnx_backend.ort_serving_form(quantized)
-            onnx.save(serving, str(tmp / "model.ort.onnx"))
-            onnx_backend.assert_same_outputs(tmp / "model.onnx", tmp / "model.ort.onnx")
-            artifact_name = "model.ort.onnx"
-            log.info("quantize: %s: %d MatMuls in ONNX Runtime's fused form", recipe.name, fused)
-        if recipe.target == "tensorrt":
-            from tasks.backends import tensorrt as trt_backend
-
-            built = trt_backend.build_engine(
-                tmp / "model.onnx", tmp / "model.engine", trt_backend.EngineBuildConfig(),
-                # Beside, not inside, the variants folder (a DVC output that is replaced on each run).
-                Path(variants_dir).parent / "tensorrt.timing-cache",
-            )
-            write_json(tmp / "engine.json", asdict(built))
-            artifact_name = built.engine
+        artifact_name = get_target(recipe.target).serve_graph(recipe, tmp, quantized, variants_dir)
         fp32_weights = onnx_backend.linear_weight_elements(onnx.load(str(prep_onnx)))
         artifact = VariantArtifact(
             name=recipe.name,

@@ -94,7 +94,8 @@ def validate_onnx_graph(ws: Workspace, p: Params, name: str) -> validate.Validat
     art = quantize.load_variant(ws.variants_dir, name)
     folder = quantize.variant_dir(ws.variants_dir, name)
     path = folder / art.artifact
-    result = validate.validate_variant(name, path, ws.model_dir, ws.data_dir, p.validate_, ws.validation_dir)
+    result = validate.validate_variant(name, path, ws.model_dir, ws.data_dir, p.validate_, ws.validation_dir,
+                                       get_target(art.recipe["target"]).predict)
     if art.recipe["scheme"] == "static" and p.validate_.error_report_images:
         spec = model.load_model_spec(ws.model_dir)
         images = data.load_split(ws.data_dir, "calibration").images[: p.validate_.error_report_images]

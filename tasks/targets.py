@@ -71,9 +71,21 @@ class Target:
         None: timed by the benchmark stage beside FP32 (ONNX Runtime, or TensorRT for an engine)."""
         return None
 
-    def artifacts(self, folder: Path, art) -> list[Path]:
-        """Files of a variant (its folder, its VariantArtifact) that tracking logs besides variant.json."""
-        return [folder / art.artifact]
+    def serve_graph(self, recipe, folder: Path, quantized, variants_dir: Path) -> str:
+        """ONNX-graph targets: from the conformance-checked Q/DQ `folder/model.onnx` (`quantized`, loaded),
+        write the file this target serves into `folder` and return its name."""
+        return "model.onnx"
+
+    def predict(self, path: Path, x, batch_size: int):
+        """Logits (N, classes) of the served artifact at `path` on inputs `x` (N, C, H, W)."""
+        from tasks.backends import onnx as onnx_backend
+
+        return onnx_backend.run_batched(onnx_backend.session(path), x, batch_size)
+
+    def artifacts(self, folder: Path, art) -> dict[str, list[Path]]:
+        """What tracking logs of a variant (its folder, its VariantArtifact), by artifact folder: the served
+        file and the portable Q/DQ graph under "model" (files or directories, those that exist)."""
+        return {"model": [folder / f for f in sorted({art.artifact, "model.onnx"})]}
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,43 @@ class CoreMLTarget(Target):
         x1 = data.model_inputs(data.load_split(ws.data_dir, "validation").images[:1], spec.mean, spec.std)
         return coreml.benchmark_packages(paths, x1, p.benchmark)
 
+    def artifacts(self, folder: Path, art) -> dict[str, list[Path]]:
+        # Which layers are int8, read from the saved program.
+        return {**super().artifacts(folder, art), "reports": [folder / "coverage.csv", folder / "coreml.json"]}
+
+
+@dataclass(frozen=True)
+class OnnxTarget(Target):
+    """ONNX Runtime: static variants served in its fused form (tasks/backends/onnx.py)."""
+
+    def serve_graph(self, recipe, folder: Path, quantized, variants_dir: Path) -> str:
+        from tasks.backends import onnx as onnx_backend
+
+        return onnx_backend.write_serving_form(recipe, folder, quantized)
+
+
+@dataclass(frozen=True)
+class TensorRTTarget(Target):
+    """TensorRT (tasks/backends/tensorrt.py): an engine built from the Q/DQ ONNX on a CUDA worker,
+    predicted by TensorRT and timed against an FP16 engine built from the FP32 graph in the same run."""
+
+    def serve_graph(self, recipe, folder: Path, quantized, variants_dir: Path) -> str:
+        from tasks.backends import tensorrt as trt_backend
+
+        return trt_backend.build_variant_engine(folder, variants_dir)
+
+    def predict(self, path: Path, x, batch_size: int):
+        from tasks.backends.tensorrt import EngineRunner
+
+        return EngineRunner(path).predict(x, batch_size)
+
+    def benchmark(self, ws: Workspace, p: Params, paths: dict[str, Path]) -> tuple[dict, dict] | None:
+        from tasks import benchmark
+        from tasks.backends import tensorrt as trt_backend
+
+        x = benchmark.benchmark_inputs(ws.model_dir, ws.data_dir, p.benchmark)
+        return trt_backend.time_engines(paths, ws.export_dir / "model.onnx", x, p.benchmark), {}
+
 
 TARGETS: dict[str, Target] = {}
 
@@ -111,10 +160,10 @@ def register_target(target: Target) -> Target:
     return target
 
 
-register_target(Target("onnx", "cpu", ("onnxruntime",)))
+register_target(OnnxTarget("onnx", "cpu", ("onnxruntime",)))
 # Core ML programs are converted and inspected anywhere; only macOS predicts and times them.
 register_target(CoreMLTarget("coreml", "macos", ("coremltools",), run_platforms=("darwin",)))
-register_target(Target("tensorrt", "cuda", ("tensorrt", "torch")))
+register_target(TensorRTTarget("tensorrt", "cuda", ("tensorrt", "torch")))
 
 
 def get_target(name: str) -> Target:

@@ -15,6 +15,7 @@ and there agreement is per pixel (arg-max over C) and top1 does not apply.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -128,23 +129,18 @@ def reference_outputs(fp32_onnx: Path, model_dir: Path, data_dir: Path, cfg: Val
     return result
 
 
-def predict_artifact(path: Path, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Logits of a variant artifact: an ONNX file in ONNX Runtime, a `.engine` in TensorRT."""
-    if Path(path).suffix == ".engine":
-        from tasks.backends.tensorrt import EngineRunner
-
-        return EngineRunner(path).predict(x, batch_size)
-    return onnx_backend.run_batched(onnx_backend.session(path), x, batch_size)
-
-
 def validate_variant(
-    name: str, variant_onnx: Path, model_dir: Path, data_dir: Path, cfg: ValidateConfig, out_dir: Path
+    name: str, variant_onnx: Path, model_dir: Path, data_dir: Path, cfg: ValidateConfig, out_dir: Path,
+    predict: Callable[[Path, np.ndarray, int], np.ndarray] | None = None,
 ) -> ValidationResult:
-    """Run the variant on the validation split and judge it against the budget."""
+    """Run the variant on the validation split and judge it against the budget. `predict(path, x, batch_size)`:
+    its target's runtime (default: ONNX Runtime)."""
     x, labels = _labels(model_dir, data_dir)
     ref = np.load(Path(out_dir) / f"{REFERENCE}.npy")
     ref_top1 = load_validation(out_dir, REFERENCE).metrics.top1
-    logits = predict_artifact(variant_onnx, x, cfg.batch_size)
+    if predict is None:
+        predict = lambda path, x, batch_size: onnx_backend.run_batched(onnx_backend.session(path), x, batch_size)  # noqa: E731
+    logits = predict(variant_onnx, x, cfg.batch_size)
     m = compare_outputs(ref, logits, labels, ref_top1)
     reasons = budget_reasons(m, cfg.max_top1_drop, cfg.min_sqnr_db)
     result = ValidationResult(name=name, images=len(x), metrics=m, passed=not reasons, reasons=reasons)

@@ -197,3 +197,16 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items()))
+
+
+
+def write_serving_form(recipe: Recipe, folder: Path, quantized: onnx.ModelProto) -> str:
+    """A static variant is served in ONNX Runtime's fused form (`model.ort.onnx`, checked output-for-output
+    against the Q/DQ `model.onnx`); others as the Q/DQ file. Returns the served file's name."""
+    if recipe.scheme != "static":
+        return "model.onnx"
+    serving, fused = ort_serving_form(quantized)
+    onnx.save(serving, str(folder / "model.ort.onnx"))
+    assert_same_outputs(folder / "model.onnx", folder / "model.ort.onnx")
+    log.info("quantize: %s: %d MatMuls in ONNX Runtime's fused form", recipe.name, fused)
+    return "model.ort.onnx"

@@ -171,3 +171,42 @@ class EngineRunner:
             end.synchronize()
             times.append(start.elapsed_time(end))
         return np.asarray(times)
+
+
+
+def build_variant_engine(folder: Path, variants_dir: Path) -> str:
+    """The engine of a variant from its Q/DQ `folder/model.onnx` (with `engine.json`); returns its file name."""
+    from dataclasses import asdict
+
+    from tasks._io import write_json
+
+    built = build_engine(
+        folder / "model.onnx", folder / "model.engine", EngineBuildConfig(),
+        # Beside, not inside, the variants folder (a DVC output that is replaced on each run).
+        Path(variants_dir).parent / "tensorrt.timing-cache",
+    )
+    write_json(folder / "engine.json", asdict(built))
+    return built.engine
+
+
+def time_engines(engines: dict[str, Path], fp32_onnx: Path, x: np.ndarray, cfg) -> dict:
+    """Timings (benchmark.Timing) of the engines and of "fp16-tensorrt", built from `fp32_onnx` here."""
+    import logging
+    import tempfile
+
+    import torch
+
+    from tasks.benchmark import timing
+
+    log = logging.getLogger("vitq.benchmark")
+    device = torch.cuda.get_device_name()
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="vitq-trt-") as tmp:
+        base = Path(tmp) / "fp16.engine"
+        build_engine(fp32_onnx, base, EngineBuildConfig(int8=False), Path(tmp) / "timing-cache")
+        runs = {"fp16-tensorrt": base, **engines}
+        for name, path in runs.items():
+            ms = EngineRunner(path).time_ms(x, cfg.warmup, cfg.repeats)
+            out[name] = timing(ms, path, cfg.batch_size, "fp16-tensorrt", device)
+            log.info("benchmark: %s p50 %.3f ms on %s", name, out[name].latency_ms_p50, device)
+    return out

@@ -180,8 +180,8 @@ def _case_params(p: Params, case: Case) -> Params:
 
 
 def run_case(ws: Workspace, p: Params, case: Case, variants=None) -> list[dict]:
-    from tasks import quantize, validate
-    from tasks.recovery.variants import Inputs
+    from tasks import validate
+    from tasks.targets import get_target
 
     start = time.perf_counter()
     dirs = BUILDERS[case.name](ws, p)
@@ -193,21 +193,14 @@ def run_case(ws: Workspace, p: Params, case: Case, variants=None) -> list[dict]:
     budget = {"max_top1_drop": case.max_top1_drop, "min_sqnr_db": case.min_sqnr_db}
     fp32 = replace(ref.metrics, top1_drop=0.0 if ref.metrics.top1 is not None else None)
     records = [_record(case, "fp32", fp32, 0.0, [], True, budget, 0.0, dirs.facts)]
-    inputs = Inputs(dirs.model_dir, dirs.data_dir, dirs.export_dir, dirs.calibration_dir, cp)
+    no_error_report = cp.model_copy(update={"validate_": cp.validate_.model_copy(update={"error_report_images": 0})})
     for i, name in enumerate(variants or case.variants, 1):
         t = time.perf_counter()
         log.info("recovery: [%s %d/%d] %s ...", case.name, i, len(variants or case.variants), name)
-        if get_recipe(name).target == "coreml":
-            from tasks import coreml
-
-            art = coreml.quantize_variant(get_recipe(name), dirs.model_dir, dirs.data_dir, dirs.variants_dir)
-            res = coreml.validate_variant(name, dirs.variants_dir / name, dirs.model_dir, dirs.data_dir, cp.validate_,
-                                          dirs.validation_dir)
-        else:
-            art = quantize.quantize_variant(name, dirs.export_dir / "model.prep.onnx", dirs.calibration_dir,
-                                            dirs.variants_dir, inputs)
-            res = validate.validate_variant(name, dirs.variants_dir / name / art.artifact, dirs.model_dir,
-                                            dirs.data_dir, cp.validate_, dirs.validation_dir)
+        # The case's folders stand in for a workspace; the per-tensor error report is the validate stage's, not this table's.
+        target = get_target(get_recipe(name).target)
+        art = target.quantize(dirs, name, cp)
+        res = target.validate(dirs, no_error_report, name)
         records.append(_record(case, name, res.metrics, art.int8_mac_fraction, art.float_layers, res.passed, budget,
                                time.perf_counter() - t, {}))
         m = res.metrics
