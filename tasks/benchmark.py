@@ -43,6 +43,12 @@ class BenchmarkResult:
     models: dict[str, Timing]  # "fp32" and each variant name
     not_measured: dict[str, str] = field(default_factory=dict)  # variant -> why it was not timed here
 
+    def speedup(self, name: str) -> float | None:
+        """p50 latency of `name`'s baseline over its own (same runtime, same run); None if either was not timed."""
+        t = self.models.get(name)
+        base = self.models.get(t.baseline) if t else None
+        return base.latency_ms_p50 / t.latency_ms_p50 if base else None
+
 
 def machine_info() -> dict:
     import os
@@ -75,8 +81,13 @@ def timing(ms: np.ndarray, path: Path, batch_size: int, baseline: str, device: s
 
 
 def benchmark_models(models: dict[str, Path], model_dir: Path, data_dir: Path, cfg: BenchmarkConfig) -> BenchmarkResult:
-    """Time every model (ONNX files) in ONNX Runtime against "fp32", interleaved."""
-    x = benchmark_inputs(model_dir, data_dir, cfg)
+    """Time every model (ONNX files) in ONNX Runtime against "fp32", interleaved, on validation images."""
+    return benchmark_onnx(models, benchmark_inputs(model_dir, data_dir, cfg), cfg)
+
+
+def benchmark_onnx(models: dict[str, Path], x: np.ndarray, cfg: BenchmarkConfig) -> BenchmarkResult:
+    """Time every model (ONNX files; one of them "fp32") in ONNX Runtime on the batch `x` (N, C, H, W),
+    interleaved, with this machine's description."""
     timings = _time_onnx(models, x, cfg)
     settings = {**cfg.model_dump(), "graph_optimization": "all", "input_shape": list(x.shape)}
     return BenchmarkResult(machine=machine_info(), settings=settings, models=timings)

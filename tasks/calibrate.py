@@ -76,14 +76,22 @@ def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, e
 
 
 def calibrate(prep_onnx: Path, model_dir: Path, data_dir: Path, cfg: CalibrationConfig, out_dir: Path) -> CalibrationResult:
-    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
-
+    """The calibrate stage: the workspace's calibration split, preprocessed as the model expects."""
     spec = load_model_spec(model_dir)
     split = load_split(data_dir, "calibration")
     if len(split.images) == 0:
         raise DataError("the calibration split is empty; calibration needs at least one image")
+    return calibrate_inputs(prep_onnx, model_inputs(split.images, spec.mean, spec.std), cfg, out_dir)
+
+
+def calibrate_inputs(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, out_dir: Path) -> CalibrationResult:
+    """Write the calibration tables `cfg.methods` of the model `prep_onnx` into `out_dir`, from model inputs
+    `x` (N, C, H, W), one pass."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
+
+    if len(x) == 0:
+        raise DataError("the calibration inputs are empty; calibration needs at least one image")
     start = time.perf_counter()
-    x = model_inputs(split.images, spec.mean, spec.std)
     n = len(x)
     names, abs_hist, value_hist = collect_histograms(prep_onnx, x, cfg, "entropy" in cfg.methods)
 

@@ -117,7 +117,16 @@ def quantize_variant(
         reused = {"variant": recipe.reuses, "float_layers": sorted(float_layers), "weights": str(model_dir)}
     model, spec = load_model(model_dir)
     images = load_split(data_dir, "calibration").images
-    calibration = model_inputs(images, spec.mean, spec.std)
+    return quantize_model(recipe, model, model_inputs(images, spec.mean, spec.std), variants_dir, float_layers, reused)
+
+
+def quantize_model(
+    recipe: Recipe, model: torch.nn.Module, calibration: np.ndarray, variants_dir: Path,
+    float_layers: frozenset[str] = frozenset(), reused: dict | None = None,
+) -> VariantArtifact:
+    """Convert `model` with one recipe into `variants_dir/<recipe>/` (atomically), calibrated on model inputs
+    `calibration` (N, C, H, W). `model` is changed in place (attention rewritten, eval mode): pass a copy
+    to keep it. `reused`: what a `reuses` recipe took from its source, recorded in coreml.json."""
     with atomic_dir(variant_dir(variants_dir, recipe.name)) as tmp:
         facts = build_variant(model, recipe, calibration, tmp, float_layers=float_layers)
         artifact = VariantArtifact(

@@ -42,26 +42,33 @@ class ExportResult:
 
 
 def export_onnx(model_dir: Path, data_dir: Path, cfg: ExportConfig, out_dir: Path) -> ExportResult:
+    """The export stage: the workspace's FP32 model, verified on its first validation images."""
+    model, spec = load_model(model_dir)
+    images = load_split(data_dir, "validation").images[:VERIFY_IMAGES]
+    return export_model(model, model_inputs(images, spec.mean, spec.std), cfg, out_dir)
+
+
+def export_model(model: torch.nn.Module, x: np.ndarray, cfg: ExportConfig, out_dir: Path) -> ExportResult:
+    """Export `model` (eval mode) to `out_dir/model.onnx` + `model.prep.onnx` (+ `export.json`), verified
+    by ONNX Runtime against torch on `x` (N, C, H, W), N >= 2, preprocessed as the model expects."""
     import onnx
     import onnxruntime as ort
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    model, spec = load_model(model_dir)
-    images = load_split(data_dir, "validation").images[:VERIFY_IMAGES]
-    x = model_inputs(images, spec.mean, spec.std)
     with atomic_dir(out_dir) as tmp:
         onnx_path = tmp / "model.onnx"
         batch = torch.export.Dim("batch", min=1, max=1024)
+        example = np.concatenate([x[:2]] * (3 - min(len(x), 2)))[:2]  # 2 rows: a batch of 1 would be specialised
         with TRACE_LOCK:  # graph capture is not thread-safe; variants may export concurrently
             program = torch.onnx.export(
                 model,
-                (torch.from_numpy(x[:2]),),
+                (torch.from_numpy(example),),
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
                 opset_version=cfg.opset,
                 dynamo=True,
                 external_data=False,
-                dynamic_shapes={"x": {0: batch}},
+                dynamic_shapes=({0: batch},),  # by position: any name of forward's argument
                 optimize=True,
                 verbose=False,
             )

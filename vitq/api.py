@@ -1,0 +1,304 @@
+"""The Python API: quantize a torch model object with a named recipe, in one call.
+
+    variant = vitq.quantize(model, "onnx-w8a8-percentile", calibration=x)  # x: (N, C, H, W), preprocessed
+    variant.validate(x_val, labels)     # against the FP32 model on the same inputs
+    variant.benchmark()                 # FP32 ONNX and the variant, timed in one run
+    variant.save("vit-int8")            # variant.json, model.onnx, the served form
+
+The work goes through the stages' own functions (tasks/export.py, calibrate.py, quantize.py, coreml.py,
+validate.compare_outputs, benchmark's timing); the stages only adapt workspace paths to the same calls.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vitq.errors import ConfigError, DataError, ModelError, VitqError
+from vitq.recipes import RECIPES, Recipe, get_recipe
+
+if TYPE_CHECKING:
+    import torch
+
+    from tasks.benchmark import BenchmarkResult
+    from tasks.quantize import VariantArtifact
+    from tasks.validate import ValidationResult
+    from vitq.config import ValidateConfig
+
+log = logging.getLogger("vitq.api")
+
+# Targets this API produces variants for from a model object. TensorRT builds its engine on a CUDA worker
+# from the workspace's graphs (`vitq run`); recovery recipes read labelled splits and params.yaml.
+API_TARGETS = ("onnx", "coreml")
+
+
+def supported_recipes() -> list[str]:
+    """Recipe names `quantize` accepts: post-training recipes of the ONNX Runtime and Core ML targets."""
+    return sorted(n for n, r in RECIPES.items() if r.target in API_TARGETS and not r.recovery and not r.reuses)
+
+
+def quantize(
+    model: torch.nn.Module,
+    recipe: str,
+    calibration,
+    example_input=None,
+    *,
+    workdir: str | Path | None = None,
+) -> Variant:
+    """Quantize `model` (FP32, classification logits out) with the named recipe.
+
+    `calibration`: model inputs (N, C, H, W), preprocessed as the model expects: a tensor, an array, or an
+    iterable of such batches (a DataLoader's `(images, labels)` items: the images are used).
+    `example_input`: one batch the variant is benchmarked on by default (default: the first calibration
+    image); its shape (C, H, W) must match the calibration's.
+    `workdir`: where the FP32 export, calibration tables and the variant are written (`export/`,
+    `calibration/`, `variants/<recipe>/`); default: a temporary folder removed with the Variant (`save` keeps it).
+    The model itself is not changed (a copy is exported and converted).
+    """
+    import torch
+
+    from tasks import export
+    from tasks.targets import get_target
+    from vitq.config import ExportConfig
+
+    r = _api_recipe(recipe)
+    why = get_target(r.target).missing_runtime()
+    if why:
+        raise VitqError(why)
+    if not isinstance(model, torch.nn.Module):
+        raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    x = as_model_inputs(calibration, "calibration")
+    example = x[:1] if example_input is None else as_model_inputs(example_input, "example_input")
+    if example.shape[1:] != x.shape[1:]:
+        raise DataError(f"example_input has shape (C, H, W) = {example.shape[1:]}, the calibration {x.shape[1:]}; "
+                        "give both as the model's inputs")
+    model = copy.deepcopy(model).eval()
+    try:
+        with torch.inference_mode():
+            model(torch.from_numpy(x[:2]))
+    except Exception as exc:  # the user's model on the user's inputs: say which, in one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"the model cannot run on calibration inputs of shape {tuple(x[:2].shape)}: {first}") from None
+
+    scratch = None if workdir is not None else tempfile.TemporaryDirectory(prefix="vitq-")
+    root = Path(workdir if workdir is not None else scratch.name)
+    # The FP32 ONNX: the reference `validate` compares with and the baseline `benchmark` times.
+    export.export_model(model, x[: export.VERIFY_IMAGES], ExportConfig(), root / "export")
+    if r.target == "coreml":
+        from tasks import coreml
+
+        artifact = coreml.quantize_model(r, copy.deepcopy(model), x, root / "variants")
+    else:
+        from tasks import calibrate, quantize as quantize_stage
+        from vitq.config import CalibrationConfig
+
+        prep = root / "export" / "model.prep.onnx"
+        if r.calibration:
+            calibrate.calibrate_inputs(prep, x, CalibrationConfig(methods=(r.calibration,)), root / "calibration")
+        artifact = quantize_stage.quantize_variant(r.name, prep, root / "calibration", root / "variants")
+    return Variant(
+        recipe=r, path=root / "variants" / r.name, artifact=artifact, fp32_onnx=root / "export" / "model.onnx",
+        example_input=example, _model=model, _calibration=x, _scratch=scratch,
+    )
+
+
+@dataclass
+class Variant:
+    """One quantized variant of a model: its folder, its record, and what can be done with it here."""
+
+    recipe: Recipe
+    path: Path  # the variant folder: variant.json, model.onnx, the served form
+    artifact: VariantArtifact  # size_mb, int8_weight_fraction, op_counts, float_layers, ...
+    fp32_onnx: Path  # the FP32 export it is compared with and timed against
+    example_input: np.ndarray = field(repr=False)  # (N, C, H, W): the default benchmark batch
+    _model: torch.nn.Module = field(repr=False)  # the FP32 copy (Core ML's FP16 baseline is converted from it)
+    _calibration: np.ndarray = field(repr=False)
+    _scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)  # removed with the Variant
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    def __repr__(self) -> str:
+        a = self.artifact
+        return (f"Variant({self.name!r}, {a.size_mb:.3f} MB, int8 weights {a.int8_weight_fraction:.0%}, "
+                f"path={str(self.path)!r})")
+
+    @property
+    def served(self) -> Path:
+        """The file (or .mlpackage) the target's runtime serves."""
+        return self.path / self.artifact.artifact
+
+    def predict(self, x, batch_size: int = 64) -> np.ndarray:
+        """Outputs (N, classes) of the variant, run by its target's runtime, on model inputs `x` (N, C, H, W)."""
+        from tasks.targets import get_target
+
+        x = as_model_inputs(x, "x")
+        target = get_target(self.recipe.target)
+        why = target.missing_executor()
+        if why:
+            raise VitqError(f"cannot predict with {self.name} here: {why}")
+        if self.recipe.target == "coreml":
+            from tasks import coreml
+
+            return coreml.predict_coreml(self.served, x, "ALL")
+        return target.predict(self.served, x, batch_size)
+
+    def validate(self, inputs, labels=None, budget: ValidateConfig | None = None) -> ValidationResult:
+        """Compare the variant with the FP32 model (its ONNX export, in ONNX Runtime) on `inputs` (N, C, H, W):
+        top-1 and its drop (with `labels`), agreement, cosine, SQNR, as the validate stage computes them;
+        `passed` against `budget` (default: params.yaml's validate defaults). Off macOS a Core ML variant is
+        judged by the torch program it was converted from, and the result says so (`runtime`, `not_measured`)."""
+        from tasks import validate
+        from tasks.backends import onnx as onnx_backend
+        from vitq.config import ValidateConfig
+
+        budget = budget or ValidateConfig()
+        x = as_model_inputs(inputs, "inputs")
+        if labels is not None:
+            labels = _as_array(labels, "labels").astype(np.int64).reshape(-1)
+            if len(labels) != len(x):
+                raise DataError(f"labels has {len(labels)} entries for {len(x)} inputs; give one label per input")
+        ref = onnx_backend.run_batched(onnx_backend.session(self.fp32_onnx), x, budget.batch_size)
+        ref_top1 = validate.compare_outputs(ref, ref, labels, None).top1
+        out, runtime, not_measured = self._outputs(x, budget.batch_size)
+        metrics = validate.compare_outputs(ref, out, labels, ref_top1)
+        reasons = validate.budget_reasons(metrics, budget.max_top1_drop, budget.min_sqnr_db)
+        return validate.ValidationResult(
+            name=self.name, images=len(x), metrics=metrics, passed=not reasons, reasons=reasons,
+            runtime=runtime, not_measured=not_measured,
+        )
+
+    def _outputs(self, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, str, dict[str, str]]:
+        """(outputs, what produced them, checks not run here and why)."""
+        from tasks.targets import get_target
+
+        why = get_target(self.recipe.target).missing_executor()
+        if self.recipe.target == "coreml" and why:
+            from tasks import coreml
+
+            log.warning("%s: Core ML predicts on macOS only; judged by its torch program (model.pt2) here", self.name)
+            counterpart = coreml.predict_counterpart(
+                self.path / coreml.PROGRAM, x, batch_size, fp16=self.recipe.scheme == "float"
+            )
+            reason = f"{why}; metrics are from the torch program it was converted from"
+            return counterpart, "torch counterpart (model.pt2)", {"coreml_predict": reason}
+        runtime = {"onnx": "onnxruntime", "coreml": "coreml (ALL)"}.get(self.recipe.target, self.recipe.target)
+        return self.predict(x, batch_size), runtime, {}
+
+    def benchmark(
+        self, batch_size: int = 1, repeats: int = 200, *, warmup: int = 10, rounds: int = 5, threads: int = 2, inputs=None
+    ) -> BenchmarkResult:
+        """Latency p50/p95 and throughput of the variant and its baseline, timed interleaved in one run, with
+        this machine's description: ONNX variants against the FP32 export in ONNX Runtime (`models["fp32"]`);
+        Core ML variants against `coreml-fp16` on macOS (elsewhere: `not_measured`, with why). `inputs`: the
+        batch to time (default: `example_input`, repeated to `batch_size`)."""
+        from tasks import benchmark
+        from tasks.targets import get_target
+        from vitq.config import BenchmarkConfig
+
+        cfg = _config(BenchmarkConfig, "benchmark", batch_size=batch_size, repeats=repeats, warmup=warmup,
+                      rounds=rounds, threads=threads)
+        x = self.example_input if inputs is None else as_model_inputs(inputs, "inputs")
+        x = np.concatenate([x] * math.ceil(batch_size / len(x)))[:batch_size]
+        if self.recipe.target != "coreml":
+            return benchmark.benchmark_onnx({"fp32": self.fp32_onnx, self.name: self.served}, x, cfg)
+        from tasks import coreml
+
+        settings = {**cfg.model_dump(), "input_shape": list(x[:1].shape)}
+        why = get_target("coreml").missing_executor()
+        if why:
+            log.warning("%s: not timed: %s", self.name, why)
+            return benchmark.BenchmarkResult(
+                machine=benchmark.machine_info(), settings=settings, models={}, not_measured={self.name: why}
+            )
+        packages = {self.name: self.served}
+        if self.name != "coreml-fp16":  # the Core ML baseline, converted from the same FP32 model
+            fp16 = coreml.quantize_model(get_recipe("coreml-fp16"), copy.deepcopy(self._model), self._calibration[:2],
+                                         self.path.parent / ".baseline")
+            packages = {"coreml-fp16": self.path.parent / ".baseline" / "coreml-fp16" / fp16.artifact, **packages}
+        timings, not_measured = coreml.benchmark_packages(packages, x, cfg)
+        return benchmark.BenchmarkResult(
+            machine=benchmark.machine_info(), settings=settings, models=timings, not_measured=not_measured
+        )
+
+    def save(self, folder: str | Path) -> Path:
+        """Copy the variant folder (variant.json, model.onnx, the served form, its reports) to `folder`,
+        which must not exist or be empty. Returns the folder."""
+        from tasks._io import atomic_dir
+
+        folder = Path(folder)
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise VitqError(f"{folder} exists and is not an empty folder; give a new path to save {self.name} to")
+        with atomic_dir(folder) as tmp:
+            shutil.copytree(self.path, tmp, dirs_exist_ok=True)
+        return folder
+
+
+def _api_recipe(name) -> Recipe:
+    if not isinstance(name, str):
+        raise ConfigError(f"recipe must be a recipe name (str), got {type(name).__name__}; "
+                          f"allowed: {', '.join(supported_recipes())}")
+    r = get_recipe(name)  # unknown: ConfigError listing every recipe
+    if r.name not in supported_recipes():
+        why = ("it needs labelled data and params.yaml (accuracy recovery)" if r.recovery or r.reuses
+               else f"its target {r.target!r} builds on a {r.target} worker")
+        raise ConfigError(f"recipe {name!r} runs through `vitq run` only ({why}); "
+                          f"the Python API supports: {', '.join(supported_recipes())}")
+    return r
+
+
+def _config(cls, what: str, **values):
+    """A config object from keyword values; a bad value is one ConfigError line naming it."""
+    from pydantic import ValidationError
+
+    from vitq.config import _format_error
+
+    try:
+        return cls(**values)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, what)) from None
+
+
+def _as_array(obj, what: str) -> np.ndarray:
+    if hasattr(obj, "detach") and hasattr(obj, "cpu"):  # a torch.Tensor (torch not imported for the check)
+        return obj.detach().cpu().numpy()
+    if isinstance(obj, np.ndarray):
+        return obj
+    raise DataError(f"{what} must be a torch.Tensor or numpy array, got {type(obj).__name__}")
+
+
+def as_model_inputs(obj, what: str = "inputs") -> np.ndarray:
+    """Model inputs as float32 (N, C, H, W), from a tensor / array or an iterable of such batches (an item
+    that is a tuple or list, as a DataLoader yields `(images, labels)`, gives its first element)."""
+    if hasattr(obj, "detach") or isinstance(obj, np.ndarray):
+        x = _as_array(obj, what)
+    elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes, dict)):
+        batches = [_as_array(b[0] if isinstance(b, (tuple, list)) else b, f"each batch of {what}") for b in obj]
+        if not batches:
+            raise DataError(f"{what} is empty; give at least one image (N, C, H, W)")
+        shapes = {b.shape[1:] for b in batches}
+        if len(shapes) > 1 or batches[0].ndim != 4:
+            raise DataError(f"the batches of {what} must all be (N, C, H, W) with one (C, H, W); got "
+                            f"{sorted({tuple(b.shape) for b in batches})[:3]}")
+        x = np.concatenate(batches)
+    else:
+        raise DataError(f"{what} must be a tensor, an array or an iterable of batches, got {type(obj).__name__}")
+    if x.ndim != 4:
+        raise DataError(f"{what} must be model inputs (N, C, H, W), got shape {tuple(x.shape)}")
+    if len(x) == 0:
+        raise DataError(f"{what} is empty; give at least one image (N, C, H, W)")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"{what} must be float images preprocessed as the model expects (normalised), got {x.dtype}")
+    if not np.isfinite(x).all():
+        raise DataError(f"{what} holds NaN or infinite values")
+    return np.ascontiguousarray(x, dtype=np.float32)
