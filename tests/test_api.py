@@ -73,7 +73,8 @@ def test_static_variant_is_int8_qdq_and_smaller_than_fp32(static):
     assert static.served == static.path / "model.ort.onnx" and static.served.is_file()
     # calibrated from this recipe's table only, written where the workdir says
     assert static.artifact.calibration_table == "minmax.json"
-    assert (static.path.parent.parent / "calibration" / "minmax.json").is_file()
+    assert (static.path.parent / "onnx-w8a8-minmax.fp32" / "calibration" / "minmax.json").is_file()
+    assert static.fp32_onnx == static.path.parent / "onnx-w8a8-minmax.fp32" / "export" / "model.onnx"
 
 
 def test_validate_compares_with_fp32_on_the_same_inputs(static):
@@ -93,6 +94,19 @@ def test_validate_compares_with_fp32_on_the_same_inputs(static):
     # The variant's own outputs are what it was judged on.
     out = static.predict(x)
     assert out.shape == (96, 10) and np.mean(out.argmax(1) == fp32_labels) == pytest.approx(m.agreement)
+
+
+def test_variants_sharing_a_workdir_keep_their_own_fp32_reference(static):
+    fp32 = static.fp32_onnx.read_bytes()
+    torch.manual_seed(1)
+    other = _tiny_vit()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(3.0)  # another model, whose outputs differ from the first one's
+    v = vitq.quantize(other, "onnx-w8-dynamic", calibration=_inputs(8, 7), workdir=static.path.parent)
+    assert v.path.parent == static.path.parent and v.fp32_onnx != static.fp32_onnx
+    assert static.fp32_onnx.read_bytes() == fp32
+    assert static.validate(_inputs(32, 8)).metrics.sqnr_db > 20
 
 
 def test_validate_budget_decides_passed(static):
@@ -126,7 +140,7 @@ def test_dynamic_recipe_from_batches_of_a_dataloader(model, tmp_path):
     ops = v.artifact.op_counts
     assert ops.get("DynamicQuantizeLinear") and (ops.get("MatMulInteger") or ops.get("ConvInteger")), ops
     assert v.artifact.int8_weight_fraction > 0.9 and v.artifact.calibration_table is None
-    assert not (tmp_path / "calibration").exists()  # dynamic: no table
+    assert not (tmp_path / "onnx-w8-dynamic.fp32" / "calibration").exists()  # dynamic: no table
     assert v.validate(_inputs(16, 4)).metrics.agreement >= 0.8
 
 

@@ -60,8 +60,10 @@ def quantize(
     iterable of such batches (a DataLoader's `(images, labels)` items: the images are used).
     `example_input`: one batch the variant is benchmarked on by default (default: the first calibration
     image); its shape (C, H, W) must match the calibration's.
-    `workdir`: where the FP32 export, calibration tables and the variant are written (`export/`,
-    `calibration/`, `variants/<recipe>/`); default: a temporary folder removed with the Variant (`save` keeps it).
+    `workdir`: where the variant is written (`<recipe>/`) beside what it was made from (`<recipe>.fp32/`: the
+    FP32 export and the calibration table); default: a temporary folder removed with the Variant (`save` keeps
+    it). Variants of several recipes (and models) share a workdir, each judged against its own export; the
+    same recipe again replaces its folders.
     The model itself is not changed (a copy is exported and converted).
     """
     import torch
@@ -91,22 +93,23 @@ def quantize(
 
     scratch = None if workdir is not None else tempfile.TemporaryDirectory(prefix="vitq-")
     root = Path(workdir if workdir is not None else scratch.name)
+    own = root / f"{r.name}.fp32"  # this variant's FP32 export and calibration table
     # The FP32 ONNX: the reference `validate` compares with and the baseline `benchmark` times.
-    export.export_model(model, x[: export.VERIFY_IMAGES], ExportConfig(), root / "export")
+    export.export_model(model, x[: export.VERIFY_IMAGES], ExportConfig(), own / "export")
     if r.target == "coreml":
         from tasks import coreml
 
-        artifact = coreml.quantize_model(r, copy.deepcopy(model), x, root / "variants")
+        artifact = coreml.quantize_model(r, copy.deepcopy(model), x, root)
     else:
         from tasks import calibrate, quantize as quantize_stage
         from vitq.config import CalibrationConfig
 
-        prep = root / "export" / "model.prep.onnx"
+        prep = own / "export" / "model.prep.onnx"
         if r.calibration:
-            calibrate.calibrate_inputs(prep, x, CalibrationConfig(methods=(r.calibration,)), root / "calibration")
-        artifact = quantize_stage.quantize_variant(r.name, prep, root / "calibration", root / "variants")
+            calibrate.calibrate_inputs(prep, x, CalibrationConfig(methods=(r.calibration,)), own / "calibration")
+        artifact = quantize_stage.quantize_variant(r.name, prep, own / "calibration", root)
     return Variant(
-        recipe=r, path=root / "variants" / r.name, artifact=artifact, fp32_onnx=root / "export" / "model.onnx",
+        recipe=r, path=root / r.name, artifact=artifact, fp32_onnx=own / "export" / "model.onnx",
         example_input=example, _model=model, _calibration=x, _scratch=scratch,
     )
 
@@ -223,9 +226,9 @@ class Variant:
             )
         packages = {self.name: self.served}
         if self.name != "coreml-fp16":  # the Core ML baseline, converted from the same FP32 model
-            fp16 = coreml.quantize_model(get_recipe("coreml-fp16"), copy.deepcopy(self._model), self._calibration[:2],
-                                         self.path.parent / ".baseline")
-            packages = {"coreml-fp16": self.path.parent / ".baseline" / "coreml-fp16" / fp16.artifact, **packages}
+            baselines = self.fp32_onnx.parent.parent / "baseline"
+            fp16 = coreml.quantize_model(get_recipe("coreml-fp16"), copy.deepcopy(self._model), self._calibration[:2], baselines)
+            packages = {"coreml-fp16": baselines / "coreml-fp16" / fp16.artifact, **packages}
         timings, not_measured = coreml.benchmark_packages(packages, x, cfg)
         return benchmark.BenchmarkResult(
             machine=benchmark.machine_info(), settings=settings, models=timings, not_measured=not_measured
