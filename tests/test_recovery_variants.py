@@ -108,7 +108,7 @@ def test_qat_exports_conforming_qdq_and_torch_weights(ws):
 
 @pytest.mark.slow
 def test_outlier_case_breaks_plain_int8_and_recovery_brings_it_back(ws, tmp_path):
-    from tasks.recovery.bench import CASES, run_case
+    from vitq.experiments.recovery_accuracy import CASES, run_case
 
     p = parse_params(tiny_params())
     records = {r["variant"]: r for r in run_case(ws, p, CASES["outliers"],

@@ -1,5 +1,7 @@
 """`vitq` command line: `vitq run` (the Prefect flow), `vitq stage <name>` (one stage, as dvc.yaml
-calls it), `vitq recipes` (the registry). Bad input: one line on stderr and exit code 2."""
+calls it), `vitq recipes` (the registry), and the experiments in vitq/experiments/ (`vitq latency`,
+`vitq coreml-coverage`, `vitq recovery-accuracy`; also called `bench`, `coreml-bench`, `recovery`).
+Bad input: one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -33,22 +35,28 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("name", help=f"one of: {', '.join(STAGE_NAMES)}")
     stage.add_argument("--workdir", default=".")
     sub.add_parser("recipes", help="list the quantization recipes")
-    bench = sub.add_parser("bench", help="FP32 vs dynamic vs default static INT8 latency, side by side (reports/bench.json)")
-    bench.add_argument("--models", default="vit_base_patch16_224,demo",
-                       help="comma-separated timm names (random weights) and/or 'demo' (the workspace's trained model)")
-    bench.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    bench.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
-    bench.add_argument("--repeats", type=int, default=50, help="timed runs per variant and batch")
-    bench.add_argument("--static-recipe", default=None, help="static recipe to compare (default: the pipeline default)")
-    bench.add_argument("--workdir", default=".")
-    bench.add_argument("--out", default="reports/bench.json")
-    rec = sub.add_parser("recovery", help="plain INT8 vs the accuracy-recovery recipes per case (reports/recovery.json)")
+    lat = sub.add_parser("latency", aliases=["bench"],
+                         help="FP32 vs dynamic vs default static INT8 latency, side by side (reports/bench.json)")
+    lat.set_defaults(experiment=_latency)
+    lat.add_argument("--models", default="vit_base_patch16_224,demo",
+                     help="comma-separated timm names (random weights) and/or 'demo' (the workspace's trained model)")
+    lat.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    lat.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    lat.add_argument("--repeats", type=int, default=50, help="timed runs per variant and batch")
+    lat.add_argument("--static-recipe", default=None, help="static recipe to compare (default: the pipeline default)")
+    lat.add_argument("--workdir", default=".")
+    lat.add_argument("--out", default="reports/bench.json")
+    rec = sub.add_parser("recovery-accuracy", aliases=["recovery"],
+                         help="plain INT8 vs the accuracy-recovery recipes per case (reports/recovery.json)")
+    rec.set_defaults(experiment=_recovery_accuracy)
     rec.add_argument("--cases", default="digits,outliers,efficientvit_b0",
                      help="comma-separated: digits, outliers, efficientvit_b0")
     rec.add_argument("--workdir", default=".")
     rec.add_argument("--out", default="reports/recovery.json")
-    cm = sub.add_parser("coreml-bench", help="Core ML FP16 / W8 / W8A8 sizes and int8 coverage per model "
-                                              "(reports/coreml.json); runs on Linux, no Core ML runtime needed")
+    cm = sub.add_parser("coreml-coverage", aliases=["coreml-bench"],
+                        help="Core ML FP16 / W8 / W8A8 sizes and int8 coverage per model "
+                             "(reports/coreml.json); runs on Linux, no Core ML runtime needed")
+    cm.set_defaults(experiment=_coreml_coverage)
     cm.add_argument("--models", default=None, help="comma-separated: 'demo' (the workspace's model), timm names, "
                     "'torchvision:<name>' (default: demo and the five reference ViTs)")
     cm.add_argument("--workdir", default=".")
@@ -151,9 +159,10 @@ def _compare(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
-    from tasks import bench
+def _latency(args) -> int:
     from vitq.config import BenchmarkConfig
+    from vitq.experiments import latency
+    from vitq.experiments._models import resolve_model
     from vitq.recipes import get_recipe
 
     ws = _workspace(args.workdir)
@@ -165,35 +174,35 @@ def _bench(args) -> int:
         raise VitqError(f"--batches {args.batches!r} must be positive integers")
     if args.threads < 1 or args.repeats < 1:
         raise VitqError(f"--threads {args.threads} and --repeats {args.repeats} must be >= 1")
-    static = args.static_recipe or bench.DEFAULT_STATIC
+    static = args.static_recipe or latency.DEFAULT_STATIC
     if get_recipe(static).scheme != "static" or get_recipe(static).target != "onnx":
         raise VitqError(f"--static-recipe {static!r} is not a static ONNX recipe")
-    models = [bench.resolve_bench_model(name.strip(), ws) for name in args.models.split(",") if name.strip()]
+    models = [resolve_model(name.strip(), ws) for name in args.models.split(",") if name.strip()]
     cfg = BenchmarkConfig(threads=args.threads, repeats=args.repeats, warmup=5, rounds=5)
-    result = bench.run_bench(models, batches, cfg, ws.root / args.out, static)
-    print(bench.bench_table(result))
+    result = latency.run_bench(models, batches, cfg, ws.root / args.out, static)
+    print(latency.bench_table(result))
     print(f"machine: {result['machine']['cpu']} ({result['machine']['cores']} cores); wrote {args.out}")
     return 0
 
 
-def _coreml_bench(args) -> int:
-    from tasks import coreml_bench
+def _coreml_coverage(args) -> int:
+    from vitq.experiments import coreml_coverage
 
     ws = _workspace(args.workdir)
-    names = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else list(coreml_bench.DEFAULT_MODELS)
+    names = ([m.strip() for m in args.models.split(",") if m.strip()] if args.models
+             else list(coreml_coverage.DEFAULT_MODELS))
     if not names:
         raise VitqError(f"--models {args.models!r} names no model")
-    for name in names:  # resolve every name before the first (minutes-long) conversion
-        coreml_bench.check_model_name(name)
-    records = coreml_bench.run(names, ws.root / args.out, ws.root)
-    print(coreml_bench.table(records))
+    coreml_coverage.check_names(names)  # every name before the first (minutes-long) conversion
+    records = coreml_coverage.run(names, ws.root / args.out, ws.root)
+    print(coreml_coverage.table(records))
     print(f"wrote {args.out}")
     return 0
 
 
-def _recovery(args) -> int:
-    from tasks.recovery.bench import recovery_table, run_recovery
+def _recovery_accuracy(args) -> int:
     from vitq.config import load_params
+    from vitq.experiments.recovery_accuracy import recovery_table, run_recovery
 
     ws = _workspace(args.workdir)
     params = load_params(ws.params_file)
@@ -217,12 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging()
     try:
-        if args.command == "bench":
-            return _bench(args)
-        if args.command == "recovery":
-            return _recovery(args)
-        if args.command == "coreml-bench":
-            return _coreml_bench(args)
+        if hasattr(args, "experiment"):  # latency, coreml-coverage, recovery-accuracy, or their old names
+            return args.experiment(args)
         if args.command == "orchestrate":
             from flows.routing import StepFailed
 
@@ -278,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     except VitqError as exc:
         print(f"vitq: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # commands without a teardown of their own (bench, recovery, ...)
+    except KeyboardInterrupt:  # commands without a teardown of their own (the experiments, ...)
         print(f"vitq: interrupted during {interrupt.describe()}", file=sys.stderr)
         return 130
     return 0

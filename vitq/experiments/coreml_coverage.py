@@ -1,4 +1,5 @@
-"""`vitq coreml-bench`: Core ML FP16 / W8 / W8A8 sizes and int8 coverage for a list of models -> reports/coreml.json.
+"""`vitq coreml-coverage` (alias `vitq coreml-bench`): Core ML FP16 / W8 / W8A8 sizes and int8 coverage
+for a list of models -> reports/coreml.json.
 
 Every number is read from the ML programs this command writes (package size on disk, the MIL
 program's ops); nothing needs Core ML's runtime, so it runs on Linux. Models other than the demo
@@ -19,10 +20,10 @@ import torch
 
 from tasks._io import write_json
 from tasks.coreml import PACKAGE, build_variant
-from vitq.errors import VitqError
+from vitq.experiments._models import ExperimentModel, check_model_name, resolve_model
 from vitq.recipes import get_recipe
 
-log = logging.getLogger("vitq.coreml_bench")
+log = logging.getLogger("vitq.experiments.coreml_coverage")
 
 DEFAULT_MODELS = (
     "demo", "vit_base_patch16_224", "torchvision:vit_b_16", "deit_small_patch16_224", "mobilevitv2_050", "efficientvit_b0",
@@ -30,62 +31,35 @@ DEFAULT_MODELS = (
 RECIPES = ("coreml-fp16", "coreml-w8", "coreml-w8a8")
 
 
-def check_model_name(name: str) -> None:
-    """Fail fast (before minutes of conversion) on a name `build_model` cannot build."""
-    if name == "demo":
-        return
-    if name.startswith("torchvision:"):
-        import torchvision
-
-        tv = name.split(":", 1)[1]
-        if tv not in torchvision.models.list_models():
-            raise VitqError(f"unknown torchvision model {tv!r}; see torchvision.models.list_models()")
-        return
-    import timm
-
-    if not timm.is_model(name):
-        raise VitqError(f"unknown model {name!r}; allowed: 'demo', a timm name, or 'torchvision:<name>'")
+def check_names(names: list[str]) -> None:
+    """Fail fast, before minutes of conversion, on the first name this command cannot build (one line, exit 2)."""
+    for name in names:
+        check_model_name(name, torchvision=True)
 
 
-def build_model(name: str, workspace: Path | None) -> tuple[torch.nn.Module, tuple[int, ...], str, np.ndarray | None]:
-    """(model, input size C,H,W, where its weights came from, calibration images or None)."""
-    if name == "demo":
-        from tasks.layout import Workspace
+def _calibration_split(m: ExperimentModel, data_dir: Path) -> np.ndarray:
+    """The trained demo's own calibration images, preprocessed as the model expects: (N, C, H, W) float32."""
+    from tasks.data import load_split, model_inputs
+    from tasks.model import load_model_spec
 
-        ws = Workspace(workspace) if workspace else None
-        if ws and (ws.model_dir / "model.json").is_file():
-            from tasks.data import load_split, model_inputs
-            from tasks.model import load_model
-
-            model, spec = load_model(ws.model_dir)
-            calib = model_inputs(load_split(ws.data_dir, "calibration").images, spec.mean, spec.std)
-            return model, tuple(spec.input_size), f"trained in this workspace ({ws.model_dir})", calib
-        from tasks import zoo  # noqa: F401  (registers the demo ViT with timm)
-
-        name = "vit_digits_patch4_32"
-    if name.startswith("torchvision:"):
-        import torchvision
-
-        check_model_name(name)
-        model = torchvision.models.get_model(name.split(":", 1)[1], weights=None)
-        size = int(getattr(model, "image_size", 224))
-        return model, (3, size, size), "random (torchvision, weights=None)", None
-    import timm
-
-    check_model_name(name)
-    model = timm.create_model(name, pretrained=False)
-    return model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))), "random (timm, pretrained=False)", None
+    spec = load_model_spec(m.model_dir)
+    return model_inputs(load_split(data_dir, "calibration").images, spec.mean, spec.std)
 
 
 def measure(name: str, workspace: Path | None, calibration_images: int = 8) -> dict:
     """Convert one model with every Core ML recipe and read sizes and coverage back."""
-    model, size, weights, calib = build_model(name, workspace)
-    if calib is None:
+    from tasks.layout import Workspace
+
+    ws = Workspace(workspace) if workspace else None
+    m = resolve_model(name, ws, torchvision=True)
+    model, size = m.build(), m.input_size
+    if m.model_dir is not None:  # the trained demo
+        calib = _calibration_split(m, ws.data_dir)
+        calib_note = f"the workspace's calibration split ({len(calib)} images)"
+    else:
         calib = np.random.default_rng(0).standard_normal((calibration_images, *size)).astype(np.float32)
         calib_note = f"{calibration_images} random images (sizes and coverage do not depend on them)"
-    else:
-        calib_note = f"the workspace's calibration split ({len(calib)} images)"
-    record: dict = {"model": name, "input_size": list(size), "weights": weights, "calibration": calib_note}
+    record: dict = {"model": name, "input_size": list(size), "weights": m.weights, "calibration": calib_note}
     with tempfile.TemporaryDirectory(prefix="vitq-coreml-") as tmp:
         facts = {}
         for recipe in RECIPES:

@@ -1,4 +1,5 @@
-"""`vitq recovery`: plain INT8 and the recovery recipes side by side, per case -> reports/recovery.json.
+"""`vitq recovery-accuracy` (alias `vitq recovery`): plain INT8 and the recovery recipes side by side,
+per case, in accuracy (nothing is timed) -> reports/recovery.json.
 
 Cases (each in `artifacts/recovery/<case>/`, rebuilt on every run; the workspace's pipeline
 outputs are read, never written, except that missing data/model/export/calibrate stages are run):
@@ -66,6 +67,9 @@ class CaseDirs:
     variants_dir: Path
     validation_dir: Path
     facts: dict = field(default_factory=dict)
+
+    def validation_for(self, name: str) -> Path:  # a case keeps every variant's results, and FP32's, in one folder
+        return self.validation_dir
 
 
 def ensure_pipeline_outputs(ws: Workspace, p: Params) -> None:
@@ -136,13 +140,14 @@ def _dense_images(n: int, size: int, seed: int) -> np.ndarray:
 def _efficientvit(ws: Workspace, p: Params) -> CaseDirs:
     import timm
 
-    from tasks import zoo  # noqa: F401  (registers efficientvit_b0_features)
     from tasks._io import atomic_dir
     from tasks.calibrate import calibrate
     from tasks.export import export_onnx
+    from vitq.experiments._models import resolve_model
 
     root = _case_root(ws, "efficientvit_b0")
-    size = 224
+    features = resolve_model("efficientvit_b0_features", None)  # vitq's zoo: timm efficientvit_b0's forward_features
+    _, size, _ = features.input_size  # 224
     with atomic_dir(root / "data") as tmp:
         splits = {"train": 0, "calibration": 32, "validation": 16}
         for i, (name, n) in enumerate(splits.items()):
@@ -151,12 +156,12 @@ def _efficientvit(ws: Workspace, p: Params) -> CaseDirs:
         write_json(tmp / "meta.json", {"source": "sklearn-sample-images", "classes": [], "sizes": splits,
                                       "image_size": size, "channels": 3, "digest": "n/a"})
     torch.manual_seed(p.seed)
-    model = timm.create_model("efficientvit_b0_features", pretrained=False).eval()
+    model = features.build().eval()
     cfg = model.pretrained_cfg
     with atomic_dir(root / "model") as tmp:
         torch.save(model.state_dict(), tmp / "model.pt")
         write_json(tmp / "model.json", {
-            "name": "efficientvit_b0_features", "create_kwargs": {}, "input_size": [3, size, size],
+            "name": features.timm_name, "create_kwargs": {}, "input_size": list(features.input_size),
             "mean": list(cfg["mean"]), "std": list(cfg["std"]), "num_classes": 128, "classes": [], "top1": None,
             "source": "timm (random weights, seed %d)" % p.seed, "train": {}, "versions": {"timm": timm.__version__},
         })

@@ -1,5 +1,5 @@
-"""`vitq bench`: FP32 vs ONNX Runtime dynamic quantization vs the default static W8A8 variant,
-side by side in one run, for several models and batch sizes, on this machine's CPU.
+"""`vitq latency` (alias `vitq bench`): FP32 vs ONNX Runtime dynamic quantization vs the default
+static W8A8 variant, side by side in one run, for several models and batch sizes, on this machine's CPU.
 
 Each model goes through the pipeline's own stage functions in a scratch workspace (real digits
 images resized to the model's input for calibration and inputs; timm models with random weights
@@ -12,59 +12,34 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from tasks import calibrate, data, export, model, quantize
 from tasks.benchmark import benchmark_models, machine_info
 from tasks.layout import Workspace
-from vitq.config import BenchmarkConfig, CalibrationConfig, DataConfig, ExportConfig, ModelConfig, TrainConfig
+from vitq.config import BenchmarkConfig, CalibrationConfig, DataConfig, ExportConfig, ModelConfig
+from vitq.experiments._models import ExperimentModel
 
-log = logging.getLogger("vitq.bench")
+log = logging.getLogger("vitq.experiments.latency")
 
 DEFAULT_STATIC = "onnx-w8a8-percentile"
 DYNAMIC = "onnx-w8-dynamic"
 
 
-@dataclass(frozen=True)
-class BenchModel:
-    name: str  # label in bench.json
-    timm_name: str
-    image_size: int
-    channels: int
-    source: str = "timm"
-    checkpoint_dir: Path | None = None  # an already-built model dir (the demo model from the pipeline)
-
-
-def resolve_bench_model(name: str, ws: Workspace) -> BenchModel:
-    """'demo': the workspace's trained model (or the untrained digits ViT); else a timm name."""
-    if name == "demo":
-        trained = ws.model_dir if (ws.model_dir / "model.json").is_file() else None
-        return BenchModel("demo", "vit_digits_patch4_32", 32, 1, checkpoint_dir=trained)
-    model.check_model_config(ModelConfig(source="timm", name=name))
-    import timm
-    from timm.data import resolve_model_data_config
-
-    c, h, _ = resolve_model_data_config(timm.create_model(name, pretrained=False))["input_size"]
-    return BenchModel(name, name, h, c)
-
-
-def _model_dir(m: BenchModel, ws: Workspace, seed: int) -> Path:
-    if m.checkpoint_dir is not None:
-        return m.checkpoint_dir
-    if m.source == "train":
-        cfg = ModelConfig(source="train", name=m.timm_name, train=TrainConfig(epochs=1))
-    else:
-        cfg = ModelConfig(source="timm", name=m.timm_name)
-    model.resolve_model(cfg, ws.data_dir, ws.model_dir, seed)
+def _model_dir(m: ExperimentModel, ws: Workspace, seed: int) -> Path:
+    if m.model_dir is not None:
+        return m.model_dir
+    model.resolve_model(ModelConfig(source="timm", name=m.timm_name), ws.data_dir, ws.model_dir, seed)
     return ws.model_dir
 
 
-def bench_model(m: BenchModel, batches: list[int], cfg: BenchmarkConfig, static_recipe: str, scratch: Path) -> list[dict]:
+def bench_model(m: ExperimentModel, batches: list[int], cfg: BenchmarkConfig, static_recipe: str,
+                scratch: Path) -> list[dict]:
     ws = Workspace(scratch / m.name)
     n_images = max(16, max(batches))
+    channels, image_size, _ = m.input_size
     data.prepare_data(
-        DataConfig(image_size=m.image_size, channels=m.channels, validation_size=n_images, calibration_size=16),
+        DataConfig(image_size=image_size, channels=channels, validation_size=n_images, calibration_size=16),
         seed=0, out_dir=ws.data_dir,
     )
     model_dir = _model_dir(m, ws, seed=0)
@@ -118,7 +93,7 @@ def gpu_record() -> dict:
     return {"not_measured": "no CUDA device on this machine; the GPU comparison runs on a cuda worker"}
 
 
-def run_bench(models: list[BenchModel], batches: list[int], cfg: BenchmarkConfig, out: Path,
+def run_bench(models: list[ExperimentModel], batches: list[int], cfg: BenchmarkConfig, out: Path,
               static_recipe: str = DEFAULT_STATIC) -> dict:
     from tasks._io import write_json
 

@@ -1,0 +1,10 @@
+"""The experiment commands: one module each, named for what it measures.
+
+- `latency.py`: `vitq latency` (alias `vitq bench`): FP32 vs dynamic vs static INT8 latency on this CPU.
+- `coreml_coverage.py`: `vitq coreml-coverage` (alias `vitq coreml-bench`): Core ML sizes and int8 coverage.
+- `recovery_accuracy.py`: `vitq recovery-accuracy` (alias `vitq recovery`): plain INT8 vs the recovery
+  recipes, accuracy per case (times nothing).
+
+They run the pipeline's stage functions on models named on the command line (`_models.resolve_model`);
+the pipeline itself (`tasks/`, `flows/`) does not import them.
+"""
