@@ -7,15 +7,14 @@
                                         `run_deployment`, reports, logs one MLflow parent run
 
 Steps receive locations, never objects: the workspace root (shared storage, or the same path on
-one host), the DVC remote the prepared inputs were pushed to, and record what they produced in
-files there. A variant step whose recorded inputs (the DVC digests of the prepared stages) and
-recipe match is reused, not recomputed, and says so; the orchestrator skips what dvc.lock says is
-up to date. The embedded `vitq run` (flows/pipeline.py) is independent of all this.
+one host) and the DVC remote the prepared inputs were pushed to. DVC is the one record of what is
+current: the orchestrator asks it per stage (`variant@<recipe>` per variant), dispatches only what
+is stale, and commits what the steps produced. Variants go through the same runner as the embedded
+`vitq run` (tasks/stages.run_variants).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,10 +22,9 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
-import yaml
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -37,10 +35,8 @@ from flows import tracking
 from flows.dvc_state import DvcStages
 from flows.routing import PREPARE, NoLiveWorker, StepFailed, StepRun, pool_map, run_step
 from tasks import benchmark, stages
-from tasks._io import atomic_file
 from tasks.layout import Workspace
 from tasks.model import load_model_spec
-from tasks.quantize import variant_dir
 from tasks.targets import get_target
 from tasks.validate import REFERENCE
 from vitq.config import Params, load_params
@@ -49,8 +45,7 @@ from vitq.recipes import get_recipe
 
 log = logging.getLogger("vitq.flow")
 
-PREPARED = ("data", "model", "export", "calibrate")  # stages of the prepare step, in order
-STEP_RECORD = "step.json"  # in a variant folder: the inputs and recipe it was produced from, and where
+PREPARED = ("data", "model", "export", "calibrate", "reference", "plan")  # stages of the prepare step, in order
 NETWORK_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
 
 
@@ -66,57 +61,6 @@ def _ws(workspace: str) -> tuple[Workspace, Params]:
     if logging.getLogger("vitq").level == logging.NOTSET:  # a worker's process: INFO, as under the CLI
         logging.getLogger("vitq").setLevel(logging.INFO)
     return ws, load_params(ws.params_file)
-
-
-# -- what a step was produced from ---------------------------------------------------------------
-
-def prepared_digests(ws: Workspace) -> dict[str, str]:
-    """DVC's md5 of each prepared stage's outputs, from dvc.lock: the identity of a step's inputs."""
-    lock = ws.root / "dvc.lock"
-    recorded = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.is_file() else {}
-    out = {}
-    for stage in PREPARED:
-        outs = recorded.get(stage, {}).get("outs", [])
-        if not outs:
-            raise VitqError(f"dvc.lock in {ws.root} has no outputs for stage {stage!r}; the prepare step runs first")
-        out[stage] = ",".join(f"{o['path']}:{o.get('md5')}" for o in outs)
-    return out
-
-
-# Parameter sections that never change a variant: which recipes run (each has its own key), how
-# they are timed (the benchmark step always reruns), concurrency, the MLflow experiment name.
-_KEY_EXCLUDES = {"quantize": {"recipes"}, "benchmark": True, "max_workers": True, "experiment": True}
-
-
-def step_key(ws: Workspace, params: Params, name: str) -> str:
-    """Digest of everything a variant (or the FP32 reference) depends on: the prepared inputs (DVC
-    md5s), the recipe, and every parameter a quantize/validate step reads (recovery, budget, seed...)."""
-    recipe = asdict(get_recipe(name)) if name != REFERENCE else REFERENCE
-    payload = {"recipe": recipe, "inputs": prepared_digests(ws),
-               "params": params.model_dump(mode="json", by_alias=True, exclude=_KEY_EXCLUDES)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _record_path(ws: Workspace, name: str) -> Path:
-    if name == REFERENCE:
-        return ws.validation_dir / f"{REFERENCE}.step.json"
-    return variant_dir(ws.variants_dir, name) / STEP_RECORD
-
-
-def reusable(ws: Workspace, params: Params, name: str) -> dict | None:
-    """The step record of `name` if its outputs exist and were produced from the current inputs."""
-    path = _record_path(ws, name)
-    if not path.is_file() or not (ws.validation_dir / f"{name}.json").is_file():
-        return None
-    record = json.loads(path.read_text())
-    return record if record.get("key") == step_key(ws, params, name) else None
-
-
-def write_record(ws: Workspace, params: Params, name: str, pool: str) -> None:
-    record = {"key": step_key(ws, params, name), "name": name, "inputs": prepared_digests(ws),
-              "host": socket.gethostname(), "pool": pool, "flow_run_id": str(flow_run.id or "")}
-    with atomic_file(_record_path(ws, name)) as tmp:
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
 
 
 # -- network hand-off (DVC remote), retried with backoff -----------------------------------------
@@ -140,7 +84,8 @@ def dvc_pull(root: str, targets: list[str], remote: str) -> None:
 
 
 def _inputs_present(ws: Workspace) -> bool:
-    return all(p.exists() for p in (ws.data_dir, ws.model_dir, ws.export_dir / "model.prep.onnx", ws.calibration_dir))
+    return all(p.exists() for p in (ws.data_dir, ws.model_dir, ws.export_dir / "model.prep.onnx", ws.calibration_dir,
+                                    ws.plan_dir, ws.validation_for(REFERENCE)))
 
 
 # -- step flows ----------------------------------------------------------------------------------
@@ -152,8 +97,8 @@ def run_stage(name: str, ws: Workspace, params: Params) -> None:
 
 @flow(name="vitq-prepare")
 def prepare_flow(workspace: str, force: bool = False, dvc_remote: str | None = None, pool: str = "cpu") -> list[str]:
-    """Data, model, export, calibration (each skipped when dvc.lock says it is up to date), and the
-    FP32 reference outputs every variant is validated against; pushes them to `dvc_remote`."""
+    """Data, model, export, calibration, the FP32 reference and the variants' plan (each skipped when
+    dvc.lock says it is up to date, committed when run); pushes them to `dvc_remote`."""
     ws, params = _ws(workspace)
     stages.preflight(ws, params)
     dvc = DvcStages(ws.root)
@@ -168,13 +113,6 @@ def prepare_flow(workspace: str, force: bool = False, dvc_remote: str | None = N
                 log.info("%s: up to date (dvc.lock), reused", name)
     finally:
         dvc.close()
-    if force or reusable(ws, params, REFERENCE) is None:
-        ws.validation_dir.mkdir(parents=True, exist_ok=True)
-        task(stages.validate_reference, name="validate-reference", cache_policy=NO_CACHE)(ws, params)
-        write_record(ws, params, REFERENCE, pool)
-        ran.append("reference")
-    else:
-        log.info("fp32 reference: inputs unchanged, reused")
     if dvc_remote:
         dvc_push(str(ws.root), list(PREPARED), dvc_remote)
     return ran
@@ -196,9 +134,10 @@ def _engine_build_slot(target_worker: str):
 
 
 @flow(name="vitq-variant")
-def variant_flow(workspace: str, recipe: str, force: bool = False, dvc_remote: str | None = None,
-                 pool: str = "cpu") -> str:
-    """Quantize and validate one recipe on a worker that can run its target; reuse matching outputs."""
+def variant_flow(workspace: str, recipe: str, steps: list[str] = ("quantize", "validate"),
+                 dvc_remote: str | None = None, pool: str = "cpu") -> str:
+    """Quantize and validate one recipe on a worker that can run its target (the orchestrator asked DVC
+    whether it is stale and commits `variant@<recipe>` when this returns)."""
     ws, params = _ws(workspace)
     target = get_target(get_recipe(recipe).target)
     missing = target.missing_runtime()
@@ -206,16 +145,12 @@ def variant_flow(workspace: str, recipe: str, force: bool = False, dvc_remote: s
         raise VitqError(f"{recipe}: worker {socket.gethostname()} in pool {pool!r} cannot run it: {missing}")
     if dvc_remote and not _inputs_present(ws):
         dvc_pull(str(ws.root), list(PREPARED), dvc_remote)
-    if not force and (record := reusable(ws, params, recipe)) is not None:
-        log.info("%s: reused (inputs %s and recipe unchanged; produced on %s, pool %s)", recipe,
-                 ", ".join(f"{k}={v.rsplit(':', 1)[-1][:8]}" for k, v in record["inputs"].items()),
-                 record["host"], record["pool"])
-        return "reused"
-    with _engine_build_slot(target.worker):
-        task(stages.quantize_one, name=f"quantize[{recipe}]", cache_policy=NO_CACHE)(ws, recipe, params)
-    task(stages.validate_one, name=f"validate[{recipe}]", cache_policy=NO_CACHE)(ws, params, recipe)
-    write_record(ws, params, recipe, pool)
-    return "computed"
+    if "quantize" in steps:
+        with _engine_build_slot(target.worker):
+            task(stages.run_quantize, name=f"quantize[{recipe}]", cache_policy=NO_CACHE)(ws, params, recipe)
+    if "validate" in steps:
+        task(stages.run_validate, name=f"validate[{recipe}]", cache_policy=NO_CACHE)(ws, params, recipe)
+    return ",".join(steps)
 
 
 def pool_benchmark_file(ws: Workspace, pool: str) -> Path:
@@ -315,40 +250,57 @@ def orchestrate_flow(
     stages.preflight(ws, params)
     pools = pool_map(pools)
     common = {"workspace": str(ws.root), "dvc_remote": dvc_remote}
-    recipes = list(params.quantize.recipes)
+    recipes = list(params.quantize.variants)
     recipe_pool = {r: pools[get_recipe(r).target] for r in recipes}
     ran: list[str] = []
     steps: list[StepRun] = []
     fan = dict(start_timeout_s=start_timeout_s, retries=step_retries)
 
-    # 1. Prepared inputs, on the preparation pool, unless dvc.lock and the reference record say they are current.
+    # 1. Prepared inputs and the variants' plan, on the preparation pool, unless dvc.lock says they are current.
     dvc = DvcStages(ws.root)
     stale = [s for s in PREPARED if force or not dvc.is_fresh(s)]
     dvc.close()
-    reference_current = not stale and reusable(ws, params, REFERENCE) is not None
-    if stale or not reference_current or force:
+    if stale:
         steps += _fan_out([(f"vitq-prepare/{pools[PREPARE]}", pools[PREPARE],
                             {**common, "force": force, "pool": pools[PREPARE]}, "prepare")], **fan)
         ran += stale
     else:
-        log.info("%s, fp32 reference: up to date (dvc.lock digests), reused", ", ".join(PREPARED))
+        log.info("%s: up to date (dvc.lock), reused", ", ".join(PREPARED))
 
-    # 2. One step per recipe on its target's pool (a variant with unchanged inputs and recipe is reused there).
+    # 2. One step per stale variant on its target's pool (DVC: variant@<recipe>), the same runner as `vitq run`.
     dvc = DvcStages(ws.root)
-    variants_stale = force or requantize or not (dvc.is_fresh("quantize") and dvc.is_fresh("validate"))
-    dvc.close()
-    if variants_stale:
-        stages.prune_outputs(ws.variants_dir, set(recipes))
-        stages.prune_outputs(ws.validation_dir, set(recipes) | {REFERENCE})
-        for wave in stages.variant_waves(recipes):  # a recipe reusing another variant's decision waits for it
-            steps += _fan_out([(f"vitq-variant/{recipe_pool[r]}", recipe_pool[r],
-                                {**common, "recipe": r, "force": force or requantize, "pool": recipe_pool[r]},
-                                f"variant[{r}]") for r in wave], **fan)
-        _commit(ws, ["quantize", "validate"])
-        ran += ["quantize", "validate"]
-    else:
-        log.info("quantize, validate: up to date (dvc.lock digests and recipes unchanged), %d variants reused",
-                 len(recipes))
+
+    todo: dict[str, tuple[str, ...]] = {}
+
+    def variant_stale(r: str) -> bool:
+        # A variant recorded as not run here is routed to a pool that can run it.
+        rerun = force or requantize or stages.not_run_reason(ws, r) is not None
+        todo[r] = stages.steps_to_run(r, lambda st: rerun or not dvc.is_fresh(st))
+        if not todo[r]:
+            log.info("%s: up to date (dvc.lock), reused", r)
+        return bool(todo[r])
+
+    def variant_step(r: str):
+        params_ = {**common, "recipe": r, "steps": list(todo[r]), "pool": recipe_pool[r]}
+        return dispatch.with_options(name=f"dispatch[variant[{r}]]").submit(
+            f"vitq-variant/{recipe_pool[r]}", recipe_pool[r], params_, f"variant[{r}]", **fan)
+
+    def variant_done(r: str) -> None:
+        for step, st in zip(("quantize", "validate"), stages.variant_stages(r)):
+            if step in todo[r]:
+                dvc.commit(st)
+                ran.append(st)
+
+    futures: dict[str, object] = {}
+    try:
+        done_variants = stages.run_variants(
+            recipes, stale=variant_stale, submit=lambda r: futures.setdefault(r, variant_step(r)), done=variant_done)
+    except (NoLiveWorker, StepFailed, VitqError) as exc:
+        raise StepFailed(f"variant steps did not complete: {exc}") from None
+    finally:
+        dvc.close()
+    steps += [futures[r].result() for r in done_variants]
+    variants_stale = bool(done_variants)
 
     # 3. Benchmark on each pool that produced variants, one pool at a time; merged into benchmark.json.
     dvc = DvcStages(ws.root)
@@ -381,7 +333,8 @@ def orchestrate_flow(
     else:
         log.info("report: up to date (dvc.lock), reused")
     if dvc_remote:
-        dvc_push(str(ws.root), ["quantize", "validate", "benchmark", "report"], dvc_remote)
+        dvc_push(str(ws.root), [*(st for r in recipes for st in stages.variant_stages(r)), "benchmark", "report"],
+                 dvc_remote)
 
     # 5. One MLflow parent run for the whole orchestrated run, children per variant, registry aliases.
     summary = json.loads(ws.summary_file.read_text())
@@ -389,8 +342,8 @@ def orchestrate_flow(
     stage_metrics = {"orchestrated_wall_s": time.perf_counter() - started}
     if spec.top1 is not None:
         stage_metrics["fp32_top1_torch"] = spec.top1
-    tags = {"orchestration": "distributed", "reused": ",".join(s for s in (*PREPARED, "quantize", "validate",
-                                                                          "benchmark", "report") if s not in ran)
+    every = (*PREPARED, *(st for r in recipes for st in stages.variant_stages(r)), "benchmark", "report")
+    tags = {"orchestration": "distributed", "reused": ",".join(s for s in every if s not in ran)
             or "none", **{f"step.{s.name}": f"pool={s.pool} worker={s.worker} flow_run={s.flow_run_id}"
                           f" attempts={s.attempts}" for s in steps}}
     if dvc_remote:

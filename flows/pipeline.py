@@ -41,14 +41,9 @@ def stage_task(name: str, ws: Workspace, params: Params) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def quantize_task(ws: Workspace, recipe: str) -> None:
+def variant_task(ws: Workspace, params: Params, recipe: str, steps: tuple[str, ...]) -> None:
     with interrupt.running(recipe):
-        stages.quantize_one(ws, recipe)
-
-
-@task(cache_policy=NO_CACHE)
-def validate_reference_task(ws: Workspace, params: Params) -> None:
-    stages.validate_reference(ws, params)
+        stages.run_variant(ws, params, recipe, steps)
 
 
 @task(cache_policy=NO_CACHE)
@@ -68,12 +63,6 @@ def benchmark_task(ws: Workspace) -> None:
         raise RuntimeError(f"benchmark stage failed (exit {proc.returncode}): {out.strip().splitlines()[-1:]}")
 
 
-@task(cache_policy=NO_CACHE)
-def validate_task(ws: Workspace, params: Params, recipe: str) -> None:
-    with interrupt.running(recipe):
-        stages.validate_one(ws, params, recipe)
-
-
 class _Runner:
     """Runs a stage unless DVC says it is up to date; commits what it ran."""
 
@@ -82,8 +71,9 @@ class _Runner:
         self.dvc = DvcStages(ws.root)
         self.ran: list[str] = []
 
-    def stale(self, name: str) -> bool:
-        if self.force or not self.dvc.is_fresh(name):
+    def stale(self, name: str, also: bool = False) -> bool:
+        """`also`: stale for a reason DVC cannot see (a variant recorded as not run that this machine can run now)."""
+        if self.force or also or not self.dvc.is_fresh(name):
             interrupt.begin_stage(name)  # what an interruption names, until `done`
             log.info("%s: running", name)
             return True
@@ -113,25 +103,30 @@ def vitq_pipeline(root: str, force: bool = False) -> dict:
     runnable, not_run = stages.plan_variants(params)
     for name, why in not_run.items():
         log.warning("%s: not run: %s", name, why)
+    for name in ("reference", "plan"):
+        if run.stale(name):
+            stage_task.with_options(name=name, tags=cpu)(name, ws, params)
+            run.done(name)
+    # Two DVC stages per variant (quantize@, validate@): only what changed runs, concurrently per wave.
+    todo: dict[str, tuple[str, ...]] = {}
 
-    if run.stale("quantize"):
-        stages.prune_outputs(ws.variants_dir, set(runnable))
-        for wave in stages.variant_waves(runnable):  # a recipe reusing another variant's decision waits for it
-            futures = [
-                quantize_task.with_options(name=f"quantize[{r}]", tags=worker_tags(r)).submit(ws, r) for r in wave
-            ]
-            [f.result() for f in futures]
-        run.done("quantize")
+    def stale(r: str) -> bool:
+        quantize_st, validate_st = stages.variant_stages(r)
+        todo[r] = stages.steps_to_run(r, lambda st: run.stale(st, also=st == quantize_st and stages.runnable_now(ws, r)))
+        if "quantize" in todo[r]:
+            run.stale(validate_st, also=True)  # a requantized variant is revalidated: logged, and named if interrupted
+        return bool(todo[r])
 
-    if run.stale("validate"):
-        stages.prune_outputs(ws.validation_dir, set(runnable) | {"fp32"})
-        validate_reference_task.with_options(tags=cpu)(ws, params)
-        futures = [
-            validate_task.with_options(name=f"validate[{r}]", tags=worker_tags(r)).submit(ws, params, r)
-            for r in runnable
-        ]
-        [f.result() for f in futures]
-        run.done("validate")
+    def done(r: str) -> None:
+        for step, st in zip(("quantize", "validate"), stages.variant_stages(r)):
+            if step in todo[r]:
+                run.done(st)
+
+    stages.run_variants(
+        list(params.quantize.variants), stale=stale, done=done,
+        submit=lambda r: variant_task.with_options(name=f"{r}[{','.join(todo[r])}]", tags=worker_tags(r)).submit(
+            ws, params, r, todo[r]),
+    )
 
     # One task times FP32 and every variant side by side, never concurrently with other work.
     if run.stale("benchmark"):

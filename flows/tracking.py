@@ -128,7 +128,7 @@ def log_pipeline_run(
                 for f in ("recovery.json", "sensitivity.csv", "sensitivity.png", "calibration_search.csv"):
                     if (folder / f).is_file():
                         mlflow.log_artifact(str(folder / f), artifact_path="recovery")
-                for f in (ws.validation_dir / f"{v['name']}.json", *error_report_paths(ws, v["name"])):
+                for f in (ws.validation_for(v["name"]) / f"{v['name']}.json", *error_report_paths(ws, v["name"])):
                     if f.is_file():
                         mlflow.log_artifact(str(f), artifact_path="reports")
         for nr in summary["not_run"]:

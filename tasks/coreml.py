@@ -172,16 +172,17 @@ def predict_coreml(package: Path, x: np.ndarray, compute_units: str) -> np.ndarr
 
 
 def validate_variant(
-    name: str, folder: Path, model_dir: Path, data_dir: Path, cfg, out_dir: Path, compute_units: str = "ALL"
+    name: str, folder: Path, model_dir: Path, data_dir: Path, cfg, out_dir: Path, compute_units: str = "ALL",
+    reference_dir: Path | None = None,
 ):
-    """Judge a Core ML variant: its torch counterpart everywhere, the ML program itself on macOS."""
+    """Judge a Core ML variant: its torch counterpart everywhere, the ML program itself on macOS.
+    `reference_dir`: where the FP32 outputs are (default: out_dir)."""
     from tasks import validate
     from tasks.quantize import load_variant
     from tasks.targets import get_target
 
     x, labels = validate._labels(model_dir, data_dir)
-    ref = np.load(Path(out_dir) / f"{validate.REFERENCE}.npy")
-    ref_top1 = validate.load_validation(out_dir, validate.REFERENCE).metrics.top1
+    ref, ref_top1 = validate.load_reference(reference_dir or out_dir)
     art = load_variant(folder.parent, name)
     counterpart = predict_counterpart(folder / PROGRAM, x, cfg.batch_size, fp16=art.recipe["scheme"] == "float")
     metrics = validate.compare_outputs(ref, counterpart, labels, ref_top1)

@@ -38,8 +38,16 @@ class Workspace:
         return self.root / "artifacts" / "variants"
 
     @property
-    def validation_dir(self) -> Path:  # <variant>.json + fp32.json
+    def plan_dir(self) -> Path:  # <variant>.json: what each variant stage reads (recipe, params, table digest)
+        return self.root / "artifacts" / "plan"
+
+    @property
+    def validation_dir(self) -> Path:  # <variant>/ per variant (its DVC stage's output) + fp32/ (the reference)
         return self.root / "reports" / "validation"
+
+    def validation_for(self, name: str) -> Path:
+        """`<variant>/<variant>.json` (+ .errors.csv/.png), `fp32/fp32.json` + `fp32.npy`."""
+        return self.validation_dir / name
 
     @property
     def benchmark_file(self) -> Path:

@@ -1,20 +1,23 @@
 """The pipeline's stages over a workspace: what `vitq stage <name>` (and so `dvc repro`) runs.
 
 Each function reads its inputs from the workspace, writes its outputs there, and returns the
-stage's typed result. The Prefect flow calls the same functions, with quantize/validate split
-per variant so variants run concurrently.
+stage's typed result. The Prefect flows call the same functions; variants go through one runner
+(`run_variants`), two DVC stages per variant (`quantize@<recipe>`, `validate@<recipe>`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
 from tasks import benchmark, calibrate, data, error_report, export, model, quantize, report, tradeoff, validate
+from tasks._io import read_json, write_json
 from tasks.layout import Workspace
 from tasks.targets import get_target
 from vitq.config import Params
@@ -40,9 +43,10 @@ def run_calibrate(ws: Workspace, p: Params) -> calibrate.CalibrationResult:
 
 
 def plan_variants(p: Params) -> tuple[list[str], dict[str, str]]:
-    """Split the configured recipes into those this machine can run and those it cannot (with why)."""
+    """Split the configured variants into those this machine can run and those it cannot (with why),
+    in the order they can be made (see `variant_waves`)."""
     runnable, not_run = [], {}
-    for name in p.quantize.recipes:
+    for name in p.quantize.variants:
         reason = get_target(get_recipe(name).target).missing_runtime()
         if reason:
             not_run[name] = reason
@@ -57,6 +61,13 @@ def variant_waves(recipes: list[str]) -> list[list[str]]:
     return [w for w in (first, [r for r in recipes if r not in first]) if w]
 
 
+def variant_stages(name: str) -> tuple[str, str]:
+    """The DVC stages (dvc.yaml) that make variant `name`: `quantize@<name>`, `validate@<name>`
+    (`carry-quantize@`, `carry-validate@` for a recipe that applies another variant's decision)."""
+    prefix = "carry-" if get_recipe(name).reuses else ""
+    return f"{prefix}quantize@{name}", f"{prefix}validate@{name}"
+
+
 def prune_outputs(folder: Path, keep: set[str]) -> None:
     """Remove outputs of recipes no longer configured, so no stale variant is reported."""
     if not folder.is_dir():
@@ -66,27 +77,173 @@ def prune_outputs(folder: Path, keep: set[str]) -> None:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
+# -- what each variant reads: one plan file per variant, the only dependency its DVC stage has on
+#    params.yaml and the calibration tables ----------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def plan_record(ws: Workspace, p: Params, name: str) -> dict:
+    """Everything quantizing variant `name` reads besides the FP32 model, data and export: its recipe, the
+    parameter sections it reads, and the digest of the calibration table it reads. Two variants' records
+    differ only where their inputs do, so a changed setting requantizes exactly the variants that read it
+    (validation settings are declared by the validate@ stages themselves)."""
+    recipe = get_recipe(name)
+    reads: dict = {}
+    if recipe.calibration:
+        table = calibrate.table_path(ws.calibration_dir, recipe.calibration)
+        reads["calibration_table"] = {"file": table.name, "sha256": _sha256(table) if table.is_file() else None}
+    if recipe.recovery:  # recovery recipes calibrate, re-export and fine-tune on their own
+        reads.update(seed=p.seed, recovery=p.recovery.model_dump(mode="json"),
+                     # not the percentile or methods: the table digest above covers what they change
+                     calibration=p.calibration.model_dump(mode="json", exclude={"percentile", "methods"}),
+                     export=p.export.model_dump(mode="json"),
+                     train=p.model.train.model_dump(mode="json"))
+    if recipe.target == "coreml":  # converted from the torch model, calibrated on the calibration split
+        reads.update(seed=p.seed)
+    if recipe.reuses:
+        reads["applies"] = recipe.reuses
+    return {"variant": name, "stage": variant_stages(name)[0], "recipe": asdict(recipe), "reads": reads}
+
+
+def run_plan(ws: Workspace, p: Params) -> dict[str, dict]:
+    """Write `artifacts/plan/<variant>.json` for every configured variant; remove the outputs of
+    variants no longer configured."""
+    from tasks._io import atomic_dir
+
+    records = {name: plan_record(ws, p, name) for name in p.quantize.variants}
+    with atomic_dir(ws.plan_dir) as tmp:
+        for name, record in records.items():
+            write_json(tmp / f"{name}.json", record)
+    prune_outputs(ws.variants_dir, set(records))
+    prune_outputs(ws.validation_dir, set(records) | {validate.REFERENCE})
+    log.info("plan: %d variant(s): %s", len(records), ", ".join(records))
+    return records
+
+
+# -- one variant: quantize, then validate against the FP32 reference ------------------------------
+
+NOT_RUN = "not_run.json"  # in a variant's folders when this machine cannot make it: why
+
+
 def quantize_one(ws: Workspace, name: str, p: Params | None = None) -> quantize.VariantArtifact:
     """One variant. Recovery recipes also read the model, data and params (from params.yaml when `p` is None)."""
     return get_target(get_recipe(name).target).quantize(ws, name, p)
 
 
-def run_quantize(ws: Workspace, p: Params) -> list[quantize.VariantArtifact]:
-    runnable, not_run = plan_variants(p)
-    for name, why in not_run.items():
-        log.warning("quantize: %s not run: %s", name, why)
-    prune_outputs(ws.variants_dir, set(runnable))
-    return [quantize_one(ws, name, p) for wave in variant_waves(runnable) for name in wave]
+def run_reference(ws: Workspace, p: Params) -> validate.ValidationResult:
+    """FP32 outputs on the validation split, the reference every variant is judged against."""
+    from tasks._io import atomic_dir
 
-
-def validate_reference(ws: Workspace, p: Params) -> validate.ValidationResult:
-    ws.validation_dir.mkdir(parents=True, exist_ok=True)
-    return validate.reference_outputs(ws.export_dir / "model.onnx", ws.model_dir, ws.data_dir, p.validate_, ws.validation_dir)
+    with atomic_dir(ws.validation_for(validate.REFERENCE)) as tmp:
+        validate.reference_outputs(ws.export_dir / "model.onnx", ws.model_dir, ws.data_dir, p.validate_, tmp)
+    return validate.load_validation(ws.validation_for(validate.REFERENCE), validate.REFERENCE)
 
 
 def validate_one(ws: Workspace, p: Params, name: str) -> validate.ValidationResult:
+    """Validate variant `name` into `reports/validation/<name>/` (replaced whole: no stale error report)."""
+    folder = ws.validation_for(name)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     art = quantize.load_variant(ws.variants_dir, name)
     return get_target(art.recipe["target"]).validate(ws, p, name)
+
+
+def not_run_reason(ws: Workspace, name: str) -> str | None:
+    """Why variant `name` was recorded as not run (its target's runtime was missing), or None."""
+    marker = quantize.variant_dir(ws.variants_dir, name) / NOT_RUN
+    return read_json(marker)["reason"] if marker.is_file() else None
+
+
+def runnable_now(ws: Workspace, name: str) -> bool:
+    """True when variant `name` was recorded as not run but its target's runtime is here now."""
+    return not_run_reason(ws, name) is not None and get_target(get_recipe(name).target).missing_runtime() is None
+
+
+def _check_configured(p: Params, name: str) -> None:
+    if name not in p.quantize.variants:
+        from vitq.errors import VitqError
+
+        raise VitqError(f"variant {name!r} is not configured; configured: {', '.join(p.quantize.variants)}")
+
+
+def run_quantize(ws: Workspace, p: Params, name: str) -> quantize.VariantArtifact | None:
+    """Stage quantize@<name>: make the variant; where this machine lacks the target's runtime, its
+    folder records why instead (None)."""
+    from tasks._io import atomic_dir
+
+    _check_configured(p, name)
+    reason = get_target(get_recipe(name).target).missing_runtime()
+    if reason:
+        log.warning("%s: not run: %s", name, reason)
+        with atomic_dir(quantize.variant_dir(ws.variants_dir, name)) as tmp:
+            write_json(tmp / NOT_RUN, {"variant": name, "reason": reason})
+        return None
+    return quantize_one(ws, name, p)
+
+
+def run_validate(ws: Workspace, p: Params, name: str) -> validate.ValidationResult | None:
+    """Stage validate@<name>: judge the variant against the FP32 reference (a variant not run: why)."""
+    from tasks._io import atomic_dir
+
+    _check_configured(p, name)
+    reason = not_run_reason(ws, name)
+    if reason:
+        with atomic_dir(ws.validation_for(name)) as tmp:
+            write_json(tmp / NOT_RUN, {"variant": name, "reason": reason})
+        return None
+    return validate_one(ws, p, name)
+
+
+def run_variant(ws: Workspace, p: Params, name: str, steps: tuple[str, ...] = ("quantize", "validate")) -> None:
+    """Variant `name`: the stages in `steps` (quantize, then validate), in this process."""
+    if "quantize" in steps:
+        run_quantize(ws, p, name)
+    if "validate" in steps:
+        run_validate(ws, p, name)
+
+
+def steps_to_run(name: str, is_stale: Callable[[str], bool]) -> tuple[str, ...]:
+    """Which of variant `name`'s stages to run, given `is_stale(dvc_stage)`: a requantized variant is revalidated."""
+    q, v = variant_stages(name)
+    if is_stale(q):
+        return ("quantize", "validate")
+    return ("validate",) if is_stale(v) else ()
+
+
+def run_variants(names: list[str], *, stale: Callable[[str], bool], submit: Callable[[str], object],
+                 done: Callable[[str], None] = lambda name: None) -> list[str]:
+    """The one variant runner: waves in dependency order (a variant applying another's decision after it);
+    in a wave, every stale variant is submitted at once (`submit(name)` returns something with `.result()`,
+    or the result itself), then each is waited for and `done(name)` recorded. Returns the names run.
+    A failed variant fails the run after the rest of its wave finished, naming every failure."""
+    ran: list[str] = []
+    for wave in variant_waves(names):
+        pending = [(name, submit(name)) for name in wave if stale(name)]
+        errors = []
+        for name, handle in pending:
+            try:
+                handle.result() if hasattr(handle, "result") else handle
+            except Exception as exc:  # noqa: BLE001 - reported together below
+                errors.append((name, exc))
+                continue
+            done(name)
+            ran.append(name)
+        if errors:
+            if len(errors) == 1:
+                raise errors[0][1]
+            from vitq.errors import VitqError
+
+            raise VitqError(f"{len(errors)} variants failed: " + " | ".join(f"{n}: {e}" for n, e in errors))
+    return ran
+
+
+def run_all_variants(ws: Workspace, p: Params) -> list[str]:
+    """Every configured variant in this process, in dependency order (the experiment commands, tests)."""
+    run_reference(ws, p)
+    run_plan(ws, p)
+    return run_variants(list(p.quantize.variants), stale=lambda n: True, submit=lambda n: run_variant(ws, p, n))
 
 
 def validate_onnx_graph(ws: Workspace, p: Params, name: str) -> validate.ValidationResult:
@@ -94,8 +251,9 @@ def validate_onnx_graph(ws: Workspace, p: Params, name: str) -> validate.Validat
     art = quantize.load_variant(ws.variants_dir, name)
     folder = quantize.variant_dir(ws.variants_dir, name)
     path = folder / art.artifact
-    result = validate.validate_variant(name, path, ws.model_dir, ws.data_dir, p.validate_, ws.validation_dir,
-                                       get_target(art.recipe["target"]).predict)
+    result = validate.validate_variant(name, path, ws.model_dir, ws.data_dir, p.validate_, ws.validation_for(name),
+                                       get_target(art.recipe["target"]).predict,
+                                       reference_dir=ws.validation_for(validate.REFERENCE))
     if art.recipe["scheme"] == "static" and p.validate_.error_report_images:
         spec = model.load_model_spec(ws.model_dir)
         images = data.load_split(ws.data_dir, "calibration").images[: p.validate_.error_report_images]
@@ -110,14 +268,7 @@ def validate_onnx_graph(ws: Workspace, p: Params, name: str) -> validate.Validat
 
 
 def error_report_paths(ws: Workspace, name: str) -> tuple[Path, Path]:
-    return ws.validation_dir / f"{name}.errors.csv", ws.validation_dir / f"{name}.errors.png"
-
-
-def run_validate(ws: Workspace, p: Params) -> list[validate.ValidationResult]:
-    runnable, _ = plan_variants(p)
-    prune_outputs(ws.validation_dir, set(runnable) | {validate.REFERENCE})
-    validate_reference(ws, p)
-    return [validate_one(ws, p, name) for name in runnable]
+    return ws.validation_for(name) / f"{name}.errors.csv", ws.validation_for(name) / f"{name}.errors.png"
 
 
 def run_benchmark(ws: Workspace, p: Params, names: list[str] | None = None,
@@ -169,7 +320,7 @@ def build_summary(ws: Workspace, p: Params, produced: list[str] | None = None) -
     data_result = data.load_data_result(ws.data_dir)
     md5 = dvc_data_digest(ws)
     variants = [
-        (quantize.load_variant(ws.variants_dir, n), validate.load_validation(ws.validation_dir, n)) for n in runnable
+        (quantize.load_variant(ws.variants_dir, n), validate.load_validation(ws.validation_for(n), n)) for n in runnable
     ]
     bench = benchmark.load_benchmark(ws.benchmark_file) if ws.benchmark_file.is_file() else None
     return report.build_summary(
@@ -177,7 +328,7 @@ def build_summary(ws: Workspace, p: Params, produced: list[str] | None = None) -
         data=data_result,
         data_digest=f"md5:{md5}" if md5 else f"sha256:{data_result.digest}",
         fp32_size_mb=export.load_export_result(ws.export_dir).size_mb,
-        reference=validate.load_validation(ws.validation_dir, validate.REFERENCE),
+        reference=validate.load_validation(ws.validation_for(validate.REFERENCE), validate.REFERENCE),
         variants=variants,
         bench=bench,
         not_run=not_run,
@@ -192,13 +343,15 @@ def run_report(ws: Workspace, p: Params, produced: list[str] | None = None) -> s
     return table
 
 
-STAGES: dict[str, Callable[[Workspace, Params], object]] = {
+STAGES: dict[str, Callable[..., object]] = {
     "data": run_data,
     "model": run_model,
     "export": run_export,
     "calibrate": run_calibrate,
-    "quantize": run_quantize,
-    "validate": run_validate,
+    "reference": run_reference,
+    "plan": run_plan,
+    "quantize": run_quantize,  # per variant: (ws, p, recipe)
+    "validate": run_validate,  # per variant: (ws, p, recipe)
     "benchmark": run_benchmark,
     "report": run_report,
 }
@@ -217,7 +370,15 @@ def require_dvc_workspace(root: Path) -> None:
 def preflight(ws: Workspace, p: Params) -> None:
     """Cheap checks of user input before any server starts or stage runs (each raises a one-line VitqError)."""
     require_dvc_workspace(ws.root)
+    # dvc.yaml's per-variant stages iterate over these keys of params.yaml itself (not over defaults).
+    raw = (yaml.safe_load(ws.params_file.read_text()) or {}).get("quantize") or {}
+    for key in ("recipes", "carry"):
+        if key not in raw:
+            from vitq.errors import VitqError
+
+            raise VitqError(f"{ws.params_file}: quantize.{key} must be written out (dvc.yaml makes one stage per "
+                            f"entry); e.g. quantize.{key}: " + ("[onnx-w8a8-percentile]" if key == "recipes" else "{}"))
     data.check_data_config(p.data)
     model.check_model_config(p.model)
-    for name in p.quantize.recipes:
+    for name in p.quantize.variants:
         get_target(get_recipe(name).target)

@@ -100,10 +100,12 @@ class CoreMLTarget(Target):
 
     def validate(self, ws: Workspace, p: Params, name: str):
         from tasks import coreml, quantize
+        from tasks.validate import REFERENCE
 
         folder = quantize.variant_dir(ws.variants_dir, name)
         return coreml.validate_variant(
-            name, folder, ws.model_dir, ws.data_dir, p.validate_, ws.validation_dir, p.benchmark.coreml_compute_units
+            name, folder, ws.model_dir, ws.data_dir, p.validate_, ws.validation_for(name),
+            p.benchmark.coreml_compute_units, reference_dir=ws.validation_for(REFERENCE),
         )
 
     def benchmark(self, ws: Workspace, p: Params, paths: dict[str, Path]) -> tuple[dict, dict] | None:

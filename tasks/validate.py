@@ -131,13 +131,12 @@ def reference_outputs(fp32_onnx: Path, model_dir: Path, data_dir: Path, cfg: Val
 
 def validate_variant(
     name: str, variant_onnx: Path, model_dir: Path, data_dir: Path, cfg: ValidateConfig, out_dir: Path,
-    predict: Callable[[Path, np.ndarray, int], np.ndarray] | None = None,
+    predict: Callable[[Path, np.ndarray, int], np.ndarray] | None = None, reference_dir: Path | None = None,
 ) -> ValidationResult:
     """Run the variant on the validation split and judge it against the budget. `predict(path, x, batch_size)`:
-    its target's runtime (default: ONNX Runtime)."""
+    its target's runtime (default: ONNX Runtime). `reference_dir`: where the FP32 outputs are (default: out_dir)."""
     x, labels = _labels(model_dir, data_dir)
-    ref = np.load(Path(out_dir) / f"{REFERENCE}.npy")
-    ref_top1 = load_validation(out_dir, REFERENCE).metrics.top1
+    ref, ref_top1 = load_reference(reference_dir or out_dir)
     if predict is None:
         predict = lambda path, x, batch_size: onnx_backend.run_batched(onnx_backend.session(path), x, batch_size)  # noqa: E731
     logits = predict(variant_onnx, x, cfg.batch_size)
@@ -150,6 +149,11 @@ def validate_variant(
         name, m.top1, m.top1_drop, m.agreement, m.sqnr_db, "pass" if result.passed else "FAIL",
     )
     return result
+
+
+def load_reference(reference_dir: Path) -> tuple[np.ndarray, float | None]:
+    """The FP32 logits every variant is compared with, and the FP32 top-1."""
+    return np.load(Path(reference_dir) / f"{REFERENCE}.npy"), load_validation(reference_dir, REFERENCE).metrics.top1
 
 
 def load_validation(validation_dir: Path, name: str) -> ValidationResult:

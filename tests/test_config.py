@@ -23,9 +23,17 @@ def test_shipped_params_are_the_defaults():
         ({"data": {"source": "imagefolder"}}, "data.path is required"),
         ({"model": {"source": "train", "checkpoint": "w.pt"}}, "apply to model.source 'timm'"),
         (
-            {"calibration": {"methods": ["minmax"]}, "quantize": {"recipes": ["onnx-w8a8-entropy"]}},
+            {"calibration": {"methods": ["minmax"]}, "quantize": {"recipes": ["onnx-w8a8-entropy"], "carry": {}}},
             "needs the 'entropy' calibration table",
         ),
+        ({"quantize": {"recipes": ["onnx-w8a8-auto", "coreml-w8a8-auto"], "carry": {}}},
+         "list it under quantize.carry as 'coreml-w8a8-auto: onnx-w8a8-auto'"),
+        ({"quantize": {"recipes": ["onnx-w8a8-minmax"], "carry": {"coreml-w8a8-auto": "onnx-w8a8-auto"}}},
+         "add 'onnx-w8a8-auto' to quantize.recipes"),
+        ({"quantize": {"recipes": ["onnx-w8a8-minmax"], "carry": {"coreml-w8a8-auto": "onnx-w8a8-minmax"}}},
+         "'coreml-w8a8-auto' applies 'onnx-w8a8-auto''s decision, not 'onnx-w8a8-minmax'"),
+        ({"quantize": {"recipes": ["onnx-w8a8-minmax"], "carry": {"coreml-w8": "onnx-w8a8-minmax"}}},
+         "'coreml-w8' is not a recipe that applies another's decision; allowed: coreml-w8a8-auto"),
     ],
 )
 def test_bad_params_name_the_key(raw, needle):

@@ -27,7 +27,7 @@ from conftest import tiny_params, vitq, workspace_copy
 def coreml_ws(staged_workspace, tmp_path_factory) -> Workspace:
     """A copy of the staged workspace with the three Core ML variants quantized and validated."""
     ws, p = workspace_copy(staged_workspace, tmp_path_factory, "coreml"), parse_params(tiny_params())
-    stages.validate_reference(ws, p)
+    stages.run_reference(ws, p)
     for name in ("coreml-fp16", "coreml-w8", "coreml-w8a8"):
         stages.quantize_one(ws, name)
         stages.validate_one(ws, p, name)
@@ -65,17 +65,17 @@ def test_validation_on_linux_uses_the_torch_counterpart_and_says_so(coreml_ws):
     from tasks.validate import load_validation
 
     for name in ("coreml-fp16", "coreml-w8", "coreml-w8a8"):
-        v = load_validation(coreml_ws.validation_dir, name)
+        v = load_validation(coreml_ws.validation_for(name), name)
         assert v.runtime == "torch counterpart (model.pt2)"
         assert "macos worker" in v.not_measured["coreml_predict"]
         assert v.metrics.top1_drop is not None and v.metrics.top1_drop <= 1.0, (name, v.metrics)
-    assert load_validation(coreml_ws.validation_dir, "coreml-fp16").metrics.sqnr_db > 40  # FP16 emulated, not FP32
+    assert load_validation(coreml_ws.validation_for("coreml-fp16"), "coreml-fp16").metrics.sqnr_db > 40  # FP16 emulated, not FP32
 
 
 def test_summary_reports_coreml_latency_as_not_measured_with_reason(coreml_ws):
     from tasks import benchmark, report
 
-    p = parse_params(tiny_params(quantize={"recipes": ["onnx-w8a8-minmax", "coreml-w8a8"]}))
+    p = parse_params(tiny_params(quantize={"recipes": ["onnx-w8a8-minmax", "coreml-w8a8"], "carry": {}}))
     stages.quantize_one(coreml_ws, "onnx-w8a8-minmax")
     stages.validate_one(coreml_ws, p, "onnx-w8a8-minmax")
     stages.run_benchmark(coreml_ws, p)
@@ -209,9 +209,9 @@ def test_validation_on_macos_compares_core_ml_outputs(coreml_ws, monkeypatch):
     from tasks.validate import load_validation
 
     p = parse_params(tiny_params())
-    ref = np.load(coreml_ws.validation_dir / "fp32.npy")
+    ref = np.load(coreml_ws.validation_for("fp32") / "fp32.npy")
     labels = load_split(coreml_ws.data_dir, "validation").labels
-    ref_top1 = load_validation(coreml_ws.validation_dir, "fp32").metrics.top1
+    ref_top1 = load_validation(coreml_ws.validation_for("fp32"), "fp32").metrics.top1
     n = len(ref)
     order = np.argsort(ref, axis=1)
     first, second = order[:, -1], order[:, -2]
@@ -239,7 +239,7 @@ def test_validation_on_macos_compares_core_ml_outputs(coreml_ws, monkeypatch):
     out = coreml_ws.root / "validation-mac"  # beside, so the Linux results stay as they are
     out.mkdir(exist_ok=True)
     for f in ("fp32.npy", "fp32.json"):
-        shutil.copy(coreml_ws.validation_dir / f, out / f)
+        shutil.copy(coreml_ws.validation_for("fp32") / f, out / f)
     folder = coreml_ws.variants_dir / "coreml-w8a8"
     v = coreml.validate_variant(
         "coreml-w8a8", folder, coreml_ws.model_dir, coreml_ws.data_dir, p.validate_, out, "CPU_ONLY",

@@ -161,28 +161,42 @@ def test_tradeoff_plots_per_target_and_one_report_section(tmp_path):
     assert text.count(SECTION) == 1 and "![tradeoff-onnx](plots/tradeoff-onnx.png)" in text
 
 
-def test_step_key_changes_with_inputs_and_recipe(tmp_path):
-    from flows.distributed import step_key
+def test_plan_record_changes_exactly_where_a_variant_reads(tmp_path):
+    """The per-variant plan file is all a quantize@<recipe> stage declares about params and tables: it
+    must change when (and only when) something that variant reads changes."""
+    from tasks.calibrate import table_path
     from tasks.layout import Workspace
+    from tasks.stages import plan_record
     from vitq.config import parse_params
-    from vitq.errors import VitqError
     from conftest import tiny_params
 
     ws = Workspace(tmp_path)
+    ws.calibration_dir.mkdir(parents=True)
+    for method in ("minmax", "percentile", "entropy"):
+        table_path(ws.calibration_dir, method).write_text(f'{{"{method}": 1}}')
     p = parse_params(tiny_params())
-    with pytest.raises(VitqError, match="no outputs for stage 'data'"):
-        step_key(ws, p, "onnx-w8a8-minmax")
-    lock = {"stages": {s: {"outs": [{"path": f"{s}/out", "md5": f"{s}-1"}]} for s in ("data", "model", "export", "calibrate")}}
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    k = step_key(ws, p, "onnx-w8a8-minmax")
-    assert k == step_key(ws, p, "onnx-w8a8-minmax") and k != step_key(ws, p, "onnx-w8a8-percentile")
-    more_recipes = parse_params(tiny_params(quantize={"recipes": ["onnx-w8a8-minmax", "onnx-w8a8-entropy"]}))
-    assert step_key(ws, more_recipes, "onnx-w8a8-minmax") == k  # adding a recipe keeps the others' keys
-    assert step_key(ws, parse_params(tiny_params(benchmark={"repeats": 7})), "onnx-w8a8-minmax") == k
-    assert step_key(ws, parse_params(tiny_params(validate={"max_top1_drop": 0.5})), "onnx-w8a8-minmax") != k
-    lock["stages"]["calibrate"]["outs"][0]["md5"] = "calibrate-2"
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    assert step_key(ws, p, "onnx-w8a8-minmax") != k
+
+    def rec(params, name):
+        return plan_record(ws, params, name)
+
+    base = {n: rec(p, n) for n in ("onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-auto",
+                                   "onnx-w8a8-smoothquant", "coreml-w8a8")}
+    assert base["onnx-w8a8-minmax"] != base["onnx-w8a8-percentile"]
+    more = parse_params(tiny_params(quantize={"recipes": ["onnx-w8a8-minmax", "onnx-w8a8-entropy"], "carry": {}}))
+    assert rec(more, "onnx-w8a8-minmax") == base["onnx-w8a8-minmax"]  # adding a recipe keeps the others' records
+    for unrelated in (dict(benchmark={"repeats": 7}), dict(validate={"max_top1_drop": 0.5}), dict(max_workers=1)):
+        changed = parse_params(tiny_params(**unrelated))
+        assert all(rec(changed, n) == r for n, r in base.items()), unrelated  # declared by validate@/benchmark
+    # a new percentile table: only the variants calibrated from it
+    table_path(ws.calibration_dir, "percentile").write_text('{"percentile": 2}')
+    after = {n: rec(p, n) for n in base}
+    assert {n for n in base if after[n] != base[n]} == {"onnx-w8a8-percentile", "onnx-w8a8-auto"}
+    # recovery settings: only the recovery recipes
+    rp = parse_params(tiny_params(recovery={"sensitivity_images": 7}))
+    assert {n for n in base if rec(rp, n) != after[n]} == {"onnx-w8a8-auto", "onnx-w8a8-smoothquant"}
+    # the seed: what trains, calibrates in torch or converts (recovery, Core ML), not plain ONNX PTQ
+    sp = parse_params(tiny_params(seed=3))
+    assert {n for n in base if rec(sp, n) != after[n]} == {"onnx-w8a8-auto", "onnx-w8a8-smoothquant", "coreml-w8a8"}
 
 
 def _vitq(args, cwd: Path, **env):

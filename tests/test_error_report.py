@@ -47,7 +47,7 @@ def _input_shape(model: onnx.ModelProto) -> list[int]:
 
 def test_report_covers_every_qdq_tensor_of_the_variant(ws):
     p = parse_params(tiny_params())
-    stages.validate_reference(ws, p)
+    stages.run_reference(ws, p)
     art = stages.quantize_one(ws, "onnx-w8a8-minmax")
     assert art.artifact == "model.ort.onnx", "the served form differs from the Q/DQ graph the report reads"
     stages.validate_one(ws, p, "onnx-w8a8-minmax")
@@ -67,7 +67,7 @@ def test_report_covers_every_qdq_tensor_of_the_variant(ws):
 
 def test_fp32_activations_are_recorded_once_per_float_reference(ws, tmp_path, monkeypatch):
     p = parse_params(tiny_params())
-    stages.validate_reference(ws, p)
+    stages.run_reference(ws, p)
     names = ["onnx-w8a8-minmax", "onnx-w8a8-percentile"]
     for name in names:
         stages.quantize_one(ws, name)

@@ -69,7 +69,7 @@ def test_dynamic_variant_quantizes_activations_at_run_time(ws):
 
 def test_variants_stay_close_to_fp32(ws):
     p = parse_params(tiny_params())
-    stages.validate_reference(ws, p)
+    stages.run_reference(ws, p)
     for recipe in ("onnx-w8-dynamic", "onnx-w8a8-minmax"):
         stages.quantize_one(ws, recipe)
         res = stages.validate_one(ws, p, recipe)
@@ -107,7 +107,7 @@ def test_error_report_ranks_every_quantized_tensor(ws):
     import csv
 
     p = parse_params(tiny_params())
-    stages.validate_reference(ws, p)
+    stages.run_reference(ws, p)
     stages.quantize_one(ws, "onnx-w8a8-percentile")
     stages.validate_one(ws, p, "onnx-w8a8-percentile")
     csv_path, png_path = stages.error_report_paths(ws, "onnx-w8a8-percentile")

@@ -100,7 +100,7 @@ def test_qat_exports_conforming_qdq_and_torch_weights(ws):
     tuned, _ = load_model(folder / "torch")  # the Core ML target converts these weights
     original, _ = load_model(ws.model_dir)
     assert not torch.equal(tuned.blocks[0].mlp.fc2.weight, original.blocks[0].mlp.fc2.weight)
-    stages.validate_reference(ws, p)
+    stages.run_reference(ws, p)
     res = stages.validate_one(ws, p, "onnx-w8a8-qat")  # error report against the variant's own FP32 model
     assert res.metrics.agreement > 0.8, res.metrics
     assert (folder / "float.prep.onnx").is_file()

@@ -15,7 +15,8 @@ from pathlib import Path
 from vitq import interrupt
 from vitq.errors import VitqError
 
-STAGE_NAMES = ("data", "model", "export", "calibrate", "quantize", "validate", "benchmark", "report")
+STAGE_NAMES = ("data", "model", "export", "calibrate", "reference", "plan", "quantize", "validate", "benchmark", "report")
+VARIANT_STAGES = ("quantize", "validate")  # one per variant: `vitq stage quantize RECIPE` (dvc.yaml's quantize@RECIPE)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -33,11 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="rerun every stage even if DVC says it is up to date")
     stage = sub.add_parser("stage", help="run one stage in the workspace (what dvc.yaml calls)")
     stage.add_argument("name", help=f"one of: {', '.join(STAGE_NAMES)}")
+    stage.add_argument("recipe", nargs="?", help="for quantize and validate: the variant's recipe (quantize@<recipe>)")
     stage.add_argument("--workdir", default=".")
     sub.add_parser("recipes", help="list the quantization recipes")
     lat = sub.add_parser("latency", aliases=["bench"],
                          help="FP32 vs dynamic vs default static INT8 latency, side by side (reports/bench.json)")
-    lat.set_defaults(experiment=_latency)
+    lat.set_defaults(run_experiment=_latency)
     lat.add_argument("--models", default="vit_base_patch16_224,demo",
                      help="comma-separated timm names (random weights) and/or 'demo' (the workspace's trained model)")
     lat.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
@@ -48,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     lat.add_argument("--out", default="reports/bench.json")
     rec = sub.add_parser("recovery-accuracy", aliases=["recovery"],
                          help="plain INT8 vs the accuracy-recovery recipes per case (reports/recovery.json)")
-    rec.set_defaults(experiment=_recovery_accuracy)
+    rec.set_defaults(run_experiment=_recovery_accuracy)
     rec.add_argument("--cases", default="digits,outliers,efficientvit_b0",
                      help="comma-separated: digits, outliers, efficientvit_b0")
     rec.add_argument("--workdir", default=".")
@@ -56,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     cm = sub.add_parser("coreml-coverage", aliases=["coreml-bench"],
                         help="Core ML FP16 / W8 / W8A8 sizes and int8 coverage per model "
                              "(reports/coreml.json); runs on Linux, no Core ML runtime needed")
-    cm.set_defaults(experiment=_coreml_coverage)
+    cm.set_defaults(run_experiment=_coreml_coverage)
     cm.add_argument("--models", default=None, help="comma-separated: 'demo' (the workspace's model), timm names, "
                     "'torchvision:<name>' (default: demo and the five reference ViTs)")
     cm.add_argument("--workdir", default=".")
@@ -226,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging()
     try:
-        if hasattr(args, "experiment"):  # latency, coreml-coverage, recovery-accuracy, or their old names
-            return args.experiment(args)
+        if getattr(args, "run_experiment", None):  # latency, coreml-coverage, recovery-accuracy, or their old names
+            return args.run_experiment(args)
         if args.command == "orchestrate":
             from flows.routing import StepFailed
 
@@ -241,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             return _compare(args)
         if args.command == "recipes":
+            from vitq.plugins import load_plugins
             from vitq.recipes import RECIPES
 
+            load_plugins()
             for r in RECIPES.values():
                 print(f"{r.name:24s} target={r.target:8s} {r.description}")
             return 0
@@ -252,10 +256,14 @@ def main(argv: list[str] | None = None) -> int:
             from tasks.stages import STAGES
             from vitq.config import load_params
 
+            if (args.name in VARIANT_STAGES) != (args.recipe is not None):
+                raise VitqError(f"`vitq stage {args.name}` " + ("names one recipe, e.g. `vitq stage quantize "
+                                "onnx-w8a8-minmax`" if args.name in VARIANT_STAGES else "takes no recipe"))
             ws = _workspace(args.workdir)
             _take_signals(ws)
-            with interrupt.stage(args.name):
-                result = STAGES[args.name](ws, load_params(ws.params_file))
+            extra = () if args.recipe is None else (args.recipe,)
+            with interrupt.stage("@".join((args.name, *extra))):
+                result = STAGES[args.name](ws, load_params(ws.params_file), *extra)
             if isinstance(result, str):  # the report stage's table
                 print(result)
             return 0

@@ -92,11 +92,14 @@ class CalibrationConfig(_Strict):
 
 
 class QuantizeConfig(_Strict):
+    # Variants made from the FP32 model, one DVC stage each (`variant@<recipe>`).
     recipes: tuple[str, ...] = (
         "onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy", "onnx-w8a8-auto",
         "onnx-w8a8-smoothquant", "onnx-w8a8-search", "tensorrt-w8a8-percentile", "coreml-fp16", "coreml-w8", "coreml-w8a8",
-        "coreml-w8a8-auto", "coreml-w8a8-smoothquant",
     )
+    # Variants that apply another variant's recovery decision on their own target, recipe -> the recipe
+    # it applies (its `reuses`); one DVC stage each (`carry@<recipe>`), made after the one it applies.
+    carry: dict[str, str] = {"coreml-w8a8-auto": "onnx-w8a8-auto", "coreml-w8a8-smoothquant": "onnx-w8a8-smoothquant"}
 
     @field_validator("recipes", mode="before")
     @classmethod
@@ -105,9 +108,37 @@ class QuantizeConfig(_Strict):
         for r in v:
             if r not in RECIPES:
                 raise ValueError(f"unknown recipe {r!r}; allowed: {', '.join(sorted(RECIPES))}")
+            if RECIPES[r].reuses:
+                raise ValueError(f"recipe {r!r} applies {RECIPES[r].reuses!r}'s decision: list it under quantize.carry "
+                                 f"as '{r}: {RECIPES[r].reuses}', not under quantize.recipes")
         if len(set(v)) != len(v):
             raise ValueError("recipes are listed more than once")
         return v
+
+    @field_validator("carry", mode="before")
+    @classmethod
+    def _carry(cls, v):
+        if v is None:
+            return {}
+        for r, source in (v.items() if isinstance(v, dict) else ()):
+            allowed = ", ".join(sorted(n for n, x in RECIPES.items() if x.reuses))
+            if r not in RECIPES or not RECIPES[r].reuses:
+                raise ValueError(f"{r!r} is not a recipe that applies another's decision; allowed: {allowed}")
+            if source != RECIPES[r].reuses:
+                raise ValueError(f"{r!r} applies {RECIPES[r].reuses!r}'s decision, not {source!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _sources_listed(self) -> QuantizeConfig:
+        for r, source in self.carry.items():
+            if source not in self.recipes:
+                raise ValueError(f"recipe {r!r} applies {source!r}'s decision; add {source!r} to quantize.recipes")
+        return self
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """Every configured variant: those made from the FP32 model, then those that apply their decisions."""
+        return (*self.recipes, *self.carry)
 
 
 class ValidateConfig(_Strict):
@@ -180,9 +211,6 @@ class Params(_Strict):
                 raise ValueError(
                     f"recipe {name!r} needs the {method!r} calibration table; add it to calibration.methods"
                 )
-            source = RECIPES[name].reuses
-            if source and source not in self.quantize.recipes:
-                raise ValueError(f"recipe {name!r} applies {source!r}'s decision; add {source!r} to quantize.recipes")
         return self
 
     @property
@@ -202,6 +230,9 @@ def _format_error(err: ValidationError, source: str) -> str:
 
 
 def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    from vitq.plugins import load_plugins
+
+    load_plugins()  # targets and recipes from outside vitq, before recipe names are checked
     try:
         return Params.model_validate(raw)
     except ValidationError as err:

@@ -51,7 +51,8 @@ def begin_stage(name: str) -> None:
 
 def end_stage(name: str) -> None:
     with _lock:
-        _stage.remove(name)
+        if name in _stage:
+            _stage.remove(name)
 
 
 @contextlib.contextmanager
@@ -100,7 +101,8 @@ def deferred() -> Iterator[None]:
 
 def describe() -> str:
     with _lock:
-        where = f"stage '{_stage[-1]}'" if _stage else "start-up"
+        names = ", ".join(f"'{name}'" for name in dict.fromkeys(_stage))
+        where = f"stage{'s' if len(set(_stage)) > 1 else ''} {names}" if _stage else "start-up"
         if _running:
             where += f" ({', '.join(sorted(_running))} in progress)"
     return where

@@ -176,6 +176,12 @@ RECIPES.update(
 CALIBRATED_OP_TYPES: tuple[str, ...] = tuple(sorted({t for r in RECIPES.values() for t in r.op_types}))
 
 
+def register_recipe(recipe: Recipe) -> Recipe:
+    """Add a recipe to the registry (params.yaml and the CLI refer to it by `recipe.name`); returns it."""
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
 def get_recipe(name: str) -> Recipe:
     """Look a recipe up by name; a miss lists the valid names."""
     try:
@@ -184,3 +190,4 @@ def get_recipe(name: str) -> Recipe:
         from vitq.errors import ConfigError
 
         raise ConfigError(f"unknown recipe {name!r}; allowed: {', '.join(sorted(RECIPES))}") from None
+

@@ -63,6 +63,7 @@ def main() -> int:
     else:
         params = yaml.safe_load(Path(args.params).read_text())
     params["quantize"]["recipes"] = args.recipes.split(",")
+    params["quantize"]["carry"] = {}  # the recipes given, nothing carried
 
     tmp = Path(tempfile.mkdtemp(prefix="vitq-walltime-"))
     base_env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -1,0 +1,29 @@
+"""A toy target as a plugin, outside vitq: its "variant" is the FP32 ONNX itself; validation and timing
+are the inherited defaults (ONNX Runtime). Loaded by `VITQ_PLUGINS=vitq_identity` (on PYTHONPATH)."""
+
+import shutil
+from dataclasses import asdict, dataclass
+
+from tasks._io import atomic_dir, size_mb, write_json
+from tasks.quantize import VariantArtifact, variant_dir
+from tasks.targets import Target, register_target
+from vitq.recipes import Recipe, get_recipe, register_recipe
+
+
+@dataclass(frozen=True)
+class IdentityTarget(Target):
+    def quantize(self, ws, name, p=None):
+        with atomic_dir(variant_dir(ws.variants_dir, name)) as tmp:
+            shutil.copyfile(ws.export_dir / "model.onnx", tmp / "model.onnx")
+            art = VariantArtifact(
+                name=name, recipe=asdict(get_recipe(name)), artifact="model.onnx", qdq_artifact="model.onnx",
+                size_mb=size_mb(tmp / "model.onnx"), int8_weight_fraction=0.0, op_counts={},
+                calibration_table=None, tensorrt_ready=False, tensorrt_note="identity target: no Q/DQ",
+            )
+            write_json(tmp / "variant.json", asdict(art))
+        return art
+
+
+TARGET = register_target(IdentityTarget("identity", "cpu", ("onnxruntime",)))
+RECIPE = register_recipe(Recipe(name="identity-fp32", target="identity", scheme="float", calibration=None,
+                                per_channel=False, description="the FP32 ONNX, unchanged"))
