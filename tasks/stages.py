@@ -100,8 +100,7 @@ def plan_record(ws: Workspace, p: Params, name: str) -> dict:
                      calibration=p.calibration.model_dump(mode="json", exclude={"percentile", "methods"}),
                      export=p.export.model_dump(mode="json"),
                      train=p.model.train.model_dump(mode="json"))
-    if recipe.target == "coreml":  # converted from the torch model, calibrated on the calibration split
-        reads.update(seed=p.seed)
+    reads.update(get_target(recipe.target).reads(p))  # what the target's own path reads
     if recipe.reuses:
         reads["applies"] = recipe.reuses
     return {"variant": name, "stage": variant_stages(name)[0], "recipe": asdict(recipe), "reads": reads}

@@ -71,6 +71,10 @@ class Target:
         None: timed by the benchmark stage beside FP32 (ONNX Runtime, or TensorRT for an engine)."""
         return None
 
+    def reads(self, p: Params) -> dict:
+        """Parameters this target's path reads for every variant, beyond the recipe (recorded in the plan)."""
+        return {}
+
     def serve_graph(self, recipe, folder: Path, quantized, variants_dir: Path) -> str:
         """ONNX-graph targets: from the conformance-checked Q/DQ `folder/model.onnx` (`quantized`, loaded),
         write the file this target serves into `folder` and return its name."""
@@ -114,6 +118,9 @@ class CoreMLTarget(Target):
         spec = model.load_model_spec(ws.model_dir)
         x1 = data.model_inputs(data.load_split(ws.data_dir, "validation").images[:1], spec.mean, spec.std)
         return coreml.benchmark_packages(paths, x1, p.benchmark)
+
+    def reads(self, p: Params) -> dict:
+        return {"seed": p.seed}  # converted from the torch model, calibrated in torch on the calibration split
 
     def artifacts(self, folder: Path, art) -> dict[str, list[Path]]:
         # Which layers are int8, read from the saved program.
