@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +35,13 @@ class CalibrationResult:
     tensors: int
     op_types: list[str]
     percentile: float
+    # Percentile tables beside `percentile.json` for recipes that override the percentile (`percentile-<p>.json`).
+    extra_percentiles: list[float] = field(default_factory=list)
 
 
-def table_path(calibration_dir: Path, method: str) -> Path:
-    return Path(calibration_dir) / f"{method}.json"
+def table_path(calibration_dir: Path, method: str, percentile: float | None = None) -> Path:
+    """The table of `method`; with `percentile` (a recipe's override), the percentile table at that percentile."""
+    return Path(calibration_dir) / (f"{method}.json" if percentile is None else f"{method}-{float(percentile)!r}.json")
 
 
 def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, entropy: bool, op_types=CALIBRATED_OP_TYPES):
@@ -75,18 +78,21 @@ def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, e
     return names, abs_hist, value_hist if entropy else None
 
 
-def calibrate(prep_onnx: Path, model_dir: Path, data_dir: Path, cfg: CalibrationConfig, out_dir: Path) -> CalibrationResult:
+def calibrate(prep_onnx: Path, model_dir: Path, data_dir: Path, cfg: CalibrationConfig, out_dir: Path,
+              extra_percentiles: tuple[float, ...] = ()) -> CalibrationResult:
     """The calibrate stage: the workspace's calibration split, preprocessed as the model expects."""
     spec = load_model_spec(model_dir)
     split = load_split(data_dir, "calibration")
     if len(split.images) == 0:
         raise DataError("the calibration split is empty; calibration needs at least one image")
-    return calibrate_inputs(prep_onnx, model_inputs(split.images, spec.mean, spec.std), cfg, out_dir)
+    return calibrate_inputs(prep_onnx, model_inputs(split.images, spec.mean, spec.std), cfg, out_dir, extra_percentiles)
 
 
-def calibrate_inputs(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, out_dir: Path) -> CalibrationResult:
+def calibrate_inputs(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, out_dir: Path,
+                     extra_percentiles: tuple[float, ...] = ()) -> CalibrationResult:
     """Write the calibration tables `cfg.methods` of the model `prep_onnx` into `out_dir`, from model inputs
-    `x` (N, C, H, W), one pass."""
+    `x` (N, C, H, W), one pass; and a percentile table at each of `extra_percentiles` (recipes' overrides),
+    from the same |x| histograms."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
 
     if len(x) == 0:
@@ -95,34 +101,40 @@ def calibrate_inputs(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, out
     n = len(x)
     names, abs_hist, value_hist = collect_histograms(prep_onnx, x, cfg, "entropy" in cfg.methods)
 
-    ranges: dict[str, dict[str, tuple[float, float]]] = {}
+    enum = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+            "entropy": CalibrationMethod.Entropy}
+    tables: dict[str, tuple[CalibrationMethod, dict[str, tuple[float, float]]]] = {}  # file name -> (method, ranges)
     with quiet_stdout():
         hist = abs_hist.get_histogram_dict()
-        ranges["minmax"] = {t: (h[2], h[3]) for t, h in hist.items()}
+        ranges = {"minmax": {t: (h[2], h[3]) for t, h in hist.items()}}
         if "percentile" in cfg.methods:
             ranges["percentile"] = {t: r[:2] for t, r in abs_hist.compute_collection_result().items()}
         if "entropy" in cfg.methods:
             ranges["entropy"] = {t: r[:2] for t, r in value_hist.compute_collection_result().items()}
-    enum = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-            "entropy": CalibrationMethod.Entropy}
+        tables.update({table_path(".", m).name: (enum[m], ranges[m]) for m in cfg.methods})
+        for pct in extra_percentiles:  # recipes' percentile overrides: the same histograms, no extra pass
+            abs_hist.percentile = pct
+            tables[table_path(".", "percentile", pct).name] = (
+                CalibrationMethod.Percentile, {t: r[:2] for t, r in abs_hist.compute_collection_result().items()})
     with atomic_dir(out_dir) as tmp:
-        for method in cfg.methods:
+        for file_name, (method, method_ranges) in tables.items():
             data = {
                 t: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
-                for t, (lo, hi) in ranges[method].items()
+                for t, (lo, hi) in method_ranges.items()
             }
-            save_tensors_data(TensorsData(enum[method], data), table_path(tmp, method))
+            save_tensors_data(TensorsData(method, data), tmp / file_name)
         result = CalibrationResult(
             methods=list(cfg.methods),
             images=n,
             tensors=len(names),
             op_types=list(CALIBRATED_OP_TYPES),
             percentile=cfg.percentile,
+            extra_percentiles=[float(x) for x in extra_percentiles],
         )
         write_json(tmp / "calibration.json", asdict(result))
     log.info(
         "calibrate: %d tensors over %d images -> %s tables (%.1fs)",
-        len(names), n, ", ".join(cfg.methods), time.perf_counter() - start,
+        len(names), n, ", ".join(Path(f).stem for f in tables), time.perf_counter() - start,
     )
     return result
 

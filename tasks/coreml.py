@@ -29,7 +29,7 @@ from tasks.model import load_model
 from tasks.quantize import VariantArtifact, variant_dir
 from tasks.tracing import TRACE_LOCK
 from vitq.errors import VitqError
-from vitq.recipes import Recipe
+from vitq.recipes import CoreMLConfig
 
 log = logging.getLogger("vitq.coreml")
 logging.getLogger("coremltools").setLevel(logging.WARNING)  # one INFO line per graph pass otherwise
@@ -39,7 +39,7 @@ PACKAGE, PROGRAM, COVERAGE = "model.mlpackage", "model.pt2", "coverage.csv"
 
 def build_variant(
     model: torch.nn.Module,
-    recipe: Recipe,
+    recipe: CoreMLConfig,
     calibration: np.ndarray,
     out: Path,
     batch_size: int = 32,
@@ -53,7 +53,7 @@ def build_variant(
 
 
 def _build_variant(
-    model: torch.nn.Module, recipe: Recipe, calibration: np.ndarray, out: Path, batch_size: int, float_layers: frozenset[str]
+    model: torch.nn.Module, recipe: CoreMLConfig, calibration: np.ndarray, out: Path, batch_size: int, float_layers: frozenset[str]
 ) -> dict:
     start = time.perf_counter()
     model = model.eval()
@@ -97,7 +97,7 @@ def _build_variant(
 
 
 def quantize_variant(
-    recipe: Recipe, model_dir: Path, data_dir: Path, variants_dir: Path, float_layers: frozenset[str] = frozenset()
+    recipe: CoreMLConfig, model_dir: Path, data_dir: Path, variants_dir: Path, float_layers: frozenset[str] = frozenset()
 ) -> VariantArtifact:
     """The quantize stage for a Core ML recipe: calibration split in, variant folder out (atomically).
 
@@ -121,12 +121,19 @@ def quantize_variant(
 
 
 def quantize_model(
-    recipe: Recipe, model: torch.nn.Module, calibration: np.ndarray, variants_dir: Path,
+    recipe: CoreMLConfig, model: torch.nn.Module, calibration: np.ndarray, variants_dir: Path,
     float_layers: frozenset[str] = frozenset(), reused: dict | None = None,
 ) -> VariantArtifact:
     """Convert `model` with one recipe into `variants_dir/<recipe>/` (atomically), calibrated on model inputs
     `calibration` (N, C, H, W). `model` is changed in place (attention rewritten, eval mode): pass a copy
-    to keep it. `reused`: what a `reuses` recipe took from its source, recorded in coreml.json."""
+    to keep it. `reused`: what a `reuses` recipe took from its source, recorded in coreml.json. The Linear/Conv
+    modules the recipe's `float_layers` globs name stay FP16 too (a pattern matching nothing: ConfigError)."""
+    if recipe.float_layers:
+        from tasks.recovery.layers import match_layers
+        from tasks.recovery.simulate import QUANTIZABLE_MODULES
+
+        names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE_MODULES)]
+        float_layers = frozenset(float_layers) | frozenset(match_layers(recipe.float_layers, names))
     with atomic_dir(variant_dir(variants_dir, recipe.name)) as tmp:
         facts = build_variant(model, recipe, calibration, tmp, float_layers=float_layers)
         artifact = VariantArtifact(

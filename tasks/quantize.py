@@ -45,17 +45,22 @@ def variant_dir(variants_dir: Path, name: str) -> Path:
 def quantize_variant(
     recipe_name: str, prep_onnx: Path, calibration_dir: Path, variants_dir: Path, recovery_inputs=None
 ) -> VariantArtifact:
-    """Quantize the FP32 model with one recipe into `variants_dir/<recipe>/`. Recovery recipes
-    (`recipe.recovery`) also read the model, data and params: `recovery_inputs`
+    """Quantize the FP32 model with one ONNX-graph recipe (OnnxDynamicConfig, OnnxStaticConfig and
+    TensorRTStaticConfig) into `variants_dir/<recipe>/`; the layers its `float_layers` globs name stay float.
+    Recovery recipes (`recipe.recovery`) also read the model, data and params: `recovery_inputs`
     (a `tasks.recovery.variants.Inputs`)."""
     from tasks.recovery import layers as layer_map, variants as recovery
 
     recipe: Recipe = get_recipe(recipe_name)
     if recipe.recovery and recovery_inputs is None:
         raise ValueError(f"recipe {recipe.name!r} needs the model, data and params: pass recovery_inputs")
-    table = table_path(calibration_dir, recipe.calibration) if recipe.calibration else None
+    table = table_path(calibration_dir, *recipe.table()) if recipe.table() else None
     if table is not None and not table.is_file():
         raise FileNotFoundError(f"calibration table {table} is missing; rerun the calibrate stage")
+    layers = None if recipe.recovery else layer_map.quantizable_layers(Path(prep_onnx).with_name("model.onnx"), prep_onnx)
+    # The recipe's float_layers globs, resolved before anything is written (a pattern matching nothing: ConfigError).
+    keep_float = layer_map.match_layers(recipe.float_layers, [layer.name for layer in layers if layer.weighted]) \
+        if layers is not None else []
     start = time.perf_counter()
     out = variant_dir(variants_dir, recipe.name)
     with atomic_dir(out) as tmp:
@@ -64,8 +69,7 @@ def quantize_variant(
                 decision = recovery.build(recipe, recovery_inputs, tmp, Path(scratch))
             layers = decision.layers
         else:
-            onnx_backend.quantize(recipe, prep_onnx, tmp / "model.onnx", table)
-            layers = layer_map.quantizable_layers(Path(prep_onnx).with_name("model.onnx"), prep_onnx)
+            onnx_backend.quantize(recipe, prep_onnx, tmp / "model.onnx", table, layer_map.nodes_of(layers, keep_float))
         onnx.checker.check_model(str(tmp / "model.onnx"))
         quantized = onnx.load(str(tmp / "model.onnx"))
         assert_conforms(quantized)  # a violation fails the variant, naming the node

@@ -39,7 +39,8 @@ def run_export(ws: Workspace, p: Params) -> export.ExportResult:
 
 
 def run_calibrate(ws: Workspace, p: Params) -> calibrate.CalibrationResult:
-    return calibrate.calibrate(ws.export_dir / "model.prep.onnx", ws.model_dir, ws.data_dir, p.calibration, ws.calibration_dir)
+    return calibrate.calibrate(ws.export_dir / "model.prep.onnx", ws.model_dir, ws.data_dir, p.calibration, ws.calibration_dir,
+                               p.quantize.extra_percentiles)
 
 
 def plan_variants(p: Params) -> tuple[list[str], dict[str, str]]:
@@ -89,10 +90,10 @@ def plan_record(ws: Workspace, p: Params, name: str) -> dict:
     parameter sections it reads, and the digest of the calibration table it reads. Two variants' records
     differ only where their inputs do, so a changed setting requantizes exactly the variants that read it
     (validation settings are declared by the validate@ stages themselves)."""
-    recipe = get_recipe(name)
+    recipe = p.quantize.recipe(name)
     reads: dict = {}
-    if recipe.calibration:
-        table = calibrate.table_path(ws.calibration_dir, recipe.calibration)
+    if recipe.table():  # a percentile override reads its own table: only its variant follows it
+        table = calibrate.table_path(ws.calibration_dir, *recipe.table())
         reads["calibration_table"] = {"file": table.name, "sha256": _sha256(table) if table.is_file() else None}
     if recipe.recovery:  # recovery recipes calibrate, re-export and fine-tune on their own
         reads.update(seed=p.seed, recovery=p.recovery.model_dump(mode="json"),
@@ -371,12 +372,13 @@ def preflight(ws: Workspace, p: Params) -> None:
     require_dvc_workspace(ws.root)
     # dvc.yaml's per-variant stages iterate over these keys of params.yaml itself (not over defaults).
     raw = (yaml.safe_load(ws.params_file.read_text()) or {}).get("quantize") or {}
-    for key in ("recipes", "carry"):
+    for key in ("recipes", "carry", "define"):
         if key not in raw:
             from vitq.errors import VitqError
 
-            raise VitqError(f"{ws.params_file}: quantize.{key} must be written out (dvc.yaml makes one stage per "
-                            f"entry); e.g. quantize.{key}: " + ("[onnx-w8a8-percentile]" if key == "recipes" else "{}"))
+            why = "the calibrate stage declares it" if key == "define" else "dvc.yaml makes one stage per entry"
+            raise VitqError(f"{ws.params_file}: quantize.{key} must be written out ({why}); e.g. quantize.{key}: "
+                            + ("[onnx-w8a8-percentile]" if key == "recipes" else "{}"))
     data.check_data_config(p.data)
     model.check_model_config(p.model)
     for name in p.quantize.variants:

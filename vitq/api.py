@@ -105,8 +105,10 @@ def quantize(
         from vitq.config import CalibrationConfig
 
         prep = own / "export" / "model.prep.onnx"
-        if r.calibration:
-            calibrate.calibrate_inputs(prep, x, CalibrationConfig(methods=(r.calibration,)), own / "calibration")
+        if r.table():  # (method, percentile override): the table the recipe reads
+            method, percentile = r.table()
+            calibrate.calibrate_inputs(prep, x, CalibrationConfig(methods=(method,)), own / "calibration",
+                                       extra_percentiles=(percentile,) if percentile is not None else ())
         artifact = quantize_stage.quantize_variant(r.name, prep, own / "calibration", root)
     return Variant(
         recipe=r, path=root / r.name, artifact=artifact, fp32_onnx=own / "export" / "model.onnx",

@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("name", help=f"one of: {', '.join(STAGE_NAMES)}")
     stage.add_argument("recipe", nargs="?", help="for quantize and validate: the variant's recipe (quantize@<recipe>)")
     stage.add_argument("--workdir", default=".")
-    sub.add_parser("recipes", help="list the quantization recipes")
+    rec = sub.add_parser("recipes", help="list the quantization recipes (presets, and those params.yaml defines)")
+    rec.add_argument("--workdir", default=".", help="workspace whose params.yaml `quantize.define` adds recipes")
     lat = sub.add_parser("latency", aliases=["bench"],
                          help="FP32 vs dynamic vs default static INT8 latency, side by side (reports/bench.json)")
     lat.set_defaults(run_experiment=_latency)
@@ -244,11 +245,16 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if args.command == "recipes":
             from vitq.plugins import load_plugins
-            from vitq.recipes import RECIPES
+            from vitq.recipes import describe_recipe, RECIPES
 
             load_plugins()
+            params_file = Path(args.workdir) / "params.yaml"
+            if params_file.is_file():  # registers the recipes its quantize.define adds
+                from vitq.config import load_params
+
+                load_params(params_file)
             for r in RECIPES.values():
-                print(f"{r.name:24s} target={r.target:8s} {r.description}")
+                print(describe_recipe(r))
             return 0
         if args.command == "stage":
             if args.name not in STAGE_NAMES:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vitq.errors import ConfigError
-from vitq.recipes import CALIBRATION_METHODS, RECIPES
+from vitq.recipes import CALIBRATION_METHODS, RecipeConfig, derive_recipe, get_recipe, presets, register_defined
 
 
 class _Strict(BaseModel):
@@ -92,6 +92,10 @@ class CalibrationConfig(_Strict):
 
 
 class QuantizeConfig(_Strict):
+    # Recipes defined here as a preset plus overrides, name -> {preset: <recipe>, <field>: <value>, ...}, e.g.
+    # `my-pct: {preset: onnx-w8a8-percentile, percentile: 99.99, float_layers: ["blocks.11.*"]}`; the fields a
+    # preset's target has are its config type's (vitq.recipes). Registered when params are parsed.
+    define: dict[str, dict[str, Any]] = {}
     # Variants made from the FP32 model, one DVC stage each (`variant@<recipe>`).
     recipes: tuple[str, ...] = (
         "onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy", "onnx-w8a8-auto",
@@ -101,31 +105,49 @@ class QuantizeConfig(_Strict):
     # it applies (its `reuses`); one DVC stage each (`carry@<recipe>`), made after the one it applies.
     carry: dict[str, str] = {"coreml-w8a8-auto": "onnx-w8a8-auto", "coreml-w8a8-smoothquant": "onnx-w8a8-smoothquant"}
 
+    @field_validator("define", mode="before")
+    @classmethod
+    def _define(cls, v):
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise ValueError("must be a mapping of recipe name -> {preset: <recipe>, <field>: <value>, ...}")
+        for name, spec in v.items():
+            derive_recipe(name, spec)  # ValueError naming the key
+        return v
+
+    @staticmethod
+    def _known(info) -> dict[str, RecipeConfig]:
+        """Presets and the recipes `define` adds (validated before `recipes` and `carry`, declared first)."""
+        return {**presets(), **{n: derive_recipe(n, s) for n, s in info.data.get("define", {}).items()}}
+
     @field_validator("recipes", mode="before")
     @classmethod
-    def _recipes(cls, v):
+    def _recipes(cls, v, info):
         v = tuple(v) if isinstance(v, list) else v
+        known = cls._known(info)
         for r in v:
-            if r not in RECIPES:
-                raise ValueError(f"unknown recipe {r!r}; allowed: {', '.join(sorted(RECIPES))}")
-            if RECIPES[r].reuses:
-                raise ValueError(f"recipe {r!r} applies {RECIPES[r].reuses!r}'s decision: list it under quantize.carry "
-                                 f"as '{r}: {RECIPES[r].reuses}', not under quantize.recipes")
+            if r not in known:
+                raise ValueError(f"unknown recipe {r!r}; allowed: {', '.join(sorted(known))}")
+            if known[r].reuses:
+                raise ValueError(f"recipe {r!r} applies {known[r].reuses!r}'s decision: list it under quantize.carry "
+                                 f"as '{r}: {known[r].reuses}', not under quantize.recipes")
         if len(set(v)) != len(v):
             raise ValueError("recipes are listed more than once")
         return v
 
     @field_validator("carry", mode="before")
     @classmethod
-    def _carry(cls, v):
+    def _carry(cls, v, info):
         if v is None:
             return {}
+        known = cls._known(info)
         for r, source in (v.items() if isinstance(v, dict) else ()):
-            allowed = ", ".join(sorted(n for n, x in RECIPES.items() if x.reuses))
-            if r not in RECIPES or not RECIPES[r].reuses:
+            allowed = ", ".join(sorted(n for n, x in known.items() if x.reuses))
+            if r not in known or not known[r].reuses:
                 raise ValueError(f"{r!r} is not a recipe that applies another's decision; allowed: {allowed}")
-            if source != RECIPES[r].reuses:
-                raise ValueError(f"{r!r} applies {RECIPES[r].reuses!r}'s decision, not {source!r}")
+            if source != known[r].reuses:
+                raise ValueError(f"{r!r} applies {known[r].reuses!r}'s decision, not {source!r}")
         return v
 
     @model_validator(mode="after")
@@ -139,6 +161,22 @@ class QuantizeConfig(_Strict):
     def variants(self) -> tuple[str, ...]:
         """Every configured variant: those made from the FP32 model, then those that apply their decisions."""
         return (*self.recipes, *self.carry)
+
+    def defined_recipes(self) -> dict[str, RecipeConfig]:
+        """The recipes `define` adds, as typed configs."""
+        return {n: derive_recipe(n, s) for n, s in self.define.items()}
+
+    def recipe(self, name: str) -> RecipeConfig:
+        """A recipe by name, as these params define it (a preset, or one `define` adds)."""
+        return self.defined_recipes().get(name) or get_recipe(name)
+
+    @property
+    def extra_percentiles(self) -> tuple[float, ...]:
+        """Percentile overrides of the defined recipes: the calibrate stage writes a table for each
+        (`percentile-<p>.json`), from the same histograms. Every defined recipe, configured or not, so
+        calibration depends on `quantize.define` alone (dvc.yaml), not on which recipes are listed."""
+        tables = (r.table() for r in self.defined_recipes().values())
+        return tuple(sorted({t[1] for t in tables if t and t[1] is not None}))
 
 
 class ValidateConfig(_Strict):
@@ -205,8 +243,9 @@ class Params(_Strict):
 
     @model_validator(mode="after")
     def _tables_for_recipes(self) -> Params:
-        for name in self.quantize.recipes:
-            method = RECIPES[name].calibration
+        for name in self.quantize.variants:
+            table = self.quantize.recipe(name).table()
+            method = table[0] if table else None
             if method and method not in self.calibration.methods:
                 raise ValueError(
                     f"recipe {name!r} needs the {method!r} calibration table; add it to calibration.methods"
@@ -234,9 +273,13 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
 
     load_plugins()  # targets and recipes from outside vitq, before recipe names are checked
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_error(err, source)) from None
+    # Like plugins: the recipes params.yaml defines join the registry in every process that parses it (the
+    # flow, `vitq stage quantize <name>` under `dvc repro`, the benchmark subprocess), so get_recipe(name) works.
+    register_defined(params.quantize.defined_recipes())
+    return params
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

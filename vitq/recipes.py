@@ -1,51 +1,184 @@
-"""Named quantization recipes: one registry, referred to by name from params.yaml and the CLI.
+"""Named quantization recipes: typed configs per target, in one registry of named presets.
 
-A recipe says *what* a variant is (target, weight/activation precision, calibration method);
-the backend in `tasks/backends/` says *how* it is produced.
+A recipe says *what* a variant is; the target's backend (`tasks/backends/`) says *how* it is produced.
+Each target has its own config type, named for what it does, carrying only the fields that target
+reads (torchao-style): `OnnxDynamicConfig`, `OnnxStaticConfig`, `TensorRTStaticConfig`, `CoreMLConfig`.
+`RECIPES` holds the named presets; params.yaml and the CLI refer to them by name, and params.yaml's
+`quantize.define` may add a recipe as a preset plus overrides (`derive_recipe`), registered when the
+params are parsed (`register_defined`), so every vitq process that reads params.yaml sees it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-RECOVERY_METHODS = ("auto", "smoothquant", "search", "qat")  # see Recipe.recovery
+RECOVERY_METHODS = ("auto", "smoothquant", "search", "qat")  # see OnnxStaticConfig.recovery
+LINEAR_OP_TYPES = ("MatMul", "Gemm", "Conv")
 
 
-@dataclass(frozen=True)
-class Recipe:
+@dataclass(frozen=True, kw_only=True)
+class RecipeConfig:
+    """What every recipe has, whatever its target. A target outside vitq (a plugin) may use it as is."""
+
     name: str
-    target: Literal["onnx", "coreml", "tensorrt"]  # where the artifact runs
+    target: str  # where the artifact runs: a name in tasks.targets.TARGETS
     # dynamic: activations quantized at run time; static: calibrated int8 activations and weights;
     # weight-only: int8 weights, float activations; float: no int8 (a target's FP16 baseline)
     scheme: Literal["dynamic", "static", "weight-only", "float"]
-    calibration: str | None  # calibration table the static scheme reads (one of CALIBRATION_METHODS)
-    per_channel: bool  # per-output-channel weight scales (required by TensorRT explicit quantization)
     description: str
+    # Another recipe whose decision this one applies on its own target (the layers that variant left in
+    # float, its recovered weights); the pipeline makes it after that one (quantize.carry). None: made
+    # from the FP32 model alone.
+    reuses: str | None = None
+    # The accuracy-recovery method the recipe runs: a field on the configs that have one (ONNX static,
+    # Core ML), None on the rest, so the pipeline can ask any recipe.
+    recovery: ClassVar[str | None] = None
+    # Keys a params.yaml `quantize.define` entry may override on a preset of this type.
+    OVERRIDABLE: ClassVar[tuple[str, ...]] = ("description",)
+
+    def table(self) -> tuple[str, float | None] | None:
+        """(method, percentile override or None) of the calibration-stage table this recipe reads; None: none."""
+        return None
+
+    def check(self) -> None:
+        """Raise ValueError naming the field when a value is out of range (called on derived recipes)."""
+        if not isinstance(self.description, str) or not self.description:
+            raise ValueError("description must be a non-empty string")
+
+
+def _check_float_layers(patterns) -> None:
+    if not isinstance(patterns, tuple) or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"float_layers must be a list of glob patterns over module names (e.g. ['blocks.11.*']), "
+                         f"got {list(patterns) if isinstance(patterns, tuple) else patterns!r}")
+
+
+def _check_op_types(op_types) -> None:
+    if not isinstance(op_types, tuple) or not op_types or any(t not in LINEAR_OP_TYPES for t in op_types):
+        raise ValueError(f"op_types must be a non-empty list of {', '.join(LINEAR_OP_TYPES)}, got {op_types!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnnxDynamicConfig(RecipeConfig):
+    """ONNX Runtime `quantize_dynamic`: int8 weights, activations quantized per batch at run time."""
+
+    target: str = "onnx"
+    scheme: Literal["dynamic"] = "dynamic"
+    per_channel: bool = False  # per-output-channel weight scales
+    op_types: tuple[str, ...] = LINEAR_OP_TYPES  # ONNX op types quantized
+    # Glob patterns over the model's quantizable torch module names (`blocks.11.*`) kept in float.
+    float_layers: tuple[str, ...] = ()
+    OVERRIDABLE: ClassVar[tuple[str, ...]] = ("per_channel", "op_types", "float_layers", "description")
+
+    def check(self) -> None:
+        super().check()
+        _check_bool("per_channel", self.per_channel)
+        _check_op_types(self.op_types)
+        _check_float_layers(self.float_layers)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnnxStaticConfig(RecipeConfig):
+    """W8A8 static Q/DQ (ONNX Runtime `quantize_static`) from a calibration-stage table."""
+
+    target: str = "onnx"
+    scheme: Literal["static"] = "static"
+    calibration: str | None  # calibration table the static scheme reads (one of CALIBRATION_METHODS); None: its own
+    # Percentile of |x| for the `percentile` table; None: calibration.percentile of params.yaml. Another value
+    # gets its own table (`percentile-<p>.json`), computed by the calibrate stage from the same histograms.
+    percentile: float | None = None
+    per_channel: bool = True  # per-output-channel weight scales (required by TensorRT explicit quantization)
     # ONNX op types whose inputs get Q/DQ. Linear algebra only: residual Add, LayerNorm, Softmax and
     # GELU stay in float, where ViT activation outliers live and where int8 buys little speed.
-    op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
+    op_types: tuple[str, ...] = LINEAR_OP_TYPES
     # Also quantize the two activation-activation MatMuls of attention (q @ k^T, attn @ v).
     quantize_attention: bool = False
     # Accuracy recovery applied on the way to INT8 (tasks/recovery/): "auto" (sensitivity-driven
     # mixed precision under recovery.max_top1_drop / min_sqnr_db), "smoothquant", "search" (per-tensor calibration
     # method search), "qat" (quantization-aware fine-tune); None: plain post-training quantization.
     recovery: str | None = None
-    # Targets calibrated in torch (Core ML, through PT2E): the torchao observer of activation ranges.
+    # Glob patterns over the model's quantizable torch module names (`blocks.11.*`) kept in float.
+    float_layers: tuple[str, ...] = ()
+    OVERRIDABLE: ClassVar[tuple[str, ...]] = (
+        "calibration", "percentile", "per_channel", "op_types", "quantize_attention", "float_layers", "description")
+
+    def table(self) -> tuple[str, float | None] | None:
+        return (self.calibration, self.percentile) if self.calibration else None
+
+    def check(self) -> None:
+        super().check()
+        if self.calibration is not None and self.calibration not in CALIBRATION_METHODS:
+            raise ValueError(f"calibration {self.calibration!r} is not a method; allowed: {', '.join(CALIBRATION_METHODS)}")
+        if self.percentile is not None:
+            if isinstance(self.percentile, bool) or not isinstance(self.percentile, float) or not 50 < self.percentile <= 100:
+                raise ValueError(f"percentile must be a number in (50, 100], got {self.percentile!r}")
+            if self.calibration != "percentile":
+                raise ValueError(f"percentile applies to the 'percentile' calibration table; this recipe reads "
+                                 f"{self.calibration!r} (set calibration: percentile)")
+        _check_bool("per_channel", self.per_channel)
+        _check_bool("quantize_attention", self.quantize_attention)
+        _check_op_types(self.op_types)
+        _check_float_layers(self.float_layers)
+        if self.float_layers and self.recovery:
+            raise ValueError(f"float_layers cannot be set on a recovery recipe ({self.recovery}): it decides its own "
+                             "precision; derive from a plain static recipe instead")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorRTStaticConfig(OnnxStaticConfig):
+    """A TensorRT engine (explicit quantization) built from the recipe's W8A8 Q/DQ graph."""
+
+    target: str = "tensorrt"
+    OVERRIDABLE: ClassVar[tuple[str, ...]] = (
+        "calibration", "percentile", "op_types", "quantize_attention", "float_layers", "description")
+
+    def check(self) -> None:
+        super().check()
+        if not self.per_channel:
+            raise ValueError("TensorRT explicit quantization needs per-channel weight scales (per_channel: true)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoreMLConfig(RecipeConfig):
+    """A Core ML ML program converted from the torch model; int8 through PT2E (tasks/backends/coreml.py)."""
+
+    target: str = "coreml"
+    scheme: Literal["float", "weight-only", "static"]
+    # Static: the torchao observer of activation ranges, calibrated in torch on the calibration split.
     observer: Literal["minmax", "histogram"] | None = None
-    # Another recipe whose recovery decision this one applies on its own target: the layers that
-    # variant left in float, and its recovered weights (SmoothQuant, QAT). Quantized after it.
-    reuses: str | None = None
+    # Glob patterns over the model's quantizable torch module names (`blocks.11.*`) kept in FP16.
+    float_layers: tuple[str, ...] = ()
+    # The recovery whose decision it carries (with `reuses`): "auto" also keeps that variant's float
+    # attention matmuls in float.
+    recovery: str | None = None
+    OVERRIDABLE: ClassVar[tuple[str, ...]] = ("observer", "float_layers", "description")
+
+    def check(self) -> None:
+        super().check()
+        if self.observer not in (None, "minmax", "histogram"):
+            raise ValueError(f"observer must be minmax or histogram, got {self.observer!r}")
+        if self.observer is not None and self.scheme != "static":
+            raise ValueError(f"observer applies to static Core ML recipes (calibrated activations), not {self.scheme!r}")
+        _check_float_layers(self.float_layers)
+        if self.float_layers and self.scheme == "float":
+            raise ValueError("float_layers applies to int8 Core ML recipes; this one is all float")
 
 
-def _static_onnx(method: str) -> Recipe:
-    return Recipe(
+Recipe = RecipeConfig  # the type every recipe is (annotations)
+
+
+def _static_onnx(method: str) -> OnnxStaticConfig:
+    return OnnxStaticConfig(
         name=f"onnx-w8a8-{method}",
-        target="onnx",
-        scheme="static",
         calibration=method,
-        per_channel=True,
         description=(
             f"W8A8 static Q/DQ: symmetric int8 activations from the {method} calibration table, "
             "symmetric per-channel int8 weights; valid for ONNX Runtime and TensorRT explicit quantization"
@@ -53,70 +186,51 @@ def _static_onnx(method: str) -> Recipe:
     )
 
 
-RECIPES: dict[str, Recipe] = {
-    "onnx-w8-dynamic": Recipe(
+RECIPES: dict[str, RecipeConfig] = {
+    "onnx-w8-dynamic": OnnxDynamicConfig(
         name="onnx-w8-dynamic",
-        target="onnx",
-        scheme="dynamic",
-        calibration=None,
-        per_channel=False,
         description="ONNX Runtime quantize_dynamic: int8 weights, activations quantized per batch at run time",
     ),
     **{r.name: r for r in (_static_onnx(m) for m in CALIBRATION_METHODS)},
-    "onnx-w8a8-auto": Recipe(
+    "onnx-w8a8-auto": OnnxStaticConfig(
         name="onnx-w8a8-auto",
-        target="onnx",
-        scheme="static",
         calibration="percentile",
-        per_channel=True,
         recovery="auto",
         description=(
             "W8A8 static Q/DQ with automatic mixed precision: per-layer sensitivity, then the fewest "
             "layers back in float until recovery.max_top1_drop / min_sqnr_db hold"
         ),
     ),
-    "onnx-w8a8-smoothquant": Recipe(
+    "onnx-w8a8-smoothquant": OnnxStaticConfig(
         name="onnx-w8a8-smoothquant",
-        target="onnx",
-        scheme="static",
         calibration=None,  # min/max of the smoothed model, measured by the recipe itself
-        per_channel=True,
         recovery="smoothquant",
         description=(
             "W8A8 static Q/DQ after SmoothQuant on every LayerNorm -> qkv / fc1 pair (alpha searched "
             "on calibration data), min/max ranges of the smoothed model"
         ),
     ),
-    "onnx-w8a8-search": Recipe(
+    "onnx-w8a8-search": OnnxStaticConfig(
         name="onnx-w8a8-search",
-        target="onnx",
-        scheme="static",
         calibration=None,  # its own table: per tensor, the best of minmax / percentiles / entropy / MSE
-        per_channel=True,
         recovery="search",
         description=(
             "W8A8 static Q/DQ with the calibration method chosen per tensor (minmax, percentiles, "
             "entropy, MSE) by the error of the layer output it feeds"
         ),
     ),
-    "onnx-w8a8-qat": Recipe(
+    "onnx-w8a8-qat": OnnxStaticConfig(
         name="onnx-w8a8-qat",
-        target="onnx",
-        scheme="static",
         calibration="percentile",  # starting ranges; the fine-tune learns its own
-        per_channel=True,
         recovery="qat",
         description=(
             "W8A8 static Q/DQ after a short quantization-aware fine-tune on the training split "
             "(fake quant, straight-through gradients, learned activation ranges)"
         ),
     ),
-    "tensorrt-w8a8-percentile": Recipe(
+    "tensorrt-w8a8-percentile": TensorRTStaticConfig(
         name="tensorrt-w8a8-percentile",
-        target="tensorrt",
-        scheme="static",
         calibration="percentile",
-        per_channel=True,
         description=(
             "TensorRT engine (explicit quantization) built from the onnx-w8a8-percentile Q/DQ graph; "
             "layers outside Q/DQ in FP16, LayerNorm in FP32; needs a cuda worker with TensorRT"
@@ -127,20 +241,19 @@ RECIPES: dict[str, Recipe] = {
 _COREML_NOTE = "converted on any OS (coremltools), predicted and timed on macOS workers"
 RECIPES.update(
     {
-        "coreml-fp16": Recipe(
-            name="coreml-fp16", target="coreml", scheme="float", calibration=None, per_channel=False,
+        "coreml-fp16": CoreMLConfig(
+            name="coreml-fp16", scheme="float",
             description=f"Core ML ML program (iOS17+), FP16 weights and compute: the Core ML baseline; {_COREML_NOTE}",
         ),
-        "coreml-w8": Recipe(
-            name="coreml-w8", target="coreml", scheme="weight-only", calibration=None, per_channel=True,
+        "coreml-w8": CoreMLConfig(
+            name="coreml-w8", scheme="weight-only",
             description=(
                 "Core ML, int8 weights (symmetric, per output channel) of every linear/conv, FP16 activations; "
                 + _COREML_NOTE
             ),
         ),
-        "coreml-w8a8": Recipe(
-            name="coreml-w8a8", target="coreml", scheme="static", calibration=None, per_channel=True,
-            observer="minmax",
+        "coreml-w8a8": CoreMLConfig(
+            name="coreml-w8a8", scheme="static", observer="minmax",
             description=(
                 "Core ML W8A8: int8 weights per channel and int8 inputs of every linear/conv and both attention "
                 "matmuls (nn.MultiheadAttention rewritten), ranges calibrated in torch (PT2E) on the calibration "
@@ -151,10 +264,9 @@ RECIPES.update(
 )
 
 
-def _coreml_recovery(method: str, what: str) -> Recipe:
-    return Recipe(
-        name=f"coreml-w8a8-{method}", target="coreml", scheme="static", calibration=None, per_channel=True,
-        observer="minmax", recovery=method, reuses=f"onnx-w8a8-{method}",
+def _coreml_recovery(method: str, what: str) -> CoreMLConfig:
+    return CoreMLConfig(
+        name=f"coreml-w8a8-{method}", scheme="static", observer="minmax", recovery=method, reuses=f"onnx-w8a8-{method}",
         description=f"Core ML W8A8 carrying onnx-w8a8-{method}'s decision: {what}; " + _COREML_NOTE,
     )
 
@@ -173,16 +285,16 @@ RECIPES.update(
 
 # Tensors the calibration stage measures: inputs/outputs of every op type any recipe quantizes,
 # so one calibration pass serves every recipe.
-CALIBRATED_OP_TYPES: tuple[str, ...] = tuple(sorted({t for r in RECIPES.values() for t in r.op_types}))
+CALIBRATED_OP_TYPES: tuple[str, ...] = tuple(sorted(LINEAR_OP_TYPES))
 
 
-def register_recipe(recipe: Recipe) -> Recipe:
+def register_recipe(recipe: RecipeConfig) -> RecipeConfig:
     """Add a recipe to the registry (params.yaml and the CLI refer to it by `recipe.name`); returns it."""
     RECIPES[recipe.name] = recipe
     return recipe
 
 
-def get_recipe(name: str) -> Recipe:
+def get_recipe(name: str) -> RecipeConfig:
     """Look a recipe up by name; a miss lists the valid names."""
     try:
         return RECIPES[name]
@@ -191,3 +303,71 @@ def get_recipe(name: str) -> Recipe:
 
         raise ConfigError(f"unknown recipe {name!r}; allowed: {', '.join(sorted(RECIPES))}") from None
 
+
+def describe_recipe(recipe: RecipeConfig) -> str:
+    """Two lines for `vitq recipes`: name, config type and typed fields; then the description."""
+    skip = {"name", "target", "description"}
+    shown = " ".join(f"{f.name}={getattr(recipe, f.name)!r}" for f in dataclasses.fields(recipe) if f.name not in skip)
+    return f"{recipe.name:24s} {type(recipe).__name__}(target={recipe.target!r} {shown})\n{'':24s} {recipe.description}"
+
+
+# -- recipes defined in params.yaml (quantize.define): a preset plus overrides ------------------------
+
+_DEFINED: set[str] = set()  # names registered from params.yaml in this process (replaced on the next parse)
+
+
+def presets() -> dict[str, RecipeConfig]:
+    """The registry less the recipes params.yaml defined: what `quantize.define` may derive from."""
+    return {n: r for n, r in RECIPES.items() if n not in _DEFINED}
+
+
+def _coerce(key: str, value):
+    """YAML values to the field's type: lists of patterns / op types -> tuples, integer percentiles -> float."""
+    if key in ("float_layers", "op_types") and isinstance(value, list):
+        return tuple(value)
+    if key == "percentile" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def derive_recipe(name: str, spec) -> RecipeConfig:
+    """The recipe `name` defined as `{preset: <name>, <field>: <value>, ...}`: the preset with those fields
+    replaced. Raises ValueError (one line naming the key) on an unknown preset, a key the preset's target
+    does not have, a bad value or a name clashing with a preset."""
+    base = presets()
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+        raise ValueError(f"{name!r} is not a usable recipe name: letters, digits, '_', '-' (a folder and "
+                         "DVC stages are named after it)")
+    if name in base:
+        raise ValueError(f"{name}: clashes with the preset of that name; choose another name")
+    if not isinstance(spec, dict) or "preset" not in spec:
+        raise ValueError(f"{name}: needs 'preset: <recipe>' and the fields it overrides; "
+                         f"e.g. {{preset: onnx-w8a8-percentile, percentile: 99.99}}")
+    preset = spec["preset"]
+    if not isinstance(preset, str) or preset not in base:
+        raise ValueError(f"{name}.preset: unknown recipe {preset!r}; allowed: {', '.join(sorted(base))}")
+    recipe = base[preset]
+    allowed = type(recipe).OVERRIDABLE
+    overrides = {k: v for k, v in spec.items() if k != "preset"}
+    for key in overrides:
+        if key not in allowed:
+            raise ValueError(f"{name}.{key}: not a setting of {preset} ({type(recipe).__name__}, target "
+                             f"{recipe.target}); allowed: {', '.join(allowed)}")
+    overrides = {k: _coerce(k, v) for k, v in overrides.items()}
+    shown = ", ".join(f"{k} {list(v) if isinstance(v, tuple) else v}" for k, v in overrides.items() if k != "description")
+    overrides.setdefault("description", f"{preset} with {shown or 'no changes'}: {recipe.description}")
+    derived = dataclasses.replace(recipe, name=name, **overrides)
+    try:
+        derived.check()
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    return derived
+
+
+def register_defined(recipes: dict[str, RecipeConfig]) -> None:
+    """Make params.yaml's defined recipes the ones in the registry (those of an earlier parse are removed)."""
+    for name in _DEFINED - set(recipes):
+        RECIPES.pop(name, None)
+    _DEFINED.clear()
+    _DEFINED.update(recipes)
+    RECIPES.update(recipes)

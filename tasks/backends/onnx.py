@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from vitq.recipes import Recipe
+from vitq.recipes import OnnxDynamicConfig, OnnxStaticConfig, Recipe
 
 log = logging.getLogger("vitq.onnx")
 
@@ -135,9 +135,10 @@ def assert_same_outputs(reference: Path, candidate: Path, batch: int = 2, rtol: 
         raise RuntimeError(f"{candidate.name} differs from {reference.name} by {err:.3g} (max abs): rewrite is wrong")
 
 
-def quantize(recipe: Recipe, prep_onnx: Path, out_path: Path, table: Path | None, exclude_nodes=()) -> None:
+def quantize(recipe: OnnxDynamicConfig | OnnxStaticConfig, prep_onnx: Path, out_path: Path, table: Path | None,
+             exclude_nodes=()) -> None:
     """Produce the recipe's quantized ONNX at `out_path` from the quantization-ready FP32 model;
-    `exclude_nodes` stay float (mixed precision)."""
+    `exclude_nodes` stay float (mixed precision, the recipe's float_layers)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.calibrate import load_tensors_data
 
@@ -149,7 +150,7 @@ def quantize(recipe: Recipe, prep_onnx: Path, out_path: Path, table: Path | None
     if recipe.scheme == "dynamic":
         quantize_dynamic(
             model, str(out_path), weight_type=QuantType.QInt8, per_channel=recipe.per_channel,
-            op_types_to_quantize=list(recipe.op_types),
+            op_types_to_quantize=list(recipe.op_types), nodes_to_exclude=list(exclude_nodes),
         )
         return
     exclude = ([] if recipe.quantize_attention else activation_matmuls(model)) + list(exclude_nodes)

@@ -149,6 +149,21 @@ def nodes_of(layers: list[Layer], names) -> list[str]:
     return [n for name in names for n in by_name[name].nodes]
 
 
+def match_layers(patterns, names) -> list[str]:
+    """The layer `names` (torch module names) any glob in `patterns` matches (fnmatch), in `names`' order.
+    A pattern that matches nothing is a one-line ConfigError naming it and a few of the names."""
+    from fnmatch import fnmatchcase
+
+    from vitq.errors import ConfigError
+
+    for pattern in patterns:
+        if not any(fnmatchcase(n, pattern) for n in names):
+            shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+            raise ConfigError(f"float_layers pattern {pattern!r} matches no quantizable layer of this model; "
+                              f"its layers: {shown}")
+    return [n for n in names if any(fnmatchcase(n, p) for p in patterns)]
+
+
 def int8_mac_fraction(layers: list[Layer], float_layers) -> float:
     """Share of Linear/Conv MACs (constant-weight MatMul/Gemm/Conv) that run in INT8."""
     weighted = [layer for layer in layers if layer.weighted]

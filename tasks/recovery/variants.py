@@ -149,7 +149,7 @@ def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
 
     prep = inputs.export_dir / "model.prep.onnx"
     layers = layer_map.quantizable_layers(inputs.export_dir / "model.onnx", prep)
-    table = table_path(inputs.calibration_dir, recipe.calibration)
+    table = table_path(inputs.calibration_dir, *recipe.table())  # a percentile override: its own table
     model, _ = load_model(inputs.model_dir)
     rc = inputs.params.recovery
     xs, ls = _split(inputs, "validation", min(rc.sensitivity_images, rc.search_images))
@@ -232,7 +232,7 @@ def _qat(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
 
     prep0 = inputs.export_dir / "model.prep.onnx"
     layers0 = layer_map.quantizable_layers(inputs.export_dir / "model.onnx", prep0)
-    table = table_path(inputs.calibration_dir, recipe.calibration)
+    table = table_path(inputs.calibration_dir, *recipe.table())  # a percentile override: its own table
     model, _ = load_model(inputs.model_dir)
     p, rc = inputs.params, inputs.params.recovery
     start_amax, init = _layer_amax(layers0, model, table), {"init": "fp32"}

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from tasks._io import atomic_dir, size_mb, write_json
 from tasks.quantize import VariantArtifact, variant_dir
 from tasks.targets import Target, register_target
-from vitq.recipes import Recipe, get_recipe, register_recipe
+from vitq.recipes import RecipeConfig, get_recipe, register_recipe
 
 
 @dataclass(frozen=True)
@@ -25,5 +25,6 @@ class IdentityTarget(Target):
 
 
 TARGET = register_target(IdentityTarget("identity", "cpu", ("onnxruntime",)))
-RECIPE = register_recipe(Recipe(name="identity-fp32", target="identity", scheme="float", calibration=None,
-                                per_channel=False, description="the FP32 ONNX, unchanged"))
+# A target of its own: the common recipe config (vitq.recipes.RecipeConfig), no target-specific fields.
+RECIPE = register_recipe(RecipeConfig(name="identity-fp32", target="identity", scheme="float",
+                                      description="the FP32 ONNX, unchanged"))
