@@ -166,6 +166,11 @@ def _check_configured(p: Params, name: str) -> None:
         from vitq.errors import VitqError
 
         raise VitqError(f"variant {name!r} is not configured; configured: {', '.join(p.quantize.variants)}")
+    # The recipes params.yaml defines are registered when it is parsed; a Params object handed to another
+    # process (a variant worker unpickles it, no parse) brings its definitions, not the registry: register here.
+    from vitq.recipes import register_defined
+
+    register_defined(p.quantize.defined_recipes())
 
 
 def run_quantize(ws: Workspace, p: Params, name: str) -> quantize.VariantArtifact | None:
