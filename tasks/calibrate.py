@@ -3,7 +3,8 @@
 ONNX Runtime's own pieces do the work: `HistogramCalibrater` selects and exposes the tensors to
 measure, two `HistogramCollector`s (|x| histogram for percentile, signed histogram for entropy/KL)
 accumulate batch by batch, and the tables are written with `save_tensors_data`, the format
-`quantize_static(calibration_cache_path=...)` reads. Min/max comes from the same histograms.
+`quantize_static(calibration_cache_path=...)` reads. Min/max comes from the same histograms, and so
+does a percentile table at each percentile a defined recipe overrides (`percentile-<p>.json`).
 Every table is symmetric-ready: the static recipes quantize activations symmetrically (zero point 0).
 """
 
