@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if args.command == "recipes":
             from vitq.plugins import load_plugins
-            from vitq.recipes import describe_recipe, RECIPES
+            from vitq.recipes import RECIPES, describe_recipe
 
             load_plugins()
             params_file = Path(args.workdir) / "params.yaml"
