@@ -151,7 +151,7 @@ def test_parse_and_build_failures_carry_tensorrt_messages(monkeypatch, tmp_path)
 def test_tensorrt_variant_is_not_run_here_with_its_reason():
     if trt_backend.missing() is None:
         pytest.skip("TensorRT is available here")
-    runnable, not_run = plan_variants(parse_params({"quantize": {"recipes": ["onnx-w8a8-percentile", "tensorrt-w8a8-percentile"]}}))
+    runnable, not_run = plan_variants(parse_params({"quantize": {"recipes": ["onnx-w8a8-percentile", "tensorrt-w8a8-percentile"], "carry": {}}}))
     assert runnable == ["onnx-w8a8-percentile"]
     assert "'tensorrt'" in not_run["tensorrt-w8a8-percentile"]
     assert "tensorrt" in trt_backend.missing()
