@@ -3,6 +3,16 @@
 DVC decides what is stale (a fresh stage is skipped and committed stages land in dvc.lock);
 variants are submitted as concurrent tasks tagged with the worker kind their target needs;
 MLflow records the run at the end.
+
+Variants run as threads of this process, not in worker processes. Measured on the 2-core demo
+machine (tiny params, `vitq run --force`, runs alternated; issue 11, item 5): a pool of worker
+processes forked from a preloaded forkserver made the variant phase 13-33 s slower (74, 92, 82 s
+vs 62, 69, 59 s with threads; spawned workers without preloading: 123 s). Each worker pays again
+the imports and first-use warm-ups (torch.export, coremltools) this process has already paid,
+and two busy cores leave no idle core for separate processes to use. The cost of threads is the
+process-wide state they share, guarded where variants touch it: graph capture
+(`tasks.tracing.TRACE_LOCK`), `sys.stdout` (`tasks._io.quiet_stdout`) and the FP32 activation
+memo (`tasks.error_report`).
 """
 
 from __future__ import annotations
