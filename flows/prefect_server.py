@@ -18,6 +18,8 @@ from unittest import mock
 
 from vitq import interrupt
 
+STARTUP_TIMEOUT_S = 90  # seconds the temporary server may take to answer
+
 
 @contextlib.contextmanager
 def prefect_api() -> Iterator[None]:
@@ -26,13 +28,28 @@ def prefect_api() -> Iterator[None]:
     would otherwise send events to no address), stopped on the way out or on an interruption."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
     if PREFECT_API_URL.value():
         yield
         return
     server = _own_session_server()
-    server.start()
+    # Prefect waits 20 s by default for its server to answer; on a loaded 2-core machine its start
+    # (migrations, imports) has taken longer. A user's own setting of it is kept.
+    timeout = {} if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ else {
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: STARTUP_TIMEOUT_S}
+    try:
+        with temporary_settings(updates=timeout):
+            server.start()
+    except RuntimeError as exc:  # Prefect's "Timed out while attempting to connect ..."
+        _kill_group(server)
+        server.stop()
+        from vitq.errors import VitqError
+
+        waited = timeout.get(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS) or \
+            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        raise VitqError(f"Prefect's temporary server did not start: {str(exc).rstrip('.')} (waited {waited:g} s; raise "
+                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or point PREFECT_API_URL at a running server)") from None
     forget = interrupt.on_interrupt(lambda: _kill_group(server))
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
