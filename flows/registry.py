@@ -15,6 +15,8 @@ import math
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from tasks.task_kinds import accuracy_loss_pts
+
 log = logging.getLogger("vitq.flow")
 
 # Tags on a registered version, compared when a candidate challenges the alias holder.
@@ -22,16 +24,20 @@ RANK_TAGS = ("top1_drop", "size_mb", "latency_ms_p50")
 
 
 def rank(metrics: dict) -> tuple[float, float, float]:
-    """Smaller is better. A missing top-1 (no labels) ranks by disagreement with FP32, in points."""
-    drop = metrics.get("top1_drop")
-    if drop is None and metrics.get("agreement") is not None:
-        drop = 100 * (1 - float(metrics["agreement"]))
+    """Smaller is better: the accuracy lost in points (tasks.task_kinds.accuracy_loss_pts), size, latency."""
+    drop = accuracy_loss_pts(metrics)
     size, latency = metrics.get("size_mb"), metrics.get("latency_ms_p50")
     return (
         float(drop) if drop is not None else math.inf,
         float(size) if size is not None else math.inf,
         float(latency) if latency is not None else math.inf,
     )
+
+
+def _quality(v: dict) -> str:
+    if v.get("mask_iou") is not None:
+        return f"mIoU drop {v.get('miou_drop')} pts, mask IoU vs FP32 {v['mask_iou']:.4f}"
+    return f"top-1 drop {v['top1_drop']} pts"
 
 
 def best_per_target(summary: dict) -> dict[str, dict]:
@@ -54,7 +60,8 @@ def _holder(client: MlflowClient, name: str, alias: str):
 
 def _holder_metrics(version) -> dict:
     tags = version.tags or {}
-    return {k: (float(tags[k]) if tags.get(k) not in (None, "", "None") else None) for k in (*RANK_TAGS, "agreement")}
+    return {k: (float(tags[k]) if tags.get(k) not in (None, "", "None") else None)
+            for k in (*RANK_TAGS, "miou_drop", "mask_iou", "agreement")}
 
 
 def register_best(
@@ -91,13 +98,12 @@ def register_best(
                                            description="vitq: best passing INT8 variant per target, alias = target")
         tags = {
             **{k: str(v[k]) for k in (*RANK_TAGS, "agreement", "sqnr_db", "int8_weight_fraction", "compression",
-                                      "latency_ms_p95", "top1") if v.get(k) is not None},
+                                      "latency_ms_p95", "top1", "miou", "miou_drop", "mask_iou") if v.get(k) is not None},
             "variant": v["name"], "recipe": v["recipe"], "target": target, "data_digest": summary["data"]["digest"],
             **extra_tags,
         }
         mv = client.create_model_version(model_name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags,
-                                         description=f"{v['name']}: top-1 drop {v['top1_drop']} pts, "
-                                                     f"{v['size_mb']:.3f} MB")
+                                         description=f"{v['name']}: {_quality(v)}, {v['size_mb']:.3f} MB")
         client.set_registered_model_alias(model_name, alias, mv.version)
         was = f" (was v{holder.version}, {_fmt(rank(_holder_metrics(holder)))})" if holder is not None else ""
         decisions[target] = f"@{alias} -> v{mv.version} ({v['name']}, {_fmt(rank(v))}){was}"

@@ -58,7 +58,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 _VARIANT_METRICS = (
     "size_mb", "compression", "int8_weight_fraction", "top1", "top1_drop", "agreement", "cosine", "sqnr_db",
-    "latency_ms_p50", "latency_ms_p95", "throughput_ips", "speedup",
+    "psnr_db", "mask_iou", "miou", "miou_drop", "latency_ms_p50", "latency_ms_p95", "throughput_ips", "speedup",
 )
 
 

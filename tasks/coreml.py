@@ -188,30 +188,29 @@ def validate_variant(
     from tasks.quantize import load_variant
     from tasks.targets import get_target
 
-    x, labels = validate._labels(model_dir, data_dir)
-    ref, ref_top1 = validate.load_reference(reference_dir or out_dir)
+    from tasks.task_kinds import Budget
+
+    reference_dir = reference_dir or out_dir
+    task = validate.load_task(reference_dir)
+    x, judge = validate.validation_judge(model_dir, data_dir, task)
+    budget = Budget.of(cfg, "validate", task.kind)
     art = load_variant(folder.parent, name)
     counterpart = predict_counterpart(folder / PROGRAM, x, cfg.batch_size, fp16=art.recipe["scheme"] == "float")
-    metrics = validate.compare_outputs(ref, counterpart, labels, ref_top1)
     runtime, details, not_measured = "torch counterpart (model.pt2)", {}, {}
     why = get_target("coreml").missing_executor()
     if why:
         not_measured["coreml_predict"] = f"{why}; metrics are from the torch program it was converted from"
+        outputs = counterpart
     else:
-        details["torch_counterpart"] = asdict(metrics)
-        metrics = validate.compare_outputs(ref, predict_coreml(folder / PACKAGE, x, compute_units), labels, ref_top1)
+        details["torch_counterpart"] = asdict(validate.judge_variant(name, counterpart, judge, reference_dir, budget,
+                                                                     len(x)).metrics)
+        outputs = predict_coreml(folder / PACKAGE, x, compute_units)
         runtime = f"coreml ({compute_units})"
-    reasons = validate.budget_reasons(metrics, cfg.max_top1_drop, cfg.min_sqnr_db)
-    result = validate.ValidationResult(
-        name=name, images=len(x), metrics=metrics, passed=not reasons, reasons=reasons,
-        runtime=runtime, not_measured=not_measured, details=details,
-    )
+    result = validate.judge_variant(name, outputs, judge, reference_dir, budget, len(x), runtime=runtime,
+                                    not_measured=not_measured, details=details)
     write_json(Path(out_dir) / f"{name}.json", asdict(result))
-    log.info(
-        "validate: %s (%s) top-1 %s (drop %s pts), agreement %.4f, SQNR %.1f dB -> %s",
-        name, runtime, metrics.top1, metrics.top1_drop, metrics.agreement, metrics.sqnr_db,
-        "pass" if result.passed else "FAIL",
-    )
+    log.info("validate: %s (%s) %s -> %s", name, runtime, validate.summary_line(result.metrics),
+             "pass" if result.passed else "FAIL")
     return result
 
 

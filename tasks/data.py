@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 class Split:
     images: np.ndarray  # (N, H, W, C) uint8
     labels: np.ndarray  # (N,) int64; -1 where unknown
+    masks: np.ndarray | None = None  # (N, H, W) uint8 label maps (0 background, k the k-th mask, 255 ignored)
+
+    def subset(self, index: np.ndarray) -> Split:
+        """The rows `index` of this split."""
+        return Split(self.images[index], self.labels[index], None if self.masks is None else self.masks[index])
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,8 @@ class DataResult:
     image_size: int
     channels: int
     digest: str  # sha256 over the materialised arrays, in split order
+    labelled: bool = True  # the validation split has class labels
+    masks: list[str] = field(default_factory=list)  # splits with ground-truth masks
 
 
 def prepare_data(cfg: DataConfig, seed: int, out_dir: Path) -> DataResult:
@@ -52,9 +59,12 @@ def prepare_data(cfg: DataConfig, seed: int, out_dir: Path) -> DataResult:
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:
             split = splits[name]
-            np.savez_compressed(tmp / f"{name}.npz", images=split.images, labels=split.labels)
-            digest.update(split.images.tobytes())
-            digest.update(split.labels.tobytes())
+            arrays = {"images": split.images, "labels": split.labels}
+            if split.masks is not None:
+                arrays["masks"] = split.masks
+            np.savez_compressed(tmp / f"{name}.npz", **arrays)
+            for array in arrays.values():
+                digest.update(array.tobytes())
         result = DataResult(
             source=cfg.source,
             classes=classes,
@@ -62,6 +72,8 @@ def prepare_data(cfg: DataConfig, seed: int, out_dir: Path) -> DataResult:
             image_size=cfg.image_size,
             channels=cfg.channels,
             digest=digest.hexdigest(),
+            labelled=bool(len(splits["validation"].labels)) and bool((splits["validation"].labels >= 0).all()),
+            masks=[n for n in SPLITS if splits[n].masks is not None],
         )
         write_json(tmp / "meta.json", asdict(result))
     log.info("data: %s", ", ".join(f"{n}={s}" for n, s in result.sizes.items()))
@@ -77,7 +89,7 @@ def load_split(data_dir: Path, name: str) -> Split:
     if not path.is_file():
         raise DataError(f"{path} is missing; run the data stage first (vitq stage data)")
     with np.load(path) as z:
-        return Split(images=z["images"], labels=z["labels"])
+        return Split(images=z["images"], labels=z["labels"], masks=z["masks"] if "masks" in z.files else None)
 
 
 def model_inputs(images: np.ndarray, mean, std) -> np.ndarray:
@@ -87,18 +99,22 @@ def model_inputs(images: np.ndarray, mean, std) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def _resize(img, size: int, channels: int) -> np.ndarray:
-    """PIL image -> (size, size, C) uint8: shorter side to `size`, then center crop."""
+def _resize(img, size: int, channels: int, mask: bool = False) -> np.ndarray:
+    """PIL image -> (size, size, C) uint8: shorter side to `size`, then center crop. A mask (a label map)
+    is resized with nearest neighbours, so labels stay labels."""
     from PIL import Image
 
-    img = img.convert("L" if channels == 1 else "RGB")
+    if mask and img.mode == "P":  # a palette label map (as VOC's): its indices are the labels, not its colours
+        img = Image.fromarray(np.asarray(img, dtype=np.uint8))
+    img = img.convert("L" if channels == 1 or mask else "RGB")
     w, h = img.size
     scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    resample = Image.NEAREST if mask else Image.BILINEAR
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
     arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    return arr.reshape(size, size, channels)
+    return arr.reshape(size, size) if mask else arr.reshape(size, size, channels)
 
 
 def _digits(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], list[str]]:
@@ -127,8 +143,18 @@ def _digits(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], list[str]]:
     return splits, [str(c) for c in digits.target_names]
 
 
-def _list_images(folder: Path) -> tuple[list[tuple[Path, str]], list[str]]:
+def _list_images(folder: Path) -> tuple[list[tuple[Path, str | None]], list[str]]:
+    """The images of a split folder and its classes: `<folder>/<class>/<image>` (labelled) or
+    `<folder>/<image>` (no labels: class None, classes [])."""
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    loose = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if classes and loose:
+        raise DataError(
+            f"{folder} holds both class folders ({', '.join(classes[:3])}) and images ({loose[0].name}); put every "
+            "image in a class folder (labelled) or none (no labels)"
+        )
+    if loose:
+        return [(f, None) for f in loose], []
     files = [
         (f, c)
         for c in classes
@@ -138,6 +164,25 @@ def _list_images(folder: Path) -> tuple[list[tuple[Path, str]], list[str]]:
     return files, classes
 
 
+def _mask_files(folder: Path, files: list[Path]) -> list[Path] | None:
+    """The ground-truth mask of each image in `folder`, from `<folder>_masks/` (same relative path, same stem,
+    .png); None when there is no mask folder. Images without masks and masks without images are errors."""
+    mask_dir = folder.with_name(folder.name + "_masks")
+    if not mask_dir.is_dir():
+        return None
+    by_key = {f.relative_to(mask_dir).with_suffix(""): f for f in mask_dir.rglob("*")
+              if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES}
+    keys = [f.relative_to(folder).with_suffix("") for f in files]
+    missing = [k for k in keys if k not in by_key]
+    extra = sorted(set(by_key) - set(keys))
+    if missing or extra:
+        what = (f"{len(missing)} image(s) have no mask (first: {folder / missing[0]}.*)" if missing
+                else f"{len(extra)} mask(s) have no image (first: {by_key[extra[0]]})")
+        raise DataError(f"the masks in {mask_dir} do not match the images in {folder}: {what}; each image needs "
+                        f"{mask_dir.name}/<same path and name>.png")
+    return [by_key[k] for k in keys]
+
+
 def _load_folder(folder: Path, classes: list[str], cfg: DataConfig) -> Split:
     from PIL import Image, UnidentifiedImageError
 
@@ -145,17 +190,32 @@ def _load_folder(folder: Path, classes: list[str], cfg: DataConfig) -> Split:
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise DataError(f"{folder}: class folders {unknown} are not in the validation classes {classes}")
-    images, labels = [], []
-    for path, cls in files:
+    masks = _mask_files(folder, [f for f, _ in files])
+    images, labels, mask_arrays = [], [], []
+    for i, (path, cls) in enumerate(files):
         try:
             with Image.open(path) as img:
                 images.append(_resize(img, cfg.image_size, cfg.channels))
+                size = img.size
         except (UnidentifiedImageError, OSError) as exc:
             raise DataError(f"cannot read image {path}: {exc}") from None
-        labels.append(classes.index(cls))
+        labels.append(classes.index(cls) if cls is not None else -1)
+        if masks is not None:
+            try:
+                with Image.open(masks[i]) as m:
+                    if m.size != size:
+                        raise DataError(f"mask {masks[i]} is {m.size[0]}x{m.size[1]} but its image {path} is "
+                                        f"{size[0]}x{size[1]}; a mask is a label map at its image's size")
+                    mask_arrays.append(_resize(m, cfg.image_size, 1, mask=True))
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DataError(f"cannot read mask {masks[i]}: {exc}") from None
     if not images:
         return Split(np.zeros((0, cfg.image_size, cfg.image_size, cfg.channels), np.uint8), np.zeros(0, np.int64))
-    return Split(np.stack(images), np.asarray(labels, np.int64))
+    return Split(np.stack(images), np.asarray(labels, np.int64), np.stack(mask_arrays) if masks is not None else None)
+
+
+def _empty(cfg: DataConfig) -> Split:
+    return Split(np.zeros((0, cfg.image_size, cfg.image_size, cfg.channels), np.uint8), np.zeros(0, np.int64))
 
 
 def check_data_config(cfg: DataConfig) -> None:
@@ -164,9 +224,11 @@ def check_data_config(cfg: DataConfig) -> None:
         return
     root = Path(cfg.path)
     if not root.is_dir():
-        raise DataError(f"data.path {str(root)!r} is not a directory; expected <root>/val/<class>/<image>")
+        raise DataError(f"data.path {str(root)!r} is not a directory; expected <root>/val/<class>/<image> "
+                        "(or <root>/val/<image> without labels)")
     if not (root / "val").is_dir():
-        raise DataError(f"data.path {str(root)!r} has no val/ folder; expected <root>/val/<class>/<image>")
+        raise DataError(f"data.path {str(root)!r} has no val/ folder; expected <root>/val/<class>/<image> "
+                        "(or <root>/val/<image> without labels)")
 
 
 def _imagefolder(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], list[str]]:
@@ -175,17 +237,18 @@ def _imagefolder(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], list[str
     val_dir = root / "val"
     files, classes = _list_images(val_dir)
     if not files:
-        raise DataError(f"{val_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}) in class folders")
+        raise DataError(f"{val_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}), neither in class folders "
+                        "(labelled) nor directly (no labels)")
     validation = _load_folder(val_dir, classes, cfg)
     train_dir, cal_dir = root / "train", root / "calibration"
-    train = _load_folder(train_dir, classes, cfg) if train_dir.is_dir() else _load_folder(val_dir, [], cfg)
+    train = _load_folder(train_dir, classes, cfg) if train_dir.is_dir() else _empty(cfg)
     if cal_dir.is_dir():
         calibration = _load_folder(cal_dir, classes, cfg)
     elif len(train.labels):
         # Calibration images are drawn from train/ (never from val/), then removed from train.
         order = np.random.default_rng(seed).permutation(len(train.labels))
         cal, rest = order[: cfg.calibration_size], order[cfg.calibration_size :]
-        calibration, train = Split(train.images[cal], train.labels[cal]), Split(train.images[rest], train.labels[rest])
+        calibration, train = train.subset(cal), train.subset(rest)
     else:
         raise DataError(f"data.path {str(root)!r} has neither calibration/ nor train/; one is needed for calibration")
     if len(calibration.labels) == 0:

@@ -33,8 +33,13 @@ def build_summary(
         m = val.metrics
         t = bench.models.get(art.name) if bench else None
         not_measured = {}
-        if m.top1 is None:
-            not_measured["top1"] = "the model's classes are not the validation data's classes"
+        if m.mask_iou is not None:  # dense outputs
+            not_measured["top1"] = "task.kind is dense: output maps have no top-1"
+            if m.miou is None:
+                not_measured["miou"] = "the validation data has no ground-truth masks (<split>_masks/)"
+        elif m.top1 is None:
+            not_measured["top1"] = ("the validation data has no labels" if not data.labelled
+                                    else "the model's classes are not the validation data's classes")
         not_measured.update(val.not_measured)
         if t is None:
             why = bench.not_measured.get(art.name) if bench else None
@@ -53,6 +58,9 @@ def build_summary(
                 "agreement": m.agreement,
                 "cosine": m.cosine,
                 "sqnr_db": m.sqnr_db,
+                **({"psnr_db": m.psnr_db, "mask_iou": m.mask_iou, "miou": m.miou, "miou_drop": m.miou_drop}
+                   if m.mask_iou is not None else {}),
+                **({"metrics": m.extra} if m.extra else {}),
                 "latency_ms_p50": t.latency_ms_p50 if t else None,
                 "latency_ms_p95": t.latency_ms_p95 if t else None,
                 "throughput_ips": t.throughput_ips if t else None,
@@ -62,8 +70,10 @@ def build_summary(
                 "not_measured": not_measured,
             }
         )
+    dense = reference.metrics.mask_iou is not None
     return {
         "model": spec.name,
+        "task": "dense" if dense else "classification",
         "data": {
             "calibration": f"{data.source}:calibration ({data.sizes['calibration']} images)",
             "validation": f"{data.source}:validation ({data.sizes['validation']} images)",
@@ -71,6 +81,8 @@ def build_summary(
         },
         "baseline": {
             "top1": reference.metrics.top1,
+            **({"miou": reference.metrics.miou} if dense else {}),
+            **({"metrics": reference.metrics.extra} if reference.metrics.extra else {}),
             "size_mb": fp32_size_mb,
             "latency_ms_p50": base_t.latency_ms_p50 if base_t else None,
             "latency_ms_p95": base_t.latency_ms_p95 if base_t else None,
@@ -94,16 +106,25 @@ def _fmt(v, spec: str) -> str:
 
 def summary_table(summary: dict) -> str:
     b = summary["baseline"]
-    rows = [
-        ("variant", "size MB", "x smaller", "int8 w", "top-1", "drop pts", "agree", "SQNR dB", "p50 ms", "p95 ms", "speedup", "pass"),
-        ("fp32", _fmt(b["size_mb"], ".2f"), "1.00", "0%", _fmt(b["top1"], ".4f"), "-", "-", "-",
-         _fmt(b["latency_ms_p50"], ".3f"), _fmt(b["latency_ms_p95"], ".3f"), "1.00", "-"),
-    ]
+    dense = summary.get("task") == "dense"
+    if dense:  # the metrics of output maps: mIoU against ground truth, masks and SQNR against FP32
+        head = ("variant", "size MB", "x smaller", "int8 w", "mIoU", "drop pts", "mask IoU", "SQNR dB", "p50 ms",
+                "p95 ms", "speedup", "pass")
+        fp32 = (_fmt(b.get("miou"), ".4f"), "-", "1.0000", "-")
+        quality = lambda v: (_fmt(v.get("miou"), ".4f"), _fmt(v.get("miou_drop"), ".2f"),  # noqa: E731
+                             _fmt(v.get("mask_iou"), ".4f"), _fmt(v["sqnr_db"], ".1f"))
+    else:
+        head = ("variant", "size MB", "x smaller", "int8 w", "top-1", "drop pts", "agree", "SQNR dB", "p50 ms",
+                "p95 ms", "speedup", "pass")
+        fp32 = (_fmt(b["top1"], ".4f"), "-", "-", "-")
+        quality = lambda v: (_fmt(v["top1"], ".4f"), _fmt(v["top1_drop"], ".2f"), _fmt(v["agreement"], ".4f"),  # noqa: E731
+                             _fmt(v["sqnr_db"], ".1f"))
+    rows = [head, ("fp32", _fmt(b["size_mb"], ".2f"), "1.00", "0%", *fp32,
+                   _fmt(b["latency_ms_p50"], ".3f"), _fmt(b["latency_ms_p95"], ".3f"), "1.00", "-")]
     for v in summary["variants"]:
         rows.append((
             v["name"], _fmt(v["size_mb"], ".2f"), _fmt(v["compression"], ".2f"), f"{100 * v['int8_weight_fraction']:.0f}%",
-            _fmt(v["top1"], ".4f"), _fmt(v["top1_drop"], ".2f"), _fmt(v["agreement"], ".4f"), _fmt(v["sqnr_db"], ".1f"),
-            _fmt(v["latency_ms_p50"], ".3f"), _fmt(v["latency_ms_p95"], ".3f"), _fmt(v["speedup"], ".2f"),
+            *quality(v), _fmt(v["latency_ms_p50"], ".3f"), _fmt(v["latency_ms_p95"], ".3f"), _fmt(v["speedup"], ".2f"),
             "yes" if v["passed"] else "NO",
         ))
     for nr in summary["not_run"]:
@@ -130,8 +151,11 @@ def write_report(summary: dict, summary_path: Path, report_path: Path) -> str:
         table,
         "```",
         "",
-        "- top-1 is a fraction of the validation split; `drop pts` is FP32 top-1 minus variant top-1 in percentage points;",
-        "  `agree` is the share of images whose prediction matches FP32; SQNR compares the logits with FP32's.",
+        *(["- mIoU: mean IoU of the variant's masks against the ground-truth masks; `drop pts`: FP32 mIoU minus the",
+           "  variant's, in percentage points; `mask IoU`: IoU of the variant's masks with FP32's; SQNR compares the",
+           "  output maps with FP32's."] if summary.get("task") == "dense" else
+          ["- top-1 is a fraction of the validation split; `drop pts` is FP32 top-1 minus variant top-1 in percentage points;",
+           "  `agree` is the share of images whose prediction matches FP32; SQNR compares the logits with FP32's."]),
         f"- Latency: ONNX Runtime CPU, batch {s.get('batch_size')}, {s.get('threads')} threads, "
         f"{s.get('warmup')} warm-up runs, {s.get('repeats')} timed runs per model in {s.get('rounds')} interleaved rounds, "
         f"input {s.get('input_shape')}.",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks._io import atomic_file
+from tasks.task_kinds import accuracy_loss_pts
 
 SECTION = "## Trade-offs per target"
 
@@ -32,7 +33,7 @@ def write_tradeoff_plots(summary: dict, plots_dir: Path) -> list[Path]:
         lat = [v["latency_ms_p50"] for v in vs if v["latency_ms_p50"] is not None]
         norm = plt.Normalize(min(lat), max(lat)) if lat else None
         for v in vs:
-            drop = v["top1_drop"] if v["top1_drop"] is not None else 100 * (1 - v["agreement"])
+            drop = accuracy_loss_pts(v)
             color = plt.cm.viridis(norm(v["latency_ms_p50"])) if norm and v["latency_ms_p50"] is not None else "grey"
             ax.scatter(v["size_mb"], drop, s=70, edgecolors=color, facecolors=color if v["passed"] else "none",
                        linewidths=1.8)
@@ -40,7 +41,8 @@ def write_tradeoff_plots(summary: dict, plots_dir: Path) -> list[Path]:
         ax.scatter(base["size_mb"], 0.0, marker="*", s=140, c="black", label="FP32")
         ax.axhline(0.0, color="black", linewidth=0.5)
         ax.set_xlabel("size on disk, MB")
-        ax.set_ylabel("top-1 drop vs FP32, points (or 100 - agreement %)")
+        ax.set_ylabel("mIoU drop vs FP32, points (or 100 - mask IoU %)" if summary.get("task") == "dense"
+                      else "top-1 drop vs FP32, points (or 100 - agreement %)")
         ax.set_title(f"{summary['model']}: {target} variants (hollow: outside the budget)")
         if norm:
             bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax)

@@ -1,4 +1,5 @@
-"""Automatic mixed precision under an accuracy budget (`recovery.max_top1_drop` / `min_sqnr_db`):
+"""Automatic mixed precision under an accuracy budget (recovery's keys for the task: `max_top1_drop`, or
+`min_mask_iou` / `max_miou_drop` for dense outputs; `min_sqnr_db`):
 the fewest layers back in float.
 
 Starting from full INT8, layers return to float in sensitivity order. The candidates are nested
@@ -19,18 +20,30 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tasks.validate import OutputMetrics, budget_reasons
+from tasks import task_kinds
+from tasks.validate import OutputMetrics, summary_line
 
 log = logging.getLogger("vitq.recovery")
 
 
 @dataclass(frozen=True)
 class Budget:
-    max_top1_drop: float  # percentage points (disagreement with FP32 where labels do not apply)
+    """recovery's budget; which keys apply is the task's (tasks/task_kinds.py)."""
+
+    max_top1_drop: float | None = 1.0  # classification: points (disagreement with FP32 where labels do not apply)
     min_sqnr_db: float | None = None
+    min_mask_iou: float | None = None  # dense: IoU with FP32's masks
+    max_miou_drop: float | None = None  # dense: points of mIoU vs ground-truth masks
+    task: str = "classification"
+
+    @classmethod
+    def of(cls, cfg, task: str) -> Budget:
+        b = task_kinds.Budget.of(cfg, "recovery", task)
+        return cls(b.max_top1_drop, b.min_sqnr_db, b.min_mask_iou, b.max_miou_drop, task)
 
     def reasons(self, m: OutputMetrics) -> list[str]:
-        return budget_reasons(m, self.max_top1_drop, self.min_sqnr_db)
+        b = task_kinds.Budget("recovery", self.max_top1_drop, self.min_sqnr_db, self.min_mask_iou, self.max_miou_drop)
+        return task_kinds.TASKS[self.task]().reasons(m, b)
 
 
 @dataclass(frozen=True)
@@ -60,9 +73,10 @@ def search_float_layers(
             seen[key] = m
             ok = not budget.reasons(m)
             trace.append({"float_layers": [n for n in ranking if n in key], "top1_drop": m.top1_drop,
-                          "agreement": m.agreement, "sqnr_db": m.sqnr_db, "met": ok})
-            log.info("mixed precision: %d float layer(s) -> drop %s pts, agreement %.4f, SQNR %.1f dB: %s",
-                     len(key), m.top1_drop, m.agreement, m.sqnr_db, "meets budget" if ok else "outside budget")
+                          "agreement": m.agreement, "sqnr_db": m.sqnr_db, "mask_iou": m.mask_iou,
+                          "miou_drop": m.miou_drop, "met": ok})
+            log.info("mixed precision: %d float layer(s) -> %s: %s", len(key), summary_line(m),
+                     "meets budget" if ok else "outside budget")
         return not budget.reasons(seen[key])
 
     def result(layers, ok):

@@ -52,12 +52,13 @@ def finetune(
     cfg: QatSettings,
     float_layers=(),
 ) -> tuple[torch.nn.Module, QatResult]:
-    """QAT a copy of `model` on (x, y); layers in `float_layers` stay unquantized."""
+    """QAT a copy of `model` on (x, y); layers in `float_layers` stay unquantized. `y`: class labels (N,)
+    int64 (cross-entropy), or float targets, e.g. the FP32 model's own outputs (MSE: distillation)."""
     import torch.nn.functional as F
 
     start = time.perf_counter()
     if len(y) == 0:
-        raise ValueError("QAT needs labelled training images; the training split is empty")
+        raise ValueError("QAT needs training images; the training split is empty")
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     model = copy.deepcopy(model).train()
@@ -74,7 +75,10 @@ def finetune(
             perm = torch.randperm(len(yt), generator=gen)
             for i in range(0, len(yt), cfg.batch_size):
                 idx = perm[i : i + cfg.batch_size]
-                loss = F.cross_entropy(model(xt[idx]), yt[idx], label_smoothing=cfg.label_smoothing)
+                if yt.is_floating_point():  # FP32 outputs as targets (dense tasks): distillation
+                    loss = F.mse_loss(model(xt[idx]), yt[idx])
+                else:
+                    loss = F.cross_entropy(model(xt[idx]), yt[idx], label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

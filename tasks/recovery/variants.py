@@ -69,6 +69,14 @@ def build(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
 # --- shared pieces -------------------------------------------------------------------------
 
 
+def _index(inputs: Inputs, n: int, limit: int | None) -> np.ndarray:
+    """All rows of a split of `n` images, or a seeded sorted subset of `limit`."""
+    idx = np.arange(n)
+    if limit is not None and limit < n:
+        idx = np.sort(np.random.default_rng(inputs.params.seed).choice(n, limit, replace=False))
+    return idx
+
+
 def _split(inputs: Inputs, name: str, limit: int | None = None):
     """Model inputs (N, C, H, W) and labels of a split; a seeded subset of `limit` images."""
     from tasks.data import load_split, model_inputs
@@ -76,11 +84,34 @@ def _split(inputs: Inputs, name: str, limit: int | None = None):
 
     spec = load_model_spec(inputs.model_dir)
     split = load_split(inputs.data_dir, name)
-    idx = np.arange(len(split.labels))
-    if limit is not None and limit < len(idx):
-        idx = np.sort(np.random.default_rng(inputs.params.seed).choice(len(idx), limit, replace=False))
+    idx = _index(inputs, len(split.labels), limit)
     labels = split.labels[idx] if spec.num_classes == len(spec.classes) else None
     return model_inputs(split.images[idx], spec.mean, spec.std), labels
+
+
+def _judged(inputs: Inputs, name: str, limit: int | None = None):
+    """Model inputs of a split (the same seeded subset as `_split`) and the task's Judge with its ground truth."""
+    from tasks.data import load_split
+    from tasks.validate import validation_judge
+
+    n = len(load_split(inputs.data_dir, name).labels)
+    return validation_judge(inputs.model_dir, inputs.data_dir, inputs.params.task, name, _index(inputs, n, limit))
+
+
+def recovery_budget(inputs: Inputs):
+    """recovery's budget for the task (tasks/task_kinds.py), warning where it is looser than validate's."""
+    from tasks.recovery.mixed_precision import Budget
+
+    p = inputs.params
+    budget = Budget.of(p.recovery, p.task.kind)
+    looser = [(k, getattr(p.recovery, k), getattr(p.validate_, k)) for k in ("max_top1_drop", "max_miou_drop", "min_mask_iou")
+              if getattr(budget, k) is not None and getattr(p.validate_, k) is not None
+              and (getattr(p.recovery, k) > getattr(p.validate_, k) if k.startswith("max") else
+                   getattr(p.recovery, k) < getattr(p.validate_, k))]
+    for k, mine, theirs in looser:
+        log.warning("recovery.%s %s is looser than validate.%s %s: a variant may meet its own budget and still fail "
+                    "validation", k, mine, k, theirs)
+    return budget
 
 
 def torch_layers(layers: list[Layer], model: torch.nn.Module) -> list[Layer]:
@@ -115,27 +146,26 @@ def _export_and_prepare(torch_dir: Path, inputs: Inputs, scratch: Path) -> tuple
 
 
 class _OrtJudge:
-    """Builds a Q/DQ candidate with some layers excluded and measures it in ONNX Runtime against FP32."""
+    """Builds a Q/DQ candidate with some layers excluded and measures it in ONNX Runtime against FP32,
+    with the task's metrics (tasks/task_kinds.py)."""
 
     def __init__(self, recipe: Recipe, inputs: Inputs, prep: Path, layers: list[Layer], table: Path, scratch: Path,
-                 x: np.ndarray, labels: np.ndarray | None):
+                 x: np.ndarray, judge):
         self.recipe, self.prep, self.layers, self.table, self.scratch = recipe, prep, layers, table, scratch
-        self.x, self.labels = x, labels
+        self.x, self.judge = x, judge
         bs = inputs.params.validate_.batch_size
         self.batch_size = bs
         self.ref = onnx_backend.run_batched(onnx_backend.session(inputs.export_dir / "model.onnx"), x, bs)
-        self.ref_top1 = float(np.mean(self.ref.argmax(1) == labels)) if labels is not None else None
+        self.reference = judge.evaluate(self.ref, self.ref, None)  # FP32's own top-1 / mIoU on these images
         self.builds = 0
 
     def __call__(self, float_layers) -> object:
-        from tasks.validate import compare_outputs
-
         self.builds += 1
         path = self.scratch / f"candidate-{self.builds}.onnx"
         onnx_backend.quantize(self.recipe, self.prep, path, self.table, layer_map.nodes_of(self.layers, float_layers))
         out = onnx_backend.run_batched(onnx_backend.session(path), self.x, self.batch_size)
         path.unlink()
-        return compare_outputs(self.ref, out, self.labels, self.ref_top1)
+        return self.judge.evaluate(self.ref, out, self.reference)
 
 
 # --- recipes --------------------------------------------------------------------------------
@@ -155,13 +185,10 @@ def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
     xs, ls = _split(inputs, "validation", min(rc.sensitivity_images, rc.search_images))
     macs = {layer.name: layer.macs for layer in layers}
     rows = layer_sensitivity(model, _layer_amax(layers, model, table), macs, xs, ls)
-    x, labels = _split(inputs, "validation", rc.search_images)
+    x, truth_judge = _judged(inputs, "validation", rc.search_images)
     write_sensitivity(rows, out / "sensitivity.csv", out / "sensitivity.png", recipe.name)
-    budget = Budget(rc.max_top1_drop, rc.min_sqnr_db)
-    if rc.max_top1_drop > inputs.params.validate_.max_top1_drop:
-        log.warning("recovery.max_top1_drop %s is looser than validate.max_top1_drop %s: the auto variant may "
-                    "meet its own budget and still fail validation", rc.max_top1_drop, inputs.params.validate_.max_top1_drop)
-    judge = _OrtJudge(recipe, inputs, prep, layers, table, scratch, x, labels)
+    budget = recovery_budget(inputs)
+    judge = _OrtJudge(recipe, inputs, prep, layers, table, scratch, x, truth_judge)
     mp = search_float_layers([r.layer for r in rows], judge, budget, macs)
     onnx_backend.quantize(recipe, prep, out / "model.onnx", table, layer_map.nodes_of(layers, mp.float_layers))
     return Decision(layers, prep, {
@@ -243,6 +270,12 @@ def _qat(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
         start_amax = input_amax(model, list(start_amax), x_cal)
         init = {"init": "smoothquant", "smoothquant_alpha": sq.alpha}
     x, y = _split(inputs, "train")
+    if p.task.kind != "classification" or y is None:
+        # No class labels to fine-tune on (dense outputs, or data without labels): distil the FP32 model's outputs.
+        from tasks.model import predict
+
+        y = predict(load_model(inputs.model_dir)[0], x) if len(x) else np.zeros((0,), np.float32)
+        init = {**init, "loss": "mse to the FP32 model's outputs (distillation)"}
     cfg = QatSettings(epochs=rc.qat_epochs, lr=rc.qat_lr, batch_size=rc.qat_batch_size,
                       label_smoothing=p.model.train.label_smoothing, seed=p.seed, threads=p.model.train.threads)
     tuned, qr = finetune(model, start_amax, x, y, cfg)
