@@ -43,12 +43,18 @@ def run_calibrate(ws: Workspace, p: Params) -> calibrate.CalibrationResult:
                                p.quantize.extra_percentiles)
 
 
+def missing_runtime(name: str) -> str | None:
+    """Why this machine cannot make variant `name` (its target's runtime is missing), or None: the one
+    place the stages ask."""
+    return get_target(get_recipe(name).target).missing_runtime()
+
+
 def plan_variants(p: Params) -> tuple[list[str], dict[str, str]]:
     """Split the configured variants into those this machine can run and those it cannot (with why),
     in the order they can be made (see `variant_waves`)."""
     runnable, not_run = [], {}
     for name in p.quantize.variants:
-        reason = get_target(get_recipe(name).target).missing_runtime()
+        reason = missing_runtime(name)
         if reason:
             not_run[name] = reason
         else:
@@ -142,12 +148,13 @@ def run_reference(ws: Workspace, p: Params) -> validate.ValidationResult:
 
 
 def validate_one(ws: Workspace, p: Params, name: str) -> validate.ValidationResult:
-    """Validate variant `name` into `reports/validation/<name>/` (replaced whole: no stale error report)."""
-    folder = ws.validation_for(name)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    """Validate variant `name` into `reports/validation/<name>/`, replaced whole once it is complete (no stale
+    error report; a failed validation leaves the previous folder as it was)."""
+    from tasks._io import atomic_dir
+
     art = quantize.load_variant(ws.variants_dir, name)
-    return get_target(art.recipe["target"]).validate(ws, p, name)
+    with atomic_dir(ws.validation_for(name)) as tmp:
+        return get_target(art.recipe["target"]).validate(ws, p, name, tmp)
 
 
 def not_run_reason(ws: Workspace, name: str) -> str | None:
@@ -158,7 +165,7 @@ def not_run_reason(ws: Workspace, name: str) -> str | None:
 
 def runnable_now(ws: Workspace, name: str) -> bool:
     """True when variant `name` was recorded as not run but its target's runtime is here now."""
-    return not_run_reason(ws, name) is not None and get_target(get_recipe(name).target).missing_runtime() is None
+    return not_run_reason(ws, name) is not None and missing_runtime(name) is None
 
 
 def _check_configured(p: Params, name: str) -> None:
@@ -179,7 +186,7 @@ def run_quantize(ws: Workspace, p: Params, name: str) -> quantize.VariantArtifac
     from tasks._io import atomic_dir
 
     _check_configured(p, name)
-    reason = get_target(get_recipe(name).target).missing_runtime()
+    reason = missing_runtime(name)
     if reason:
         log.warning("%s: not run: %s", name, reason)
         with atomic_dir(quantize.variant_dir(ws.variants_dir, name)) as tmp:
@@ -251,12 +258,14 @@ def run_all_variants(ws: Workspace, p: Params) -> list[str]:
     return run_variants(list(p.quantize.variants), stale=lambda n: True, submit=lambda n: run_variant(ws, p, n))
 
 
-def validate_onnx_graph(ws: Workspace, p: Params, name: str) -> validate.ValidationResult:
-    """Validation of a variant produced from the ONNX graph (onnx, tensorrt), with its per-tensor error report."""
+def validate_onnx_graph(ws: Workspace, p: Params, name: str, out_dir: Path | None = None) -> validate.ValidationResult:
+    """Validation of a variant produced from the ONNX graph (onnx, tensorrt), with its per-tensor error report,
+    into `out_dir` (default: the variant's validation folder)."""
     art = quantize.load_variant(ws.variants_dir, name)
     folder = quantize.variant_dir(ws.variants_dir, name)
     path = folder / art.artifact
-    result = validate.validate_variant(name, path, ws.model_dir, ws.data_dir, p.validate_, ws.validation_for(name),
+    out_dir = out_dir or ws.validation_for(name)
+    result = validate.validate_variant(name, path, ws.model_dir, ws.data_dir, p.validate_, out_dir,
                                        get_target(art.recipe["target"]).predict,
                                        reference_dir=ws.validation_for(validate.REFERENCE))
     if art.recipe["scheme"] == "static" and p.validate_.error_report_images:
@@ -267,13 +276,15 @@ def validate_onnx_graph(ws: Workspace, p: Params, name: str) -> validate.Validat
         # On the Q/DQ graph, not the served file: a fused form (model.ort.onnx) or an engine has no Q/DQ pairs left.
         qdq = folder / art.qdq_artifact
         rows = error_report.tensor_errors(float_ref, qdq, data.model_inputs(images, spec.mean, spec.std))
-        csv_path, png_path = error_report_paths(ws, name)
+        csv_path, png_path = error_report_paths(ws, name, out_dir)
         error_report.write_error_report(rows, csv_path, png_path, name)
     return result
 
 
-def error_report_paths(ws: Workspace, name: str) -> tuple[Path, Path]:
-    return ws.validation_for(name) / f"{name}.errors.csv", ws.validation_for(name) / f"{name}.errors.png"
+def error_report_paths(ws: Workspace, name: str, folder: Path | None = None) -> tuple[Path, Path]:
+    """The per-tensor error report of variant `name` (csv, png), in `folder` (default: its validation folder)."""
+    folder = folder or ws.validation_for(name)
+    return folder / f"{name}.errors.csv", folder / f"{name}.errors.png"
 
 
 def run_benchmark(ws: Workspace, p: Params, names: list[str] | None = None,

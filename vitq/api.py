@@ -5,8 +5,10 @@
     variant.benchmark()                 # FP32 ONNX and the variant, timed in one run
     variant.save("vit-int8")            # variant.json, model.onnx, the served form
 
-The work goes through the stages' own functions (tasks/export.py, calibrate.py, quantize.py, coreml.py,
-validate.compare_outputs, benchmark's timing); the stages only adapt workspace paths to the same calls.
+What differs per target (how a variant is produced, run, stood in for, timed) is the target's own
+(`tasks/targets.py`: `produce`, `predict`, `outputs`, `time_against_baseline`); this module names no target.
+The stages adapt workspace paths to the same pieces (export, calibrate, quantize, the Core ML conversion,
+validate.compare_outputs, benchmark's timing).
 """
 
 from __future__ import annotations
@@ -31,19 +33,21 @@ if TYPE_CHECKING:
 
     from tasks.benchmark import BenchmarkResult
     from tasks.quantize import VariantArtifact
+    from tasks.targets import Reference
     from tasks.validate import ValidationResult
     from vitq.config import ValidateConfig
 
 log = logging.getLogger("vitq.api")
 
-# Targets this API produces variants for from a model object. TensorRT builds its engine on a CUDA worker
-# from the workspace's graphs (`vitq run`); recovery recipes read labelled splits and params.yaml.
-API_TARGETS = ("onnx", "coreml")
-
 
 def supported_recipes() -> list[str]:
-    """Recipe names `quantize` accepts: post-training recipes of the ONNX Runtime and Core ML targets."""
-    return sorted(n for n, r in RECIPES.items() if r.target in API_TARGETS and not r.recovery and not r.reuses)
+    """Recipe names `quantize` accepts: post-training recipes of the targets that produce from a model object
+    (`Target.python_api`: ONNX Runtime, Core ML). TensorRT builds its engine on a CUDA worker from the
+    workspace's graphs (`vitq run`); recovery recipes read labelled splits and params.yaml."""
+    from tasks.targets import TARGETS
+
+    return sorted(n for n, r in RECIPES.items()
+                  if r.target in TARGETS and TARGETS[r.target].python_api and not r.recovery and not r.reuses)
 
 
 def quantize(
@@ -68,12 +72,11 @@ def quantize(
     """
     import torch
 
-    from tasks import export
-    from tasks.targets import get_target
-    from vitq.config import ExportConfig
+    from tasks.targets import Reference, get_target
 
     r = _api_recipe(recipe)
-    why = get_target(r.target).missing_runtime()
+    target = get_target(r.target)
+    why = target.missing_runtime()
     if why:
         raise VitqError(why)
     if not isinstance(model, torch.nn.Module):
@@ -93,27 +96,14 @@ def quantize(
 
     scratch = None if workdir is not None else tempfile.TemporaryDirectory(prefix="vitq-")
     root = Path(workdir if workdir is not None else scratch.name)
-    own = root / f"{r.name}.fp32"  # this variant's FP32 export and calibration table
-    # The FP32 ONNX: the reference `validate` compares with and the baseline `benchmark` times.
-    export.export_model(model, x[: export.VERIFY_IMAGES], ExportConfig(), own / "export")
-    if r.target == "coreml":
-        from tasks import coreml
-
-        artifact = coreml.quantize_model(r, copy.deepcopy(model), x, root)
-    else:
-        from tasks import calibrate, quantize as quantize_stage
-        from vitq.config import CalibrationConfig
-
-        prep = own / "export" / "model.prep.onnx"
-        if r.table():  # (method, percentile override): the table the recipe reads
-            method, percentile = r.table()
-            calibrate.calibrate_inputs(prep, x, CalibrationConfig(methods=(method,)), own / "calibration",
-                                       extra_percentiles=(percentile,) if percentile is not None else ())
-        artifact = quantize_stage.quantize_variant(r.name, prep, own / "calibration", root)
-    return Variant(
-        recipe=r, path=root / r.name, artifact=artifact, fp32_onnx=own / "export" / "model.onnx",
-        example_input=example, _model=model, _calibration=x, _scratch=scratch,
-    )
+    own = root / f"{r.name}.fp32"  # this variant's FP32 export, calibration table, baselines
+    if own.exists():  # the same recipe again: nothing of the last model's may stand in for this one's
+        shutil.rmtree(own)
+    # The FP32 ONNX (the reference `validate` compares with, the baseline ONNX Runtime times) is exported
+    # when first needed: at once by targets that quantize the graph, at `validate` by those that convert the model.
+    ref = Reference(own / "export", model=model, calibration=x, derived_dir=own)
+    artifact = target.produce(r, ref, root)
+    return Variant(recipe=r, path=root / r.name, artifact=artifact, example_input=example, _ref=ref, _scratch=scratch)
 
 
 @dataclass
@@ -123,15 +113,28 @@ class Variant:
     recipe: Recipe
     path: Path  # the variant folder: variant.json, model.onnx, the served form
     artifact: VariantArtifact  # size_mb, int8_weight_fraction, op_counts, float_layers, ...
-    fp32_onnx: Path  # the FP32 export it is compared with and timed against
     example_input: np.ndarray = field(repr=False)  # (N, C, H, W): the default benchmark batch
-    _model: torch.nn.Module = field(repr=False)  # the FP32 copy (Core ML's FP16 baseline is converted from it)
-    _calibration: np.ndarray = field(repr=False)
+    _ref: Reference = field(repr=False)  # the FP32 copy of the model, its calibration inputs, its export
     _scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)  # removed with the Variant
 
     @property
     def name(self) -> str:
         return self.recipe.name
+
+    @property
+    def fp32_onnx(self) -> Path:
+        """The FP32 ONNX export the variant is compared with (and, in ONNX Runtime, timed against)."""
+        return self._ref.onnx
+
+    @property
+    def _model(self) -> torch.nn.Module:
+        return self._ref.model
+
+    @property
+    def _target(self):
+        from tasks.targets import get_target
+
+        return get_target(self.recipe.target)
 
     def __repr__(self) -> str:
         a = self.artifact
@@ -145,18 +148,11 @@ class Variant:
 
     def predict(self, x, batch_size: int = 64) -> np.ndarray:
         """Outputs (N, classes) of the variant, run by its target's runtime, on model inputs `x` (N, C, H, W)."""
-        from tasks.targets import get_target
-
         x = as_model_inputs(x, "x")
-        target = get_target(self.recipe.target)
-        why = target.missing_executor()
+        why = self._target.missing_executor()
         if why:
             raise VitqError(f"cannot predict with {self.name} here: {why}")
-        if self.recipe.target == "coreml":
-            from tasks import coreml
-
-            return coreml.predict_coreml(self.served, x, "ALL")
-        return target.predict(self.served, x, batch_size)
+        return self._target.predict(self.served, x, batch_size)
 
     def validate(self, inputs, labels=None, budget: ValidateConfig | None = None) -> ValidationResult:
         """Compare the variant with the FP32 model (its ONNX export, in ONNX Runtime) on `inputs` (N, C, H, W):
@@ -175,7 +171,7 @@ class Variant:
                 raise DataError(f"labels has {len(labels)} entries for {len(x)} inputs; give one label per input")
         ref = onnx_backend.run_batched(onnx_backend.session(self.fp32_onnx), x, budget.batch_size)
         ref_top1 = validate.compare_outputs(ref, ref, labels, None).top1
-        out, runtime, not_measured = self._outputs(x, budget.batch_size)
+        out, runtime, not_measured = self._target.outputs(self.path, self.artifact, x, budget.batch_size)
         metrics = validate.compare_outputs(ref, out, labels, ref_top1)
         reasons = validate.budget_reasons(metrics, budget.max_top1_drop, budget.min_sqnr_db)
         return validate.ValidationResult(
@@ -183,58 +179,36 @@ class Variant:
             runtime=runtime, not_measured=not_measured,
         )
 
-    def _outputs(self, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, str, dict[str, str]]:
-        """(outputs, what produced them, checks not run here and why)."""
-        from tasks.targets import get_target
-
-        why = get_target(self.recipe.target).missing_executor()
-        if self.recipe.target == "coreml" and why:
-            from tasks import coreml
-
-            log.warning("%s: Core ML predicts on macOS only; judged by its torch program (model.pt2) here", self.name)
-            counterpart = coreml.predict_counterpart(
-                self.path / coreml.PROGRAM, x, batch_size, fp16=self.recipe.scheme == "float"
-            )
-            reason = f"{why}; metrics are from the torch program it was converted from"
-            return counterpart, "torch counterpart (model.pt2)", {"coreml_predict": reason}
-        runtime = {"onnx": "onnxruntime", "coreml": "coreml (ALL)"}.get(self.recipe.target, self.recipe.target)
-        return self.predict(x, batch_size), runtime, {}
-
     def benchmark(
-        self, batch_size: int = 1, repeats: int = 200, *, warmup: int = 10, rounds: int = 5, threads: int = 2, inputs=None
+        self, batch_size: int = 1, repeats: int = 200, *, warmup: int = 10, rounds: int = 5, threads: int = 2, inputs=None,
+        alongside: Iterable[Variant] = (),
     ) -> BenchmarkResult:
-        """Latency p50/p95 and throughput of the variant and its baseline, timed interleaved in one run, with
-        this machine's description: ONNX variants against the FP32 export in ONNX Runtime (`models["fp32"]`);
+        """Latency p50/p95 and throughput of the variant and its target's baseline, timed interleaved in one run,
+        with this machine's description: ONNX variants against the FP32 export in ONNX Runtime (`models["fp32"]`);
         Core ML variants against `coreml-fp16` on macOS (elsewhere: `not_measured`, with why). `inputs`: the
-        batch to time (default: `example_input`, repeated to `batch_size`)."""
-        from tasks import benchmark
-        from tasks.targets import get_target
+        batch to time (default: `example_input`, repeated to `batch_size`). `alongside`: other variants of the
+        same model and target, timed in the same run (their FP32 export must be this one's)."""
         from vitq.config import BenchmarkConfig
 
         cfg = _config(BenchmarkConfig, "benchmark", batch_size=batch_size, repeats=repeats, warmup=warmup,
                       rounds=rounds, threads=threads)
         x = self.example_input if inputs is None else as_model_inputs(inputs, "inputs")
         x = np.concatenate([x] * math.ceil(batch_size / len(x)))[:batch_size]
-        if self.recipe.target != "coreml":
-            return benchmark.benchmark_onnx({"fp32": self.fp32_onnx, self.name: self.served}, x, cfg)
-        from tasks import coreml
+        paths = {self.name: self.served}
+        for other in alongside:
+            self._check_same_baseline(other)
+            paths[other.name] = other.served
+        return self._target.time_against_baseline(paths, self._ref, x, cfg)
 
-        settings = {**cfg.model_dump(), "input_shape": list(x[:1].shape)}
-        why = get_target("coreml").missing_executor()
-        if why:
-            log.warning("%s: not timed: %s", self.name, why)
-            return benchmark.BenchmarkResult(
-                machine=benchmark.machine_info(), settings=settings, models={}, not_measured={self.name: why}
-            )
-        packages = {self.name: self.served}
-        if self.name != "coreml-fp16":  # the Core ML baseline, converted from the same FP32 model
-            baselines = self.fp32_onnx.parent.parent / "baseline"
-            fp16 = coreml.quantize_model(get_recipe("coreml-fp16"), copy.deepcopy(self._model), self._calibration[:2], baselines)
-            packages = {"coreml-fp16": baselines / "coreml-fp16" / fp16.artifact, **packages}
-        timings, not_measured = coreml.benchmark_packages(packages, x, cfg)
-        return benchmark.BenchmarkResult(
-            machine=benchmark.machine_info(), settings=settings, models=timings, not_measured=not_measured
-        )
+    def _check_same_baseline(self, other: Variant) -> None:
+        if not isinstance(other, Variant):
+            raise VitqError(f"alongside takes Variants (from vitq.quantize), got {type(other).__name__}")
+        if other._target is not self._target:
+            raise VitqError(f"{other.name} runs on target {other.recipe.target!r}, {self.name} on "
+                            f"{self.recipe.target!r}; time variants of one target together")
+        if other.name == self.name or _sha256(other.fp32_onnx) != _sha256(self.fp32_onnx):
+            raise VitqError(f"{other.name} is not another variant of {self.name}'s model (its FP32 export differs); "
+                            "quantize the same model with another recipe to time it alongside")
 
     def save(self, folder: str | Path) -> Path:
         """Copy the variant folder (variant.json, model.onnx, the served form, its reports) to `folder`,
@@ -249,6 +223,13 @@ class Variant:
         return folder
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _api_recipe(name) -> Recipe:
     if not isinstance(name, str):
         raise ConfigError(f"recipe must be a recipe name (str), got {type(name).__name__}; "
@@ -256,10 +237,16 @@ def _api_recipe(name) -> Recipe:
     r = get_recipe(name)  # unknown: ConfigError listing every recipe
     if r.name not in supported_recipes():
         why = ("it needs labelled data and params.yaml (accuracy recovery)" if r.recovery or r.reuses
-               else f"its target {r.target!r} builds on a {r.target} worker")
+               else f"its target {r.target!r} builds on a {_worker(r.target)} worker from the workspace's graphs")
         raise ConfigError(f"recipe {name!r} runs through `vitq run` only ({why}); "
                           f"the Python API supports: {', '.join(supported_recipes())}")
     return r
+
+
+def _worker(target: str) -> str:
+    from tasks.targets import get_target
+
+    return get_target(target).worker
 
 
 def _config(cls, what: str, **values):
