@@ -34,7 +34,6 @@ def build_summary(
         t = bench.models.get(art.name) if bench else None
         not_measured = {}
         if m.mask_iou is not None:  # dense outputs
-            not_measured["top1"] = "task.kind is dense: output maps have no top-1"
             if m.miou is None:
                 not_measured["miou"] = "the validation data has no ground-truth masks (<split>_masks/)"
         elif m.top1 is None:
