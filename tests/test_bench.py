@@ -24,3 +24,14 @@ def test_bench_rejects_bad_arguments(tmp_path):
         proc = vitq(["bench", *args], tmp_path)
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
         assert not (tmp_path / "reports").exists()
+
+
+def test_old_names_print_their_own_usage_with_the_same_options(tmp_path):
+    import re
+
+    for new, old in (("latency", "bench"), ("coreml-coverage", "coreml-bench"), ("recovery-accuracy", "recovery")):
+        helps = {name: vitq([name, "--help"], tmp_path) for name in (new, old)}
+        for name, proc in helps.items():
+            assert proc.returncode == 0 and proc.stdout.startswith(f"usage: vitq {name} "), proc.stdout[:200]
+        options = {name: set(re.findall(r"--[a-z-]+", proc.stdout)) for name, proc in helps.items()}
+        assert options[new] == options[old] and "--out" in options[new], options

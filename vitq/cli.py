@@ -38,32 +38,29 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("--workdir", default=".")
     rec = sub.add_parser("recipes", help="list the quantization recipes (presets, and those params.yaml defines)")
     rec.add_argument("--workdir", default=".", help="workspace whose params.yaml `quantize.define` adds recipes")
-    lat = sub.add_parser("latency", aliases=["bench"],
-                         help="FP32 vs dynamic vs default static INT8 latency, side by side (reports/bench.json)")
-    lat.set_defaults(run_experiment=_latency)
-    lat.add_argument("--models", default="vit_base_patch16_224,demo",
-                     help="comma-separated timm names (random weights) and/or 'demo' (the workspace's trained model)")
-    lat.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    lat.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
-    lat.add_argument("--repeats", type=int, default=50, help="timed runs per variant and batch")
-    lat.add_argument("--static-recipe", default=None, help="static recipe to compare (default: the pipeline default)")
-    lat.add_argument("--workdir", default=".")
-    lat.add_argument("--out", default="reports/bench.json")
-    rec = sub.add_parser("recovery-accuracy", aliases=["recovery"],
-                         help="plain INT8 vs the accuracy-recovery recipes per case (reports/recovery.json)")
-    rec.set_defaults(run_experiment=_recovery_accuracy)
-    rec.add_argument("--cases", default="digits,outliers,efficientvit_b0",
-                     help="comma-separated: digits, outliers, efficientvit_b0")
-    rec.add_argument("--workdir", default=".")
-    rec.add_argument("--out", default="reports/recovery.json")
-    cm = sub.add_parser("coreml-coverage", aliases=["coreml-bench"],
-                        help="Core ML FP16 / W8 / W8A8 sizes and int8 coverage per model "
-                             "(reports/coreml.json); runs on Linux, no Core ML runtime needed")
-    cm.set_defaults(run_experiment=_coreml_coverage)
-    cm.add_argument("--models", default=None, help="comma-separated: 'demo' (the workspace's model), timm names, "
-                    "'torchvision:<name>' (default: demo and the five reference ViTs)")
-    cm.add_argument("--workdir", default=".")
-    cm.add_argument("--out", default="reports/coreml.json")
+    for lat in _experiment(sub, "latency", "bench", _latency,
+                           "FP32 vs dynamic vs default static INT8 latency, side by side (reports/bench.json)"):
+        lat.add_argument("--models", default="vit_base_patch16_224,demo",
+                         help="comma-separated timm names (random weights) and/or 'demo' (the workspace's trained model)")
+        lat.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+        lat.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+        lat.add_argument("--repeats", type=int, default=50, help="timed runs per variant and batch")
+        lat.add_argument("--static-recipe", default=None, help="static recipe to compare (default: the pipeline default)")
+        lat.add_argument("--workdir", default=".")
+        lat.add_argument("--out", default="reports/bench.json")
+    for rec in _experiment(sub, "recovery-accuracy", "recovery", _recovery_accuracy,
+                           "plain INT8 vs the accuracy-recovery recipes per case (reports/recovery.json)"):
+        rec.add_argument("--cases", default="digits,outliers,efficientvit_b0",
+                         help="comma-separated: digits, outliers, efficientvit_b0")
+        rec.add_argument("--workdir", default=".")
+        rec.add_argument("--out", default="reports/recovery.json")
+    for cm in _experiment(sub, "coreml-coverage", "coreml-bench", _coreml_coverage,
+                          "Core ML FP16 / W8 / W8A8 sizes and int8 coverage per model "
+                          "(reports/coreml.json); runs on Linux, no Core ML runtime needed"):
+        cm.add_argument("--models", default=None, help="comma-separated: 'demo' (the workspace's model), timm names, "
+                        "'torchvision:<name>' (default: demo and the five reference ViTs)")
+        cm.add_argument("--workdir", default=".")
+        cm.add_argument("--out", default="reports/coreml.json")
     pool_help = "KEY=POOL: the work pool for 'prepare' or a target (onnx, coreml, tensorrt); repeatable"
     orch = sub.add_parser("orchestrate", help="run the pipeline on Prefect work pools (needs PREFECT_API_URL and "
                                                "`vitq deploy`); steps go to the pool of their target")
@@ -87,6 +84,15 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--runs", type=int, default=3, help="how many of the latest finished runs (default 3)")
     cmp_.add_argument("--experiment", default=None, help="MLflow experiment (default: params.yaml's)")
     return ap
+
+
+def _experiment(sub, name: str, old_name: str, run, help: str) -> list[argparse.ArgumentParser]:
+    """The parsers of an experiment command and of its old name: the same options, each with its own usage line
+    (an argparse alias would print the new name in `vitq <old name> --help`)."""
+    parsers = [sub.add_parser(name, help=help), sub.add_parser(old_name, help=f"old name of `vitq {name}`")]
+    for parser in parsers:
+        parser.set_defaults(run_experiment=run)
+    return parsers
 
 
 def _prefect_api() -> str:
