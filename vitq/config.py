@@ -179,9 +179,33 @@ class QuantizeConfig(_Strict):
         return tuple(sorted({t[1] for t in tables if t and t[1] is not None}))
 
 
+class TaskConfig(_Strict):
+    """What the model's outputs are (tasks/task_kinds.py): the metrics and budget keys that apply."""
+
+    kind: Literal["classification", "dense"] = "classification"  # dense: output maps (N, K, H, W)
+    mask_threshold: float = 0.0  # dense: a pixel is in a mask where the output exceeds this (mask logits: 0)
+    # dense: threshold: each output channel is one mask's logits (SAM-style); argmax: the channels are classes
+    masks: Literal["threshold", "argmax"] = "threshold"
+    metric: str | None = None  # a metric function of your own, file.py:function or package.module:function
+
+    @model_validator(mode="after")
+    def _dense_keys(self) -> TaskConfig:
+        if self.kind == "classification":
+            for key, default in (("mask_threshold", 0.0), ("masks", "threshold")):
+                if getattr(self, key) != default:
+                    raise ValueError(f"task.{key} applies to task.kind 'dense', not 'classification'")
+        return self
+
+
+# Budget keys per task (validate and recovery alike): the other task's keys are refused where written.
+BUDGET_KEYS = {"classification": ("max_top1_drop",), "dense": ("min_mask_iou", "max_miou_drop")}
+
+
 class ValidateConfig(_Strict):
-    max_top1_drop: float = Field(1.0, ge=0)  # percentage points of top-1 a variant may lose vs FP32
-    min_sqnr_db: float | None = None  # optional floor on the logits' SQNR
+    max_top1_drop: float = Field(1.0, ge=0)  # classification: percentage points of top-1 a variant may lose vs FP32
+    min_sqnr_db: float | None = None  # optional floor on the outputs' SQNR
+    min_mask_iou: float = Field(0.9, ge=0, le=1)  # dense: IoU of a variant's masks with FP32's
+    max_miou_drop: float | None = Field(None, ge=0)  # dense: points of mIoU vs ground-truth masks (needs masks)
     batch_size: int = Field(64, ge=1)
     error_report_images: int = Field(32, ge=0)  # calibration images for the per-tensor error report; 0: off
 
@@ -190,8 +214,10 @@ class RecoveryConfig(_Strict):
     """Settings of the accuracy-recovery recipes (onnx-w8a8-auto/-smoothquant/-search/-qat)."""
 
     # The budget onnx-w8a8-auto steers to (validate.* is the verdict; keep this at least as strict).
-    max_top1_drop: float = Field(1.0, ge=0)  # percentage points (disagreement with FP32 without labels)
-    min_sqnr_db: float | None = None  # optional floor on the logits' SQNR
+    max_top1_drop: float = Field(1.0, ge=0)  # classification: points (disagreement with FP32 without labels)
+    min_sqnr_db: float | None = None  # optional floor on the outputs' SQNR
+    min_mask_iou: float = Field(0.9, ge=0, le=1)  # dense: IoU of the masks with FP32's
+    max_miou_drop: float | None = Field(None, ge=0)  # dense: points of mIoU vs ground-truth masks
     sensitivity_images: int = Field(128, ge=1)  # validation images the per-layer sensitivity ranking measures on
     search_images: int = Field(450, ge=1)  # validation images the mixed-precision search judges the budget on
     smoothquant_alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # candidates, each in (0, 1)
@@ -230,6 +256,7 @@ class Params(_Strict):
     seed: int = 0
     experiment: str | None = None  # MLflow experiment; default: the model name
     max_workers: int = Field(2, ge=1)  # variants quantized / validated concurrently
+    task: TaskConfig = TaskConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     export: ExportConfig = ExportConfig()
@@ -240,6 +267,18 @@ class Params(_Strict):
     recovery: RecoveryConfig = RecoveryConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _budget_keys_for_task(self) -> Params:
+        kind = self.task.kind
+        for section, cfg in (("validate", self.validate_), ("recovery", self.recovery)):
+            for other, keys in BUDGET_KEYS.items():
+                for key in keys:
+                    if other != kind and key in cfg.model_fields_set:
+                        allowed = ", ".join(f"{section}.{k}" for k in (*BUDGET_KEYS[kind], "min_sqnr_db"))
+                        raise ValueError(f"{section}.{key} is a budget of task.kind {other!r}, but task.kind is "
+                                         f"{kind!r}; its budget keys: {allowed}")
+        return self
 
     @model_validator(mode="after")
     def _tables_for_recipes(self) -> Params:
@@ -265,7 +304,7 @@ def _format_error(err: ValidationError, source: str) -> str:
     msg = e["msg"].removeprefix("Value error, ")
     got = e.get("input")
     shown = "" if isinstance(got, dict) or e["type"].startswith("value_error") else f" (got {got!r})"
-    return f"{source}: {loc}: {msg}{shown}"
+    return f"{source}: {msg}{shown}" if not e["loc"] else f"{source}: {loc}: {msg}{shown}"
 
 
 def parse_params(raw: dict, source: str = "params.yaml") -> Params:
