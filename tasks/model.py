@@ -1,17 +1,19 @@
-"""Model stage: resolve the FP32 model (train the embedded default, or load a timm model) and save it.
+"""Model stage: resolve the FP32 model through its source (tasks/sources.py: train the embedded default, or
+load a timm / torchvision / Python-factory model, or check an FP32 ONNX file) and save it.
 
-`model.pt` holds the state dict; `model.json` says how to rebuild it (`timm.create_model(name,
-**create_kwargs)`), its input contract (size, mean, std from timm's data config) and its accuracy.
+`model.pt` holds the state dict (`model.onnx` the checked file, for an ONNX source); `model.json` says how to
+rebuild it (`build`: the source and what it needs, `create_kwargs`), its input contract (size, mean, std) and
+its accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import math
 import pickle
 import re
+import shutil
 import time
 import warnings
 import zipfile
@@ -24,41 +26,46 @@ import torch
 from tasks import zoo  # noqa: F401  (registers vitq's models with timm)
 from tasks._io import atomic_dir, read_json, write_json
 from tasks.data import load_data_result, load_split, model_inputs
+from tasks.sources import Inputs, get_source
 from vitq.config import ModelConfig, TrainConfig
 from vitq.errors import ModelError
 
 log = logging.getLogger("vitq.model")
 
 
+ONNX_FILE = "model.onnx"  # in the model dir, for an ONNX source: the checked FP32 file, as given
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str  # timm model name
-    create_kwargs: dict  # passed to timm.create_model to rebuild the architecture
+    name: str  # the model's name (timm / torchvision registry name, or the factory's / file's)
+    create_kwargs: dict  # passed to the source's builder (timm.create_model, get_model, the factory)
     input_size: list[int]  # (C, H, W)
     mean: list[float]
     std: list[float]
-    num_classes: int
+    num_classes: int  # output channels: classes (N, classes), or maps (N, K, H, W)
     classes: list[str]
-    top1: float | None  # FP32 torch top-1 on the validation split (None when labels do not apply)
+    top1: float | None  # FP32 top-1 on the validation split (None when labels do not apply)
     source: str
     train: dict = field(default_factory=dict)  # epochs, final loss (source == train)
     versions: dict = field(default_factory=dict)
+    # What rebuilds the model in another process: {"source": <tasks.sources entry>, ...} (the factory file and
+    # its sha256, the ONNX file, where the weights came from). model.json files written before model sources
+    # existed have none: they were all timm.create_model(name, **create_kwargs).
+    build: dict = field(default_factory=lambda: {"source": "timm"})
+    input_contract: str = ""  # where input_size / mean / std came from
+
+    @property
+    def torch_model(self) -> bool:
+        """False for an ONNX source: no torch module (load_model refuses; the export stage uses model.onnx)."""
+        return get_source(self.build.get("source", "timm")).torch_model
 
 
-def check_model_config(cfg: ModelConfig) -> None:
-    """Fail fast on an unknown model name or a missing or unreadable checkpoint (headers only, no weights)."""
-    import timm
-
-    if not timm.is_model(cfg.name):
-        close = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ModelError(f"unknown timm model {cfg.name!r}{hint}; list names with timm.list_models('*vit*')")
-    if cfg.checkpoint:
-        if not Path(cfg.checkpoint).is_file():
-            raise ModelError(
-                f"model.checkpoint {cfg.checkpoint!r} does not exist; give the path to a local weights file"
-            )
-        _check_checkpoint_file(Path(cfg.checkpoint), f"model.checkpoint {cfg.checkpoint!r}")
+def check_model_config(cfg: ModelConfig, root: Path | None = None) -> None:
+    """Fail fast on what the model stage would refuse: an unknown name, a missing or unreadable checkpoint
+    (headers only, no weights), a missing factory file or function, an ONNX file that is not FP32.
+    `root`: the workspace relative paths start from (default: the current directory)."""
+    get_source(cfg.source).check(cfg, Path(root) if root is not None else Path.cwd())
 
 
 # Accepted checkpoint files: what torch.save writes (a zip archive; a pickle for torch < 1.6), read with
@@ -85,7 +92,7 @@ def _unsafe_globals_refused(shown: str, names: list[str]) -> ModelError:
     )
 
 
-def _check_checkpoint_file(path: Path, shown: str) -> None:
+def check_checkpoint_file(path: Path, shown: str) -> None:
     """Read what is cheap to read (file header, safetensors header, torch.save's pickle without its tensors)."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -120,79 +127,104 @@ def _check_checkpoint_file(path: Path, shown: str) -> None:
         )
 
 
-def _create(name: str, **kwargs) -> torch.nn.Module:
-    import timm
-
-    try:
-        return timm.create_model(name, **kwargs)
-    except (OSError, ConnectionError) as exc:
-        raise ModelError(
-            f"could not load pretrained weights for {name!r} ({type(exc).__name__}); nothing can be "
-            "downloaded here: set model.checkpoint to a local weights file"
-        ) from None
-    except TypeError as exc:
-        raise ModelError(f"model.arch does not fit {name!r}: {exc}") from None
-
-
-def resolve_model(cfg: ModelConfig, data_dir: Path, out_dir: Path, seed: int) -> ModelSpec:
-    """Build, train or load the FP32 model and write `model.pt` + `model.json` to `out_dir`."""
-    import timm
-    from timm.data import resolve_model_data_config
-
+def resolve_model(cfg: ModelConfig, data_dir: Path, out_dir: Path, seed: int, root: Path | None = None) -> ModelSpec:
+    """Build, train or load the FP32 model through its source and write `model.pt` (or `model.onnx`) +
+    `model.json` to `out_dir`. `root`: the workspace relative paths in `cfg` start from (default: cwd)."""
     data = load_data_result(data_dir)
-    num_classes = cfg.num_classes or (len(data.classes) if cfg.source == "train" else None)
-    kwargs: dict = dict(cfg.arch)
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    if cfg.source == "train":
-        kwargs.setdefault("in_chans", data.channels)
-    check_model_config(cfg)
-    torch.manual_seed(seed)
-    # A checkpoint is loaded by us, strictly: timm's pretrained path would drop a head of the wrong size and
-    # keep a random one in its place.
-    model = _create(cfg.name, pretrained=cfg.pretrained and not cfg.checkpoint, **kwargs)
-    if cfg.checkpoint:
-        shown = f"model.checkpoint {cfg.checkpoint!r}"
-        load_strict(model, read_state_dict(Path(cfg.checkpoint), shown), shown, cfg.name)
-    data_cfg = resolve_model_data_config(model)
-    c, h, w = data_cfg["input_size"]
+    root = Path(root) if root is not None else Path.cwd()
+    source = get_source(cfg.source)
+    source.check(cfg, root)
+    torch.manual_seed(seed)  # random init (the train source) and a factory's own init are reproducible
+    loaded = source.load(cfg, Inputs(root, data.channels, data.image_size, len(data.classes) or None, seed))
+    c, h, w = loaded.contract.input_size
     if c != data.channels:
         raise ModelError(
-            f"model {cfg.name!r} takes {c}-channel input but data.channels is {data.channels}; set data.channels: {c}"
+            f"model {loaded.name!r} takes {c}-channel input but data.channels is {data.channels}; set data.channels: {c}"
         )
     if (h, w) != (data.image_size, data.image_size):
-        raise ModelError(
-            f"model {cfg.name!r} takes {h}x{w} input but data.image_size is {data.image_size}; set data.image_size: {h}"
-        )
-    mean, std = list(data_cfg["mean"]), list(data_cfg["std"])
-    train_stats: dict = {}
-    if cfg.source == "train":
-        train_stats = train_classifier(model, data_dir, cfg.train, mean, std, seed)
-    model.eval()
+        raise ModelError(f"model {loaded.name!r} takes {h}x{w} input but data.image_size is {data.image_size}; "
+                         f"set data.image_size: {h}")
+    mean, std = list(loaded.contract.mean), list(loaded.contract.std)
+    if len(mean) != c:
+        raise ModelError(f"model {loaded.name!r} takes {c}-channel input but its mean/std have {len(mean)} values; "
+                         f"set model.mean / model.std, one per channel")
     validation = load_split(data_dir, "validation")
-    logits = predict(model, model_inputs(validation.images, mean, std))
-    model_classes = logits.shape[1]
+    x = model_inputs(validation.images, mean, std)
+    train_stats: dict = {}
+    if loaded.model is None:
+        logits = predict_onnx(loaded.onnx_file, x, f"model.path {cfg.path!r}")
+    else:
+        model = loaded.model
+        _check_forward(model, x[:2], loaded.name)
+        if cfg.source == "train":
+            train_stats = train_classifier(model, data_dir, cfg.train, mean, std, seed)
+        model.eval()
+        logits = predict(model, x)
     top1 = None
-    if model_classes == len(data.classes):
-        top1 = float((logits.argmax(1) == validation.labels).mean())
+    labels = np.asarray(validation.labels)
+    if logits.ndim == 2 and logits.shape[1] == len(data.classes) and len(labels) and (labels >= 0).all():
+        top1 = float((logits.argmax(1) == labels).mean())
     spec = ModelSpec(
-        name=cfg.name,
-        create_kwargs={k: v for k, v in kwargs.items()},
+        name=loaded.name,
+        create_kwargs=dict(loaded.create_kwargs),
         input_size=[c, h, w],
         mean=mean,
         std=std,
-        num_classes=model_classes,
+        num_classes=int(logits.shape[1]),
         classes=data.classes,
         top1=top1,
         source=cfg.source,
         train=train_stats,
-        versions={"torch": torch.__version__, "timm": timm.__version__},
+        versions={"torch": torch.__version__, **loaded.versions},
+        build=loaded.build,
+        input_contract=loaded.contract.origin,
     )
     with atomic_dir(out_dir) as tmp:
-        torch.save(model.state_dict(), tmp / "model.pt")
+        if loaded.model is None:
+            shutil.copyfile(loaded.onnx_file, tmp / ONNX_FILE)
+        else:
+            torch.save(loaded.model.state_dict(), tmp / "model.pt")
         write_json(tmp / "model.json", asdict(spec))
-    log.info("model: %s, FP32 top-1 %s", cfg.name, "n/a" if top1 is None else f"{top1:.4f}")
+    log.info("model: %s (%s, %s), FP32 top-1 %s", loaded.name, cfg.source, loaded.build.get("weights", "ONNX file"),
+             "n/a" if top1 is None else f"{top1:.4f}")
     return spec
+
+
+def _check_forward(model: torch.nn.Module, x: np.ndarray, name: str) -> None:
+    """One forward pass on 2 images: a model that fails on the data's shape, or returns something other than
+    one tensor, is one line here rather than a traceback stages later."""
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = model(torch.from_numpy(x))
+    except Exception as exc:  # the model's own code
+        raise ModelError(f"model {name!r} fails on input of shape {list(x.shape)} ({type(exc).__name__}: "
+                         f"{_first_line(exc)}); check data.channels / data.image_size and model.arch") from None
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"model {name!r} returns a {type(out).__name__}; vitq compares one output tensor "
+                         "(N, classes) or (N, K, H, W): wrap it to return that tensor")
+
+
+def predict_onnx(path: Path, x: np.ndarray, shown: str) -> np.ndarray:
+    """FP32 outputs of an ONNX file, at its own batch size where it has a fixed one."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    batch = inp.shape[0] if isinstance(inp.shape[0], int) else 64
+    try:
+        return np.concatenate([_run_padded(sess, inp.name, x[i : i + batch], batch) for i in range(0, len(x), batch)])
+    except Exception as exc:  # onnxruntime's Fail / InvalidArgument / RuntimeException
+        raise ModelError(f"{shown} does not run on the data (N, {', '.join(map(str, x.shape[1:]))}) in ONNX Runtime: "
+                         f"{_first_line(exc)}") from None
+
+
+def _run_padded(sess, name: str, xb: np.ndarray, batch: int) -> np.ndarray:
+    """One batch; a last short batch of a fixed-batch model is padded by repeating its last image."""
+    n = len(xb)
+    if n < batch and batch > 0:
+        xb = np.concatenate([xb, np.repeat(xb[-1:], batch - n, axis=0)])
+    return sess.run(None, {name: xb})[0][:n]
 
 
 def read_state_dict(path: Path, shown: str = "") -> dict[str, torch.Tensor]:
@@ -316,7 +348,10 @@ def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sho
     wrong = [k for k, v in expected.items() if state_dict[k].shape != v.shape]
     if wrong:
         k, file_shape, model_shape = wrong[0], list(state_dict[wrong[0]].shape), list(expected[wrong[0]].shape)
-        classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
+        classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")  # timm names its head
+        if classifier is None:  # torchvision and the rest: the last Linear is the head (fc, heads.head, classifier.3)
+            linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+            classifier = linears[-1:] or ["head"]
         classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
         if k.rsplit(".", 1)[0] in classifier and file_shape[1:] == model_shape[1:]:
             fix = f"set model.num_classes: {file_shape[0]}"
@@ -335,9 +370,14 @@ def load_model_spec(model_dir: Path) -> ModelSpec:
 
 
 def load_model(model_dir: Path) -> tuple[torch.nn.Module, ModelSpec]:
-    """Rebuild the saved FP32 model (eval mode) and its spec."""
+    """Rebuild the saved FP32 model (eval mode) through its source, and its spec. An ONNX source has no
+    torch model: a `ModelError` (params validation keeps the recipes that need one away from it)."""
     spec = load_model_spec(model_dir)
-    model = _create(spec.name, pretrained=False, **spec.create_kwargs)
+    source = get_source(spec.build.get("source", "timm"))
+    if not source.torch_model:
+        raise ModelError(f"the model in {model_dir} is an ONNX file (model.source {source.name!r}): there is no torch "
+                         "model to load; Core ML and recovery recipes need one")
+    model = source.rebuild(spec)
     model.load_state_dict(torch.load(Path(model_dir) / "model.pt", map_location="cpu", weights_only=True))
     return model.eval(), spec
 

@@ -31,7 +31,7 @@ def run_data(ws: Workspace, p: Params) -> data.DataResult:
 
 
 def run_model(ws: Workspace, p: Params) -> model.ModelSpec:
-    return model.resolve_model(p.model, ws.data_dir, ws.model_dir, p.seed)
+    return model.resolve_model(p.model, ws.data_dir, ws.model_dir, p.seed, root=ws.root)
 
 
 def run_export(ws: Workspace, p: Params) -> export.ExportResult:
@@ -396,6 +396,6 @@ def preflight(ws: Workspace, p: Params) -> None:
             raise VitqError(f"{ws.params_file}: quantize.{key} must be written out ({why}); e.g. quantize.{key}: "
                             + ("[onnx-w8a8-percentile]" if key == "recipes" else "{}"))
     data.check_data_config(p.data)
-    model.check_model_config(p.model)
+    model.check_model_config(p.model, ws.root)
     for name in p.quantize.variants:
         get_target(get_recipe(name).target)

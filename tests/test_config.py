@@ -21,7 +21,7 @@ def test_shipped_params_are_the_defaults():
         ({"data": {"source": "cifar"}}, "data.source"),
         ({"export": {"opset": 13}}, "export.opset"),
         ({"data": {"source": "imagefolder"}}, "data.path is required"),
-        ({"model": {"source": "train", "checkpoint": "w.pt"}}, "apply to model.source 'timm'"),
+        ({"model": {"source": "train", "checkpoint": "w.pt"}}, "model.checkpoint does not apply to model.source 'train'"),
         (
             {"calibration": {"methods": ["minmax"]}, "quantize": {"recipes": ["onnx-w8a8-entropy"], "carry": {}}},
             "needs the 'entropy' calibration table",

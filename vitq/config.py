@@ -49,21 +49,81 @@ class TrainConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    # train: build `name` with `arch` overrides and train it on the training split;
-    # timm: `timm.create_model(name)`, then `checkpoint` loaded strictly (every key and shape must
-    # fit; tasks/model.py), or timm's hub weights with `pretrained` and no checkpoint.
-    source: Literal["train", "timm"] = "train"
-    name: str = "vit_digits_patch4_32"  # a timm model name (vitq registers the digits ViT with timm)
-    pretrained: bool = False
-    checkpoint: str | None = None  # local checkpoint file (state dict) loaded into `name`
+    # Where the FP32 model comes from: one entry of tasks/sources.py's registry each.
+    # train: build `name` (a timm name) with `arch` overrides and train it on the training split;
+    # timm: `timm.create_model(name, **arch)`, then `checkpoint` loaded strictly (every key and shape must
+    #   fit; tasks/model.py), or timm's hub weights with `pretrained` and no checkpoint;
+    # torchvision: `torchvision.models.get_model(name, weights=None, **arch)` + `checkpoint` (required);
+    # python: `factory` ('path/to/file.py:function', relative to the workspace, or 'package.module:function')
+    #   called with `arch` as keyword arguments, + optional `checkpoint`;
+    # onnx: the FP32 ONNX file `path` (ONNX Runtime and TensorRT recipes only: there is no torch model).
+    # A key a source does not read is refused where written (tasks.sources.ModelSource.check_config).
+    source: str = "train"  # train | timm | torchvision | python | onnx
+    # timm / torchvision: the registry name; python / onnx: the model's name in reports (default: the
+    # function's name / the file's stem). Default for train and timm: vitq's digits ViT (registered with timm).
+    name: str | None = None
+    pretrained: bool = False  # timm: hub weights (needs a network; offline, give checkpoint)
+    checkpoint: str | None = None  # local state dict (torch.save, weights_only) or *.safetensors, loaded strictly
+    factory: str | None = None  # python: 'path/to/file.py:function' or 'package.module:function'
+    path: str | None = None  # onnx: an FP32 ONNX file
     num_classes: int | None = None  # None: the data's class count when training, the model's own otherwise
-    arch: dict[str, int | float | str | bool] = Field(default_factory=dict)  # timm kwargs, e.g. depth: 2
+    # Input normalisation, one value per channel ((x / 255 - mean) / std); null: from the model's library
+    # (timm's data config, torchvision's weights transforms). Required for python and onnx.
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    arch: dict[str, Any] = Field(default_factory=dict)  # builder / factory kwargs, e.g. depth: 2
     train: TrainConfig = TrainConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data):
+        if isinstance(data, dict) and data.get("name") is None:
+            from tasks.sources import default_name
+
+            name = default_name(data.get("source", "train"), data)
+            data = {**data, "name": name} if name else {k: v for k, v in data.items() if k != "name"}
+        return data
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v):
+        from tasks.sources import source_names
+
+        if v not in source_names():
+            raise ValueError(f"unknown model source {v!r}; allowed: {', '.join(source_names())}")
+        return v
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _per_channel(cls, v):
+        if v is None:
+            return v
+        if not isinstance(v, (list, tuple)) or not v or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            raise ValueError("must be a list of numbers, one per channel, e.g. [0.5] or [0.485, 0.456, 0.406]")
+        return tuple(float(x) for x in v)
+
+    @field_validator("arch")
+    @classmethod
+    def _json_values(cls, v):
+        try:
+            json.dumps(v, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValueError("values must be numbers, strings, booleans, null, or lists / mappings of them") from None
+        return v
+
     @model_validator(mode="after")
-    def _weights_only_for_timm(self) -> ModelConfig:
-        if self.source == "train" and (self.pretrained or self.checkpoint):
-            raise ValueError("model.pretrained and model.checkpoint apply to model.source 'timm', not 'train'")
+    def _keys_of_source(self) -> ModelConfig:
+        from tasks.sources import get_source
+
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("model.mean and model.std go together: set both or neither")
+        if self.mean is not None:
+            if len(self.mean) != len(self.std):
+                raise ValueError(f"model.mean has {len(self.mean)} values but model.std {len(self.std)}: one per channel")
+            if min(self.std) <= 0:
+                raise ValueError(f"model.std {list(self.std)} must be > 0 for every channel")
+        get_source(self.source).check_config(self)
         return self
 
 
@@ -289,6 +349,20 @@ class Params(_Strict):
                 raise ValueError(
                     f"recipe {name!r} needs the {method!r} calibration table; add it to calibration.methods"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _model_fits(self) -> Params:
+        from tasks.sources import get_source
+
+        if self.model.mean is not None and len(self.model.mean) != self.data.channels:
+            raise ValueError(f"model.mean has {len(self.model.mean)} values but data.channels is {self.data.channels}: "
+                             "one per channel")
+        source = get_source(self.model.source)
+        for name in self.quantize.variants:
+            why = source.refuses(self.quantize.recipe(name))
+            if why:
+                raise ValueError(f"{why}; remove it from quantize.{'carry' if name in self.quantize.carry else 'recipes'}")
         return self
 
     @property
