@@ -126,6 +126,28 @@ def test_benchmark_times_fp32_and_the_variant_in_one_run(static):
         static.benchmark(repeats=0)
 
 
+def test_benchmark_times_other_variants_of_the_same_model_alongside(static, model, tmp_path):
+    dynamic = vitq.quantize(model, "onnx-w8-dynamic", calibration=_inputs(8, 0), workdir=tmp_path)
+    b = static.benchmark(batch_size=1, repeats=4, warmup=1, rounds=2, alongside=[dynamic])
+    assert list(b.models) == ["fp32", static.name, dynamic.name], b.models
+    assert all(t.baseline == "fp32" and t.runs == 4 for t in b.models.values())
+    assert b.models[dynamic.name].size_mb == pytest.approx(dynamic.served.stat().st_size / 2**20)
+    with pytest.raises(VitqError, match="onnx-w8-dynamic is not another variant of onnx-w8a8-minmax's model") as e:
+        static.benchmark(repeats=2, alongside=[_other_model_variant(tmp_path)])
+    assert "\n" not in str(e.value)
+    with pytest.raises(VitqError, match="alongside takes Variants"):
+        static.benchmark(repeats=2, alongside=["onnx-w8-dynamic"])
+
+
+def _other_model_variant(tmp_path):
+    torch.manual_seed(1)
+    other = _tiny_vit()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(3.0)
+    return vitq.quantize(other, "onnx-w8-dynamic", calibration=_inputs(8, 7), workdir=tmp_path / "other-model")
+
+
 def test_save_copies_the_variant_folder_and_refuses_a_full_one(static, tmp_path):
     out = static.save(tmp_path / "saved")
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.ort.onnx", "variant.json"]
@@ -199,6 +221,8 @@ def coreml_variant(tmp_path_factory):
 
 def test_coreml_recipe_converts_to_an_int8_ml_program(coreml_variant):
     v, model, before = coreml_variant
+    # converted from the torch model: its FP32 ONNX export is made when first compared with, not before
+    assert not (v.path.parent / "coreml-w8a8.fp32" / "export").exists()
     assert v.served == v.path / "model.mlpackage" and v.served.is_dir()
     assert (v.path / "model.pt2").is_file() and (v.path / "coverage.csv").is_file()
     assert v.artifact.int8_weight_fraction == 1.0 and v.artifact.int8_mac_fraction == 1.0, v.artifact
@@ -214,6 +238,7 @@ def test_coreml_off_macos_says_why_in_one_line(coreml_variant):
         v.predict(_inputs(2, 0))
     assert "\n" not in str(e.value)
     result = v.validate(_inputs(32, 5))
+    assert v.fp32_onnx == v.path.parent / "coreml-w8a8.fp32" / "export" / "model.onnx" and v.fp32_onnx.is_file()
     assert result.runtime == "torch counterpart (model.pt2)" and "macos" in result.not_measured["coreml_predict"]
     assert result.metrics.agreement >= 0.9 and result.metrics.sqnr_db > 20, result.metrics
     b = v.benchmark()

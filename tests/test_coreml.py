@@ -336,3 +336,22 @@ def test_coreml_bench_rejects_an_unknown_torchvision_model_before_converting(tmp
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("vitq: error: unknown torchvision model 'vit_nope'")
     assert not (tmp_path / "reports").exists()
+
+
+def test_coverage_experiment_converts_every_recipe_through_the_api(monkeypatch):
+    """`vitq coreml-coverage` on the (untrained) demo ViT: one `vitq.quantize` per Core ML recipe, and sizes
+    and coverage read back from the ML programs."""
+    import vitq
+    from vitq.experiments import coreml_coverage
+
+    made = []
+    quantize = vitq.quantize
+    monkeypatch.setattr(vitq, "quantize", lambda model, recipe, **kw: made.append(recipe) or quantize(model, recipe, **kw))
+    r = coreml_coverage.measure("demo", None, calibration_images=4)
+    assert made == list(coreml_coverage.RECIPES)
+    assert r["input_size"] == [1, 32, 32] and "random" in r["weights"]
+    assert r["w8_mb"] < r["fp16_mb"] and r["w8_reduction"] == pytest.approx(1 - r["w8_mb"] / r["fp16_mb"], abs=1e-2)  # sizes rounded to kB
+    assert r["int8_weight_fraction"] == 1.0 and not r["unhandled"], r
+    done, total = map(int, r["quantized_inputs"].split("/"))
+    assert done == total > 0 and r["ops"]["linear"] > 0 and r["ops"]["quantize"] > 0, r
+    assert set(r["seconds"]) == set(coreml_coverage.RECIPES)

@@ -35,3 +35,31 @@ def test_stage_code_imports_without_prefect_or_mlflow():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_failed_validation_leaves_the_previous_results_whole(staged_workspace, tmp_path_factory, monkeypatch):
+    """validate_one writes through a temporary folder: a validation that fails half-way leaves the last
+    complete results as they were, and nothing half-written beside them."""
+    import json
+
+    import pytest
+    from conftest import tiny_params, workspace_copy
+
+    ws = workspace_copy(staged_workspace, tmp_path_factory, "atomic-validate")
+    p = parse_params(tiny_params())
+    stages.run_reference(ws, p)
+    stages.quantize_one(ws, "onnx-w8-dynamic")
+    stages.validate_one(ws, p, "onnx-w8-dynamic")
+    folder = ws.validation_for("onnx-w8-dynamic")
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    assert json.loads(before["onnx-w8-dynamic.json"])["name"] == "onnx-w8-dynamic"
+
+    def half_written(self, ws, p, name, out_dir=None):
+        (out_dir / f"{name}.json").write_text("{")  # cut short
+        raise RuntimeError("validation died")
+
+    monkeypatch.setattr(targets.OnnxTarget, "validate", half_written)
+    with pytest.raises(RuntimeError, match="validation died"):
+        stages.validate_one(ws, p, "onnx-w8-dynamic")
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    assert [f.name for f in folder.parent.iterdir() if f.name.startswith(".")] == []

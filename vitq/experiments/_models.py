@@ -33,6 +33,16 @@ class ExperimentModel:
     weights: str  # where build()'s weights come from, for the record
     timm_name: str | None = None  # timm registry name; None for a torchvision model
     model_dir: Path | None = None  # the workspace's trained model folder ('demo' after `vitq run`)
+    mean: tuple[float, ...] | None = None  # per-channel input normalisation (from the model; None: not known)
+    std: tuple[float, ...] | None = None
+
+    def inputs(self, images):
+        """Model inputs (N, C, H, W) float32 from uint8 images (N, H, W, C), normalised as the model expects."""
+        from tasks.data import model_inputs
+
+        if self.mean is None or self.std is None:
+            raise VitqError(f"{self.name}: its input normalisation is not known here; give a timm name or 'demo'")
+        return model_inputs(images, self.mean, self.std)
 
     def build(self) -> torch.nn.Module:
         """A new FP32 module (random weights unless `model_dir`); seed torch first for reproducible weights."""
@@ -94,12 +104,14 @@ def resolve_model(name: str, workspace: Workspace | None, *, torchvision: bool =
         spec = load_model_spec(workspace.model_dir)
         c, h, w = spec.input_size
         return ExperimentModel(DEMO, (c, h, w), f"trained in this workspace ({workspace.model_dir})", spec.name,
-                               workspace.model_dir)
+                               workspace.model_dir, tuple(spec.mean), tuple(spec.std))
     if torchvision and name.startswith(TORCHVISION):
         size = int(getattr(_random_weights(name, None), "image_size", 224))
         return ExperimentModel(name, (3, size, size), "random (torchvision, weights=None)")
     from timm.data import resolve_model_data_config
 
     timm_name = DEMO_TIMM_NAME if name == DEMO else name
-    c, h, w = resolve_model_data_config(_random_weights(name, timm_name))["input_size"]
-    return ExperimentModel(name, (c, h, w), "random (timm, pretrained=False)", timm_name)
+    config = resolve_model_data_config(_random_weights(name, timm_name))  # the model's own preprocessing
+    c, h, w = config["input_size"]
+    return ExperimentModel(name, (c, h, w), "random (timm, pretrained=False)", timm_name,
+                           mean=tuple(config["mean"]), std=tuple(config["std"]))

@@ -1,15 +1,15 @@
 """`vitq coreml-coverage` (alias `vitq coreml-bench`): Core ML FP16 / W8 / W8A8 sizes and int8 coverage
 for a list of models -> reports/coreml.json.
 
-Every number is read from the ML programs this command writes (package size on disk, the MIL
-program's ops); nothing needs Core ML's runtime, so it runs on Linux. Models other than the demo
+Each model goes through the public API (`vitq.quantize` per Core ML recipe). Every number is read from
+the ML programs it writes (package size on disk, the MIL program's ops, the variant's `coreml.json`);
+nothing needs Core ML's runtime, so it runs on Linux. Models other than the demo
 use random weights (no weights can be downloaded here): sizes and coverage do not depend on the
 weight values, and calibration uses random images of the model's input size for the same reason.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import tempfile
 import time
@@ -18,10 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks._io import write_json
-from tasks.coreml import PACKAGE, build_variant
+from tasks._io import read_json, write_json
 from vitq.experiments._models import ExperimentModel, check_model_name, resolve_model
-from vitq.recipes import get_recipe
 
 log = logging.getLogger("vitq.experiments.coreml_coverage")
 
@@ -60,14 +58,17 @@ def measure(name: str, workspace: Path | None, calibration_images: int = 8) -> d
         calib = np.random.default_rng(0).standard_normal((calibration_images, *size)).astype(np.float32)
         calib_note = f"{calibration_images} random images (sizes and coverage do not depend on them)"
     record: dict = {"model": name, "input_size": list(size), "weights": m.weights, "calibration": calib_note}
+    import vitq
+
     with tempfile.TemporaryDirectory(prefix="vitq-coreml-") as tmp:
         facts = {}
         for recipe in RECIPES:
-            out = Path(tmp) / recipe
-            out.mkdir()
             log.info("coreml-bench: %s: %s", name, recipe)
-            facts[recipe] = build_variant(copy.deepcopy(model), get_recipe(recipe), calib, out, batch_size=4)
-            assert (out / PACKAGE).exists()
+            variant = vitq.quantize(model, recipe, calibration=calib, workdir=tmp)  # converts a copy of `model`
+            # what the conversion recorded (coverage, attention, seconds) and what the variant's record holds
+            facts[recipe] = {**read_json(variant.path / "coreml.json"), "size_mb": variant.artifact.size_mb,
+                             "int8_weight_fraction": variant.artifact.int8_weight_fraction,
+                             "op_counts": variant.artifact.op_counts}
     fp16, w8, w8a8 = (facts[r] for r in RECIPES)
     record.update(
         fp16_mb=round(fp16["size_mb"], 3),

@@ -1,9 +1,9 @@
 """`vitq latency` (alias `vitq bench`): FP32 vs ONNX Runtime dynamic quantization vs the default
 static W8A8 variant, side by side in one run, for several models and batch sizes, on this machine's CPU.
 
-Each model goes through the pipeline's own stage functions in a scratch workspace (real digits
-images resized to the model's input for calibration and inputs; timm models with random weights
-are fine for latency), then every variant is timed with the benchmark stage's interleaved rounds.
+Each model goes through the public API (`vitq.quantize` per recipe, `Variant.benchmark` with the other
+variant alongside: FP32, dynamic and static timed in interleaved rounds), calibrated on and timed with
+real digits images resized to the model's input (timm models with random weights are fine for latency).
 Writes `reports/bench.json`: {"machine": ..., "runs": [{model, batch, variant, latency_ms_p50,
 latency_ms_p95, size_mb, throughput_ips}], "ratios": [...], "gpu": ...}.
 """
@@ -14,53 +14,48 @@ import logging
 import tempfile
 from pathlib import Path
 
-from tasks import calibrate, data, export, model, quantize
-from tasks.benchmark import benchmark_models, machine_info
-from tasks.layout import Workspace
-from vitq.config import BenchmarkConfig, CalibrationConfig, DataConfig, ExportConfig, ModelConfig
+from tasks import data
+from tasks.benchmark import machine_info
+from vitq.config import BenchmarkConfig, DataConfig
 from vitq.experiments._models import ExperimentModel
 
 log = logging.getLogger("vitq.experiments.latency")
 
 DEFAULT_STATIC = "onnx-w8a8-percentile"
 DYNAMIC = "onnx-w8-dynamic"
-
-
-def _model_dir(m: ExperimentModel, ws: Workspace, seed: int) -> Path:
-    if m.model_dir is not None:
-        return m.model_dir
-    model.resolve_model(ModelConfig(source="timm", name=m.timm_name), ws.data_dir, ws.model_dir, seed)
-    return ws.model_dir
+CALIBRATION_IMAGES = 16
 
 
 def bench_model(m: ExperimentModel, batches: list[int], cfg: BenchmarkConfig, static_recipe: str,
                 scratch: Path) -> list[dict]:
-    ws = Workspace(scratch / m.name)
-    n_images = max(16, max(batches))
+    """Quantize `m` with the dynamic and the static recipe and time both beside FP32 at every batch size."""
+    import torch
+
+    import vitq
+
+    root = scratch / m.name
     channels, image_size, _ = m.input_size
-    data.prepare_data(
-        DataConfig(image_size=image_size, channels=channels, validation_size=n_images, calibration_size=16),
-        seed=0, out_dir=ws.data_dir,
+    data.prepare_data(  # real images at the model's input size: calibration and timing inputs
+        DataConfig(image_size=image_size, channels=channels, validation_size=max(16, max(batches)),
+                   calibration_size=CALIBRATION_IMAGES),
+        seed=0, out_dir=root / "data",
     )
-    model_dir = _model_dir(m, ws, seed=0)
-    log.info("bench: %s: export", m.name)
-    export.export_onnx(model_dir, ws.data_dir, ExportConfig(), ws.export_dir)
-    calibrate.calibrate(
-        ws.export_dir / "model.prep.onnx", model_dir, ws.data_dir,
-        CalibrationConfig(methods=("minmax", "percentile"), batch_size=4), ws.calibration_dir,
-    )
-    paths = {"fp32": ws.export_dir / "model.onnx"}
-    for label, recipe in (("dynamic", DYNAMIC), ("static", static_recipe)):
-        art = quantize.quantize_variant(recipe, ws.export_dir / "model.prep.onnx", ws.calibration_dir, ws.variants_dir)
-        paths[label] = quantize.variant_dir(ws.variants_dir, recipe) / art.artifact
+    calibration = m.inputs(data.load_split(root / "data", "calibration").images)
+    held_out = m.inputs(data.load_split(root / "data", "validation").images)
+    torch.manual_seed(0)  # random weights (all but a trained demo), the same every run
+    model = m.build()
+    log.info("bench: %s: quantize", m.name)
+    dynamic = vitq.quantize(model, DYNAMIC, calibration=calibration, workdir=root / "variants")
+    static = vitq.quantize(model, static_recipe, calibration=calibration, workdir=root / "variants")
+    labels = {"fp32": "fp32", DYNAMIC: "dynamic", static_recipe: "static"}
     runs = []
     for batch in batches:
         log.info("bench: %s: timing batch %d", m.name, batch)
-        result = benchmark_models(paths, model_dir, ws.data_dir, cfg.model_copy(update={"batch_size": batch}))
-        for variant, t in result.models.items():
+        result = dynamic.benchmark(batch_size=batch, repeats=cfg.repeats, warmup=cfg.warmup, rounds=cfg.rounds,
+                                   threads=cfg.threads, inputs=held_out, alongside=[static])
+        for name, t in result.models.items():
             runs.append({
-                "model": m.name, "batch": batch, "variant": variant,
-                "recipe": {"dynamic": DYNAMIC, "static": static_recipe}.get(variant, "fp32"),
+                "model": m.name, "batch": batch, "variant": labels[name], "recipe": name,
                 "latency_ms_p50": t.latency_ms_p50, "latency_ms_p95": t.latency_ms_p95,
                 "size_mb": t.size_mb, "throughput_ips": t.throughput_ips, "runs": t.runs,
             })
