@@ -63,3 +63,19 @@ def test_failed_validation_leaves_the_previous_results_whole(staged_workspace, t
         stages.validate_one(ws, p, "onnx-w8-dynamic")
     assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
     assert [f.name for f in folder.parent.iterdir() if f.name.startswith(".")] == []
+
+
+def test_api_and_experiments_name_no_target():
+    """What differs per target lives on the Target (tasks/targets.py): the Python API and the experiment
+    commands built on it dispatch on no target name or file suffix."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    # (recovery_accuracy.py runs the recovery recipes through the stages' target methods)
+    files = [root / f for f in ("vitq/api.py", "tasks/stages.py", "vitq/experiments/latency.py",
+                                "vitq/experiments/coreml_coverage.py", "vitq/experiments/_models.py")]
+    pattern = re.compile(r"""target\s*[!=]=|\.engine\b|\btarget\s+(not\s+)?in\s+\(|["'](onnx|coreml|tensorrt)["']\s*[:,)]""")
+    hits = [f"{f.relative_to(root)}:{i}: {line.strip()}" for f in files
+            for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not hits, hits
