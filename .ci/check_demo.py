@@ -1,7 +1,8 @@
 """Checks of `make demo`'s result for .ci/run, from the workspace's own params.yaml.
 
     check_demo.py summary        reports/summary.json has the baseline and every configured recipe
-    check_demo.py skipped LOG    the rerun's log says every stage was skipped and none ran
+    check_demo.py runs           the number of MLflow runs in the workspace's store
+    check_demo.py skipped LOG N  the rerun's log says nothing ran (up to date) and MLflow still holds N runs
 """
 
 from __future__ import annotations
@@ -49,19 +50,35 @@ def dvc_stages(root: Path) -> list[str]:
     return out.split()
 
 
-def check_skipped(log: Path) -> list[str]:
+UP_TO_DATE = "up to date (dvc.lock): nothing ran, nothing new recorded"
+
+
+def mlflow_runs(root: Path) -> int:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    return sum(len(client.search_runs([e.experiment_id], max_results=50000)) for e in client.search_experiments())
+
+
+def check_skipped(log: Path, runs_before: int) -> list[str]:
     text = log.read_text()
     stages = dvc_stages(Path.cwd())
-    skipped = [s for s in stages if f"{s}: up to date (dvc.lock), skipped" in text]
-    problems = [f"stage {s} was not reported skipped" for s in stages if s not in skipped]
-    problems += [f"stage {s} ran on a rerun with nothing changed" for s in stages if f"{s}: running" in text]
-    print(f"ci: rerun: {len(skipped)} of {len(stages)} stages skipped")
+    problems = [f"stage {s} ran on a rerun with nothing changed" for s in stages if f"{s}: running" in text]
+    if UP_TO_DATE not in text:
+        problems.append(f"the rerun did not report '{UP_TO_DATE}'")
+    runs = mlflow_runs(Path.cwd())
+    if runs != runs_before:
+        problems.append(f"the rerun added MLflow runs: {runs_before} before, {runs} after")
+    print(f"ci: rerun: nothing ran of {len(stages)} stages; MLflow runs {runs_before} -> {runs}")
     return problems
 
 
 if __name__ == "__main__":
     root = Path.cwd()
-    found = check_summary(root) if sys.argv[1] == "summary" else check_skipped(Path(sys.argv[2]))
+    if sys.argv[1] == "runs":
+        print(mlflow_runs(root))
+        sys.exit(0)
+    found = check_summary(root) if sys.argv[1] == "summary" else check_skipped(Path(sys.argv[2]), int(sys.argv[3]))
     for p in found:
         print(f"ci: {p}", file=sys.stderr)
     sys.exit(1 if found else 0)

@@ -155,7 +155,8 @@ def vitq_pipeline(root: str, force: bool = False) -> dict:
     with interrupt.stage("MLflow record"):
         run_id = tracking.log_pipeline_run(ws, params, summary, stage_metrics, run.ran, run_key=str(flow_run.id),
                                           extra_tags={"orchestration": "embedded"})
-    log.info("MLflow: parent run %s (%s)", run_id, tracking.configure(ws))
+    if run_id:
+        log.info("MLflow: parent run %s (%s)", run_id, tracking.configure(ws))
     return summary
 
 

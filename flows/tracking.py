@@ -6,13 +6,16 @@ Tracking URI from MLFLOW_TRACKING_URI; default: a SQLite file in the workspace (
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
 
 import mlflow
 
+from flows import recorded
 from flows.registry import register_best
 from tasks.layout import Workspace
 from tasks.quantize import load_variant, variant_dir
@@ -20,9 +23,11 @@ from tasks.stages import error_report_paths
 from tasks.targets import get_target
 from vitq.config import Params, params_hash
 
+log = logging.getLogger("vitq.flow")
+
 
 def configure(ws: Workspace) -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ws.root / 'mlflow.db'}"
+    uri = recorded.tracking_uri(ws.root)
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -70,14 +75,18 @@ def log_pipeline_run(
     ran: list[str],
     run_key: str | None = None,
     extra_tags: dict[str, str] | None = None,
-) -> str:
+) -> str | None:
     """Log one pipeline run (parent) and its variants (children), register the best variant per
     target, and return the parent run id.
 
     `run_key` (the Prefect flow run id) makes this idempotent: a finished parent run with the same
     key is returned as is, a half-logged one (its process died) is deleted and logged again, so a
-    retry never duplicates or loses a record.
+    retry never duplicates or loses a record. Nothing ran (every stage up to date): nothing is logged, None.
     """
+    if not ran and recorded.is_recorded(ws.root, ws.summary_file):
+        # Every stage was up to date and MLflow holds this summary (a scheduled run on an unchanged workspace).
+        log.info("MLflow: nothing ran and this summary is recorded already: no new run")
+        return None
     configure(ws)
     exp_id = _experiment_id(params.experiment_name, ws)
     tags = {
@@ -92,6 +101,7 @@ def log_pipeline_run(
         tags["vitq.run_key"] = run_key
         done = _existing_parent(exp_id, run_key)
         if done is not None:
+            recorded.mark_recorded(ws.root, ws.summary_file, done)
             return done
     child_runs: dict[str, str] = {}
     with mlflow.start_run(experiment_id=exp_id, run_name=f"{summary['model']}-pipeline", tags=tags) as parent:
@@ -101,10 +111,19 @@ def log_pipeline_run(
         for f in (ws.summary_file, ws.report_file, ws.params_file, ws.benchmark_file):
             if f.is_file():
                 mlflow.log_artifact(str(f), artifact_path="reports")
+        # A child per variant MLflow does not hold yet: one already holding the same variant.json and verdict
+        # (a variant this run did not remake, or remade identically) is linked from the parent instead.
+        kept: dict[str, str] = {}
         for v in summary["variants"]:
+            digest = _variant_digest(ws, v["name"])
+            holder = _child_holding(exp_id, v["name"], digest)
+            if holder is not None:
+                child_runs[v["name"]] = kept[v["name"]] = holder
+                continue
             with mlflow.start_run(
                 experiment_id=exp_id, run_name=v["name"], nested=True,
-                tags={**tags, "target": v["target"], "recipe": v["recipe"], "passed": str(v["passed"])},
+                tags={**tags, "target": v["target"], "recipe": v["recipe"], "passed": str(v["passed"]),
+                      "vitq.variant": v["name"], "vitq.variant_digest": digest},
             ) as child:
                 child_runs[v["name"]] = child.info.run_id
                 folder = variant_dir(ws.variants_dir, v["name"])
@@ -132,16 +151,43 @@ def log_pipeline_run(
                     if f.is_file():
                         mlflow.log_artifact(str(f), artifact_path="reports")
         for nr in summary["not_run"]:
+            digest = "not-run:" + hashlib.sha256(nr["reason"].encode()).hexdigest()[:16]
+            holder = _child_holding(exp_id, nr["name"], digest)
+            if holder is not None:
+                kept[nr["name"]] = holder
+                continue
             with mlflow.start_run(experiment_id=exp_id, run_name=nr["name"], nested=True,
-                                  tags={**tags, "not_run": nr["reason"]}):
+                                  tags={**tags, "not_run": nr["reason"], "vitq.variant": nr["name"],
+                                        "vitq.variant_digest": digest}):
                 pass
+        # The parent links every variant it did not make to the run that holds it (same artifact, same verdict).
+        mlflow.set_tags({f"vitq.kept.{name}": run for name, run in kept.items()})
+        mlflow.set_tag("variants_kept", ",".join(sorted(kept)) or "none")
         for png in sorted(ws.plots_dir.glob("tradeoff-*.png")):
             mlflow.log_artifact(str(png), artifact_path="plots")
         version_tags = {"params_hash": tags["params_hash"], "git_commit": tags["git_commit"],
                         "parent_run_id": parent.info.run_id, "workspace": str(ws.root)}
         decisions = register_best(mlflow.MlflowClient(), params.experiment_name, summary, child_runs, version_tags)
         mlflow.set_tags({f"registry.{target}": line[:500] for target, line in decisions.items()})
-        return parent.info.run_id
+    recorded.mark_recorded(ws.root, ws.summary_file, parent.info.run_id)
+    return parent.info.run_id
+
+
+def _variant_digest(ws: Workspace, name: str) -> str:
+    """What identifies a variant's record: its variant.json and its validation result, byte for byte."""
+    h = hashlib.sha256()
+    for f in (variant_dir(ws.variants_dir, name) / "variant.json", ws.validation_for(name) / f"{name}.json"):
+        h.update(f.read_bytes() if f.is_file() else b"-")
+    return h.hexdigest()[:32]
+
+
+def _child_holding(exp_id: str, name: str, digest: str) -> str | None:
+    """The newest finished child run of variant `name` with this digest, or None."""
+    found = mlflow.MlflowClient().search_runs(
+        [exp_id], filter_string=f"tags.`vitq.variant` = '{name}' and tags.`vitq.variant_digest` = '{digest}' "
+                                "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0].info.run_id if found else None
 
 
 def _existing_parent(exp_id: str, run_key: str) -> str | None:

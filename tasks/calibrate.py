@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks._progress import Progress
 from tasks._io import atomic_dir, quiet_stdout, read_json, write_json
 from tasks.data import load_split, model_inputs
 from tasks.export import INPUT_NAME
@@ -67,6 +68,7 @@ def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, e
         value_hist = HistogramCollector("entropy", True, cfg.num_bins, cfg.num_quantized_bins, cfg.percentile, "same")
         n = len(x)
         batches = range(0, n, cfg.batch_size)
+        progress = Progress(log, "calibrate: batch", len(batches))
         for i, lo in enumerate(batches, 1):
             outputs = dict(zip((o.name for o in session.get_outputs()), session.run(None, {INPUT_NAME: x[lo : lo + cfg.batch_size]})))
             batch = {name: outputs[name] for name in names}
@@ -74,9 +76,27 @@ def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, e
                 abs_hist.collect(batch)
                 if entropy:
                     value_hist.collect(batch)
-            log.info("calibrate: batch %d/%d (%d images)", i, len(batches), min(lo + cfg.batch_size, n))
+            progress.step(f"({min(lo + cfg.batch_size, n)} images)")
         del calibrater, session
     return names, abs_hist, value_hist if entropy else None
+
+
+def _entropy_ranges(value_hist, chunk: int = 16) -> dict[str, tuple[float, float]]:
+    """The entropy (KL) threshold search of ONNX Runtime's collector, a chunk of tensors at a time so that
+    its progress (the slowest part of calibration) is shown."""
+    hists = value_hist.histogram_dict
+    names = list(hists)
+    progress = Progress(log, "calibrate: entropy search, tensor", len(names))
+    ranges: dict[str, tuple[float, float]] = {}
+    try:
+        for i in range(0, len(names), chunk):
+            part = names[i : i + chunk]
+            value_hist.histogram_dict = {t: hists[t] for t in part}
+            ranges.update({t: r[:2] for t, r in value_hist.compute_collection_result().items()})
+            progress.step(n=len(part))
+    finally:
+        value_hist.histogram_dict = hists
+    return ranges
 
 
 def calibrate(prep_onnx: Path, model_dir: Path, data_dir: Path, cfg: CalibrationConfig, out_dir: Path,
@@ -111,7 +131,7 @@ def calibrate_inputs(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, out
         if "percentile" in cfg.methods:
             ranges["percentile"] = {t: r[:2] for t, r in abs_hist.compute_collection_result().items()}
         if "entropy" in cfg.methods:
-            ranges["entropy"] = {t: r[:2] for t, r in value_hist.compute_collection_result().items()}
+            ranges["entropy"] = _entropy_ranges(value_hist)
         tables.update({table_path(".", m).name: (enum[m], ranges[m]) for m in cfg.methods})
         for pct in extra_percentiles:  # recipes' percentile overrides: the same histograms, no extra pass
             abs_hist.percentile = pct

@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from tasks._io import atomic_file, write_json
-from tasks.benchmark import BenchmarkResult
-from tasks.data import DataResult
-from tasks.model import ModelSpec
-from tasks.quantize import VariantArtifact
-from tasks.validate import ValidationResult
+
+if TYPE_CHECKING:  # annotations only: `vitq run` with nothing to do prints the table without torch or ONNX
+    from tasks.benchmark import BenchmarkResult
+    from tasks.data import DataResult
+    from tasks.model import ModelSpec
+    from tasks.quantize import VariantArtifact
+    from tasks.validate import ValidationResult
 
 log = logging.getLogger("vitq.report")
 

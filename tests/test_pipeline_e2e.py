@@ -4,6 +4,7 @@ SQLite, DVC's cache. Then the no-change rerun, `dvc repro` agreement, and select
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -90,13 +91,36 @@ def test_mlflow_has_parent_and_child_runs(ran):
         assert "model/model.onnx" in arts
 
 
+def _mlflow_run_ids(ws: Path) -> set[str]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    return {r.info.run_id for e in client.search_experiments() for r in client.search_runs([e.experiment_id])}
+
+
 def test_rerun_with_nothing_changed_runs_nothing(ran):
+    """DVC says every stage is up to date: the table from summary.json, no server, no stage, no MLflow run."""
     ws, _ = ran
+    before = _mlflow_run_ids(ws)
     again = vitq(["run"], ws)
     assert again.returncode == 0, again.stderr[-3000:]
     out = again.stdout + again.stderr
-    for stage in dvc_stages(tiny_params()):
-        assert f"{stage}: up to date (dvc.lock), skipped" in out, stage
+    assert "up to date (dvc.lock): nothing ran, nothing new recorded" in out, out[-2000:]
+    assert "onnx-w8a8-entropy" in again.stdout  # the table
+    assert "Starting temporary server" not in out and ": running" not in out, out[-2000:]
+    assert _mlflow_run_ids(ws) == before
+    # The flow itself (a scheduled deployment run that finds every stage up to date) records nothing either.
+    from flows import tracking
+    from tasks.layout import Workspace
+    from vitq.config import load_params
+
+    summary = json.loads((ws / "reports" / "summary.json").read_text())
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{ws / 'mlflow.db'}"
+    try:
+        assert tracking.log_pipeline_run(Workspace(ws), load_params(ws / "params.yaml"), summary, {}, ran=[]) is None
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    assert _mlflow_run_ids(ws) == before
     repro = dvc(["repro"], ws)
     assert repro.returncode == 0, repro.stderr
     assert "Running stage" not in repro.stdout, repro.stdout
@@ -136,6 +160,24 @@ def test_changing_the_percentile_requantizes_only_the_variants_that_read_it(ran)
     for r in ("onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-entropy", "onnx-w8a8-smoothquant", "onnx-w8a8-search",
               "coreml-w8a8"):
         assert f"Stage 'quantize@{r}' didn't change, skipping" in repro.stdout, r
-    again = vitq(["run"], ws)  # one record: the flow agrees with what dvc repro ran
+    before = _mlflow_run_ids(ws)
+    again = vitq(["run"], ws)  # one record: the flow agrees with what dvc repro ran, and records it in MLflow
     assert again.returncode == 0, again.stderr[-3000:]
     assert re.findall(r"([\w@.-]+): running\b", again.stdout + again.stderr) == []
+    # MLflow: one new parent, a child only for each variant that changed; the others are linked to the runs
+    # that hold them (made by the first run).
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    new = [client.get_run(r) for r in _mlflow_run_ids(ws) - before]
+    parents = [r for r in new if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    changed = {"onnx-w8a8-percentile", "onnx-w8a8-auto", "coreml-w8a8-auto"}
+    assert {r.data.tags["mlflow.runName"] for r in new if r not in parents} == changed
+    kept = {k.removeprefix("vitq.kept."): v for k, v in parents[0].data.tags.items() if k.startswith("vitq.kept.")}
+    configured = set(p["quantize"]["recipes"]) | set(p["quantize"]["carry"])
+    assert set(kept) == configured - changed
+    assert set(kept.values()) <= before  # runs of the first record
+    third = vitq(["run"], ws)  # now recorded: nothing to do at all
+    assert "nothing ran, nothing new recorded" in third.stdout + third.stderr
+    assert _mlflow_run_ids(ws) == before | {r.info.run_id for r in new}

@@ -285,6 +285,16 @@ def main(argv: list[str] | None = None) -> int:
             from vitq.config import load_params
 
             params = load_params(ws.params_file)  # fail fast, before any server starts
+            if not args.force:
+                from flows.dvc_state import up_to_date_summary
+
+                summary = up_to_date_summary(ws)  # everything fresh: no server, no stage, no record
+                if summary is not None:
+                    from tasks.report import summary_table
+
+                    print(summary_table(summary))
+                    print(f"up to date (dvc.lock): nothing ran, nothing new recorded; summary: {ws.summary_file}")
+                    return 0
             from tasks.stages import preflight
 
             preflight(ws, params)

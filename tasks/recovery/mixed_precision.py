@@ -16,6 +16,7 @@ those layers excluded and runs it in ONNX Runtime; results are memoised per set.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,8 +76,10 @@ def search_float_layers(
             trace.append({"float_layers": [n for n in ranking if n in key], "top1_drop": m.top1_drop,
                           "agreement": m.agreement, "sqnr_db": m.sqnr_db, "mask_iou": m.mask_iou,
                           "miou_drop": m.miou_drop, "met": ok})
-            log.info("mixed precision: %d float layer(s) -> %s: %s", len(key), summary_line(m),
-                     "meets budget" if ok else "outside budget")
+            # At most: both ends, the bisection, then one pruning trial per chosen layer.
+            bound = 2 + math.ceil(math.log2(max(len(ranking), 1))) + len(ranking)
+            log.info("mixed precision: build %d (at most %d, %.0fs): %d float layer(s) -> %s: %s", len(seen), bound,
+                     time.perf_counter() - start, len(key), summary_line(m), "meets budget" if ok else "outside budget")
         return not budget.reasons(seen[key])
 
     def result(layers, ok):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from tasks.recovery.simulate import QuantSim
+from tasks._progress import Progress
 from tasks.validate import compare_outputs
 
 log = logging.getLogger("vitq.recovery")
@@ -132,6 +133,7 @@ def layer_sensitivity(
             return compare_outputs(ref, fwd.logits(set(weights) | set(acts)), labels, ref_top1)
 
         rows = []
+        progress = Progress(log, "sensitivity: layer", len(names), every_s=0.0)  # each layer: 4 full forwards
         for i, name in enumerate(names, 1):
             q = measure([name], [name])
             others = [n for n in names if n != name]
@@ -145,8 +147,8 @@ def layer_sensitivity(
                 float_only_sqnr_db=_sqnr(f), float_only_top1_drop=f.top1_drop,
                 weight_only_sqnr_db=_sqnr(w), act_only_sqnr_db=_sqnr(a),
             ))
-            log.info("sensitivity: %d/%d %s: quant-only %.1f dB, float-only %.1f dB", i, len(names), name,
-                     rows[-1]["quant_only_sqnr_db"], rows[-1]["float_only_sqnr_db"])
+            progress.step(f"{name}: quant-only {rows[-1]['quant_only_sqnr_db']:.1f} dB, "
+                          f"float-only {rows[-1]['float_only_sqnr_db']:.1f} dB")
     finally:
         sim.remove()
     rows.sort(key=lambda r: (r["quant_only_sqnr_db"], -r["float_only_sqnr_db"], r["layer"]))

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks._progress import Progress
 from tasks.recovery.simulate import QuantSim, input_amax, quantizable_modules
 
 log = logging.getLogger("vitq.recovery")
@@ -94,11 +95,12 @@ def search_alpha(model: nn.Module, x: np.ndarray, alphas, batch_size: int = 128)
     chan = input_amax(model, [lin for _, lin in pairs], x, batch_size, per_channel=True)
     base = _simulated_sqnr(copy.deepcopy(model), x, ref, batch_size)
     scores = {}
+    progress = Progress(log, "smoothquant: alpha", len(alphas), every_s=0.0)
     for alpha in alphas:
         trial = copy.deepcopy(model)
         smooth(trial, pairs, chan, alpha)
         scores[f"{alpha:g}"] = _simulated_sqnr(trial, x, ref, batch_size)
-        log.info("smoothquant: alpha %.2f -> simulated W8A8 logits SQNR %.1f dB", alpha, scores[f"{alpha:g}"])
+        progress.step(f"{alpha:.2f} -> simulated W8A8 output SQNR {scores[f'{alpha:g}']:.1f} dB")
     best = max(alphas, key=lambda a: (scores[f"{a:g}"] if math.isfinite(scores[f"{a:g}"]) else 1e9, -a))
     smooth(model, pairs, chan, best)
     log.info("smoothquant: alpha %.2f over %d pairs (unsmoothed %.1f dB) (%.1fs)", best, len(pairs), base,

@@ -1,0 +1,48 @@
+"""Long loops show progress with an ETA (tasks/_progress.py), and calibration's entropy search, done a chunk
+of tensors at a time for its progress, gives the tables ONNX Runtime's collector gives in one call."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+
+def test_progress_lines_count_up_with_eta_and_end_with_the_total(caplog):
+    from tasks._progress import Progress
+
+    log = logging.getLogger("vitq.test.progress")
+    with caplog.at_level(logging.INFO, logger="vitq.test.progress"):
+        p = Progress(log, "work: item", 4, every_s=0.0)
+        for i in range(4):
+            p.step(f"note {i}")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("work: item: 1/4 note 0 (") and "ETA" in lines[0]
+    assert lines[-1].startswith("work: item: 4/4 note 3 (") and "ETA" not in lines[-1]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vitq.test.progress"):
+        p = Progress(log, "quiet", 100, every_s=3600)
+        for _ in range(100):
+            p.step()
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["quiet: 1/100", "quiet: 100/100"]
+
+
+def test_chunked_entropy_search_equals_one_call():
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from tasks.calibrate import _entropy_ranges
+
+    rng = np.random.default_rng(0)
+    batch = {f"t{i}": rng.standard_normal((8, 64)).astype(np.float32) * (i + 1) for i in range(20)}
+    batch["t3"][0, 0] = 40.0  # an outlier the KL threshold clips
+
+    def collector():
+        c = HistogramCollector("entropy", True, 512, 128, 99.99, "same")
+        c.collect(batch)
+        return c
+
+    whole = {t: r[:2] for t, r in collector().compute_collection_result().items()}
+    chunked = _entropy_ranges(collector(), chunk=6)
+    assert whole.keys() == chunked.keys()
+    for t in whole:
+        np.testing.assert_allclose(np.asarray(chunked[t], np.float64), np.asarray(whole[t], np.float64))
