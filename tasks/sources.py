@@ -295,16 +295,20 @@ class TorchvisionSource(ModelSource):
         weights = _load_checkpoint(model, cfg, inputs.root, cfg.name)
         # The contract of the weights torchvision ships for this architecture (its DEFAULT entry's transforms:
         # mean, std, crop size). The size the model itself is fixed to (a ViT's `image_size`) comes first.
-        transforms = torchvision.models.get_model_weights(cfg.name).DEFAULT.transforms()
+        try:
+            transforms = torchvision.models.get_model_weights(cfg.name).DEFAULT.transforms()
+        except (ValueError, AttributeError, KeyError):  # an architecture torchvision ships no weights for
+            transforms = None
         mean, std = getattr(transforms, "mean", None), getattr(transforms, "std", None)
         if (mean is None or std is None) and cfg.mean is None:
-            raise ModelError(f"torchvision's weights for {cfg.name!r} define no mean/std (its transforms are "
+            raise ModelError(f"torchvision's weights for {cfg.name!r} define no mean/std (transforms: "
                              f"{type(transforms).__name__}); set model.mean and model.std")
         convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
         channels = convs[0].in_channels if convs else len(mean or cfg.mean)
         crop = getattr(transforms, "crop_size", None)
         side = getattr(model, "image_size", None) or (crop[0] if crop else inputs.image_size)
-        origin = f"torchvision {type(transforms).__name__} transforms of {cfg.name!r}'s DEFAULT weights"
+        origin = (f"torchvision {type(transforms).__name__} transforms of {cfg.name!r}'s DEFAULT weights"
+                  if transforms is not None else f"torchvision ships no weights for {cfg.name!r}")
         contract = _contract(cfg, (channels, side, side), mean or cfg.mean, std or cfg.std, origin)
         return SourceModel(model, contract, cfg.name, kwargs, {"source": self.name, "weights": weights},
                            {"torchvision": torchvision.__version__})

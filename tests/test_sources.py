@@ -112,6 +112,31 @@ def test_python_factory_without_checkpoint_is_seeded_and_a_module_path_works(tmp
     np.testing.assert_array_equal(predict(load_model(tmp_path / "a")[0], x), predict(load_model(tmp_path / "b")[0], x))
 
 
+def test_tiny_torchvision_vit_from_a_factory_goes_through_core_ml_w8a8_with_every_weight_int8(tmp_path):
+    """The fast stand-in for vit_b_16 (the slow test below): torchvision's VisionTransformer, small through
+    model.arch, its nn.MultiheadAttention projections among the int8 weights."""
+    pytest.importorskip("coremltools")
+    import csv
+
+    from tasks.coreml import quantize_variant
+    from vitq.recipes import get_recipe
+
+    data_dir = tmp_path / "data"
+    prepare_data(DataConfig(channels=3, validation_size=16, calibration_size=8), 0, data_dir)
+    arch = {"image_size": 32, "patch_size": 8, "num_layers": 2, "num_heads": 2, "hidden_dim": 32, "mlp_dim": 64,
+            "num_classes": 10}
+    cfg = ModelConfig(source="python", factory="torchvision.models.vision_transformer:VisionTransformer", arch=arch,
+                      mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+    resolve_model(cfg, data_dir, tmp_path / "model", seed=0, root=tmp_path)
+    art = quantize_variant(get_recipe("coreml-w8a8"), tmp_path / "model", data_dir, tmp_path / "variants")
+    with open(tmp_path / "variants" / "coreml-w8a8" / "coverage.csv") as f:
+        weighted = [r for r in csv.DictReader(f) if int(r["weight_elements"]) > 0]
+    # per block: attention's q / k / v (nn.MultiheadAttention's in_proj, split) and out_proj, mlp.0, mlp.3; plus the
+    # patch conv and the head
+    assert len(weighted) == 2 * 6 + 2 and all(r["int8_weight"] == "True" for r in weighted), weighted
+    assert art.int8_weight_fraction == 1.0
+
+
 @pytest.mark.parametrize(
     "factory, extra, needle",
     [
@@ -390,3 +415,68 @@ def test_cli_bad_source_is_one_line_exit_2_and_writes_nothing(data_ws, model, re
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("vitq: error: ") and needle in lines[0], lines[0]
     assert not Workspace(data_ws).model_dir.exists()
+
+
+# --- issue 12, item 5: torchvision vit_b_16 through `vitq run` with the Core ML recipes ----------------------
+
+
+def _vit_b_16_workspace(root):
+    """A workspace for torchvision `vit_b_16` (weights: a seeded random init saved to a local file, since
+    nothing downloads here; torchvision zero-inits the head, so it is drawn from N(0, 0.02) to make the logits
+    differ between images) on 16 validation and 16 calibration images (digits 0 and 1, RGB, 224 x 224)."""
+    import torchvision
+    import yaml
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for split, offset in (("val", 0), ("calibration", 8)):
+        for cls in (0, 1):
+            (root / "images" / split / str(cls)).mkdir(parents=True)
+            for i, img in enumerate(digits.images[digits.target == cls][offset : offset + 8]):
+                rgb = np.repeat((img * 255 / 16).astype(np.uint8)[..., None], 3, axis=2)
+                Image.fromarray(rgb).save(root / "images" / split / str(cls) / f"{i}.png")
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("vit_b_16", weights=None)
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+    torch.save(model.state_dict(), root / "vit_b_16.pth")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(source="imagefolder", path=str(root / "images"), image_size=224, channels=3,
+                          calibration_size=16)
+    params["model"] = {"source": "torchvision", "name": "vit_b_16", "checkpoint": "vit_b_16.pth",
+                       "train": params["model"]["train"]}
+    params["calibration"]["methods"] = ["minmax"]  # Core ML calibrates in torch; the ONNX tables are unused
+    params["quantize"] = {"define": {}, "recipes": ["coreml-fp16", "coreml-w8", "coreml-w8a8"], "carry": {}}
+    params["validate"]["error_report_images"] = 0
+    params["benchmark"].update(warmup=1, repeats=5, rounds=1)
+    return make_workspace(root, params)
+
+
+@pytest.mark.slow
+def test_torchvision_vit_b_16_through_vitq_run_core_ml_w8a8_is_half_of_fp16_with_every_weight_int8(tmp_path):
+    import csv
+    import json
+
+    import mlflow
+
+    pytest.importorskip("coremltools")
+    ws = _vit_b_16_workspace(tmp_path / "ws")
+    proc = vitq(["run"], ws, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((ws / "reports" / "summary.json").read_text())
+    variants = {v["name"]: v for v in summary["variants"]}
+    fp16, w8a8 = variants["coreml-fp16"], variants["coreml-w8a8"]
+    smaller = 1 - w8a8["size_mb"] / fp16["size_mb"]
+    assert smaller >= 0.49, f"coreml-w8a8 {w8a8['size_mb']:.2f} MB is {100 * smaller:.1f}% smaller than fp16 {fp16['size_mb']:.2f} MB"
+    assert w8a8["int8_weight_fraction"] == 1.0, w8a8
+    with open(ws / "artifacts" / "variants" / "coreml-w8a8" / "coverage.csv") as f:
+        rows = list(csv.DictReader(f))
+    weighted = [r for r in rows if int(r["weight_elements"]) > 0]
+    # 12 blocks x (q, k, v, out_proj of nn.MultiheadAttention, mlp.0, mlp.3) + the patch conv + the head
+    assert len(weighted) == 12 * 6 + 2 and all(r["int8_weight"] == "True" for r in weighted), [
+        r["layer"] for r in weighted if r["int8_weight"] != "True"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("vit_b_16").experiment_id])
+    children = {r.data.tags["mlflow.runName"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert set(children) == {"coreml-fp16", "coreml-w8", "coreml-w8a8"}
+    assert children["coreml-w8a8"].data.metrics["size_mb"] == pytest.approx(w8a8["size_mb"])
