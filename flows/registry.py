@@ -9,11 +9,13 @@ steals the alias, and rerunning the same run changes nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from tasks.task_kinds import accuracy_loss_pts
 
@@ -73,8 +75,9 @@ def register_best(
 ) -> dict[str, str]:
     """Register each target's best passing variant of this run if it beats the alias holder.
 
-    `child_runs` maps variant name -> its MLflow run id (the version's source is that run's
-    `model/` artifacts). Returns target -> decision, one line each, for the log and the parent run.
+    `child_runs` maps variant name -> its MLflow run id; the version's source is the LoggedModel that run
+    output (`models:/<model_id>`; a run logged before variants were LoggedModels: its `model/` artifacts).
+    Returns target -> decision, one line each, for the log and the parent run.
     """
     decisions = {}
     for target, v in sorted(best_per_target(summary).items()):
@@ -102,14 +105,34 @@ def register_best(
             "variant": v["name"], "recipe": v["recipe"], "target": target, "data_digest": summary["data"]["digest"],
             **extra_tags,
         }
-        mv = client.create_model_version(model_name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags,
+        model_id = logged_model_of(client, run_id)
+        source = f"models:/{model_id}" if model_id else f"runs:/{run_id}/model"
+        mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags, model_id=model_id,
                                          description=f"{v['name']}: {_quality(v)}, {v['size_mb']:.3f} MB")
+        if model_id:
+            _link_version(client, model_id, model_name, mv.version)
         client.set_registered_model_alias(model_name, alias, mv.version)
         was = f" (was v{holder.version}, {_fmt(rank(_holder_metrics(holder)))})" if holder is not None else ""
         decisions[target] = f"@{alias} -> v{mv.version} ({v['name']}, {_fmt(rank(v))}){was}"
     for target, line in decisions.items():
         log.info("registry %s: %s", model_name, line)
     return decisions
+
+
+def logged_model_of(client: MlflowClient, run_id: str) -> str | None:
+    """The id of the LoggedModel run `run_id` output (a variant's child run outputs one), or None."""
+    outputs = client.get_run(run_id).outputs
+    models = outputs.model_outputs if outputs is not None else []
+    return max(models, key=lambda m: m.step).model_id if models else None
+
+
+def _link_version(client: MlflowClient, model_id: str, name: str, version: str) -> None:
+    """Name the registered version on its LoggedModel (the tag `mlflow.register_model` sets: the model page
+    and the runs table link to the version through it)."""
+    versions = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    if {"name": name, "version": str(version)} not in versions:
+        versions.append({"name": name, "version": str(version)})
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(versions)})
 
 
 def _fmt(r: tuple[float, float, float]) -> str:
