@@ -488,9 +488,11 @@ class OnnxSource(ModelSource):
                            {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}, onnx_file=path)
 
     def refuses(self, recipe) -> str | None:
-        if recipe.target == "coreml":
-            return (f"recipe {recipe.name!r} converts the torch model to Core ML, and model.source 'onnx' has none "
-                    "(an ONNX file takes onnx-* and tensorrt-* recipes)")
+        from tasks.targets import get_target
+
+        if get_target(recipe.target).from_torch:
+            return (f"recipe {recipe.name!r} converts the torch model (target {recipe.target!r}), and model.source "
+                    "'onnx' has none (an ONNX file takes onnx-* and tensorrt-* recipes)")
         if getattr(recipe, "recovery", None) in _RECOVERY_NEEDS_TORCH:
             return (f"recipe {recipe.name!r} {_RECOVERY_NEEDS_TORCH[recipe.recovery]}, and model.source 'onnx' has "
                     "no torch model (an ONNX file takes the non-recovery onnx-* and tensorrt-* recipes)")

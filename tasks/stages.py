@@ -143,7 +143,7 @@ def run_reference(ws: Workspace, p: Params) -> validate.ValidationResult:
     from tasks._io import atomic_dir
 
     with atomic_dir(ws.validation_for(validate.REFERENCE)) as tmp:
-        validate.reference_outputs(ws.export_dir / "model.onnx", ws.model_dir, ws.data_dir, p.validate_, tmp)
+        validate.reference_outputs(ws.export_dir / "model.onnx", ws.model_dir, ws.data_dir, p.validate_, tmp, p.task)
     return validate.load_validation(ws.validation_for(validate.REFERENCE), validate.REFERENCE)
 
 
@@ -383,11 +383,27 @@ def require_dvc_workspace(root: Path) -> None:
         raise VitqError(f"{root} is not a DVC repository; run `dvc init` there (or `dvc init --no-scm` outside git)")
 
 
+def declared_params_missing(ws: Workspace, top: dict) -> tuple[str, str] | None:
+    """(stage, key) of the first params key dvc.yaml declares that params.yaml lacks, or None."""
+    stages_yaml = (yaml.safe_load((ws.root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    for stage, body in stages_yaml.items():
+        body = body.get("do", body) if isinstance(body, dict) else {}
+        for entry in body.get("params") or []:
+            for key in ([entry] if isinstance(entry, str) else []):  # {file: [keys]} entries name other files
+                node = top
+                for part in key.split("."):
+                    if not isinstance(node, dict) or part not in node:
+                        return stage, key
+                    node = node[part]
+    return None
+
+
 def preflight(ws: Workspace, p: Params) -> None:
     """Cheap checks of user input before any server starts or stage runs (each raises a one-line VitqError)."""
     require_dvc_workspace(ws.root)
     # dvc.yaml's per-variant stages iterate over these keys of params.yaml itself (not over defaults).
-    raw = (yaml.safe_load(ws.params_file.read_text()) or {}).get("quantize") or {}
+    top = yaml.safe_load(ws.params_file.read_text()) or {}
+    raw = top.get("quantize") or {}
     for key in ("recipes", "carry", "define"):
         if key not in raw:
             from vitq.errors import VitqError
@@ -395,6 +411,13 @@ def preflight(ws: Workspace, p: Params) -> None:
             why = "the calibrate stage declares it" if key == "define" else "dvc.yaml makes one stage per entry"
             raise VitqError(f"{ws.params_file}: quantize.{key} must be written out ({why}); e.g. quantize.{key}: "
                             + ("[onnx-w8a8-percentile]" if key == "recipes" else "{}"))
+    missing = declared_params_missing(ws, top)
+    if missing:
+        from vitq.errors import VitqError
+
+        stage, key = missing
+        raise VitqError(f"{ws.params_file}: {key} must be written out: dvc.yaml's stage {stage!r} declares it "
+                        f"(DVC reads params.yaml itself, not vitq's defaults); copy it from the documented params.yaml")
     data.check_data_config(p.data)
     model.check_model_config(p.model, ws.root)
     for name in p.quantize.variants:

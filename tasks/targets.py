@@ -73,6 +73,7 @@ class Target:
     platforms: tuple[str, ...] | None = None  # sys.platform values that can produce its artifacts; None: any
     run_platforms: tuple[str, ...] | None = None  # where its runtime predicts / times them; None: as platforms
     python_api: bool = False  # `vitq.quantize` may produce its variants from a model object (`produce`)
+    from_torch: bool = False  # its variants are converted from the torch model (an ONNX-file source has none)
 
     def missing_runtime(self) -> str | None:
         """None when this machine can produce the target's artifacts, else the reason it cannot."""
@@ -330,7 +331,8 @@ def register_target(target: Target) -> Target:
 
 register_target(OnnxTarget("onnx", "cpu", ("onnxruntime",), python_api=True))
 # Core ML programs are converted and inspected anywhere; only macOS predicts and times them.
-register_target(CoreMLTarget("coreml", "macos", ("coremltools",), run_platforms=("darwin",), python_api=True))
+register_target(CoreMLTarget("coreml", "macos", ("coremltools",), run_platforms=("darwin",), python_api=True,
+                              from_torch=True))
 # Engines are built on a CUDA worker from the workspace's graphs (`vitq run`), not from a model object here.
 register_target(TensorRTTarget("tensorrt", "cuda", ("tensorrt", "torch")))
 

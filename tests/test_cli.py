@@ -62,3 +62,14 @@ def test_run_rejects_an_unknown_model_before_starting_anything(tmp_path):
     proc = vitq(["run"], ws)
     _assert_one_line_error(proc, "unknown timm model 'deit_smal_patch16_224' (did you mean deit_small_patch16_224")
     assert not (ws / "data").exists() and not (ws / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("drop, key", [("seed", "seed"), ("task", "task"), ("validate", "validate.batch_size")])
+def test_run_names_a_params_key_dvc_declares_but_the_file_lacks(tmp_path, drop, key):
+    """DVC reads params.yaml itself: a declared key left out (vitq would default it) is one line, before any work."""
+    params = tiny_params()
+    del params[drop]
+    ws = make_workspace(tmp_path / "ws", params)
+    proc = vitq(["run"], ws)
+    _assert_one_line_error(proc, f"{key} must be written out: dvc.yaml's stage")
+    assert not (ws / "data").exists() and not (ws / "mlflow.db").exists()

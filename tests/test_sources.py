@@ -350,7 +350,7 @@ def test_onnx_file_of_another_input_size_names_the_data_key(staged_workspace, tm
          "model.mean has 2 values but data.channels is 1"),
         ({"source": "onnx", "path": "m.onnx", "mean": [0.5], "std": [0.5]},
          {"recipes": ["onnx-w8a8-minmax", "coreml-w8a8"], "carry": {}},
-         "recipe 'coreml-w8a8' converts the torch model to Core ML, and model.source 'onnx' has none"),
+         "recipe 'coreml-w8a8' converts the torch model (target 'coreml'), and model.source 'onnx' has none"),
         ({"source": "onnx", "path": "m.onnx", "mean": [0.5], "std": [0.5]},
          {"recipes": ["onnx-w8a8-smoothquant"], "carry": {}}, "rescales the torch model's weights"),
     ],
@@ -397,7 +397,7 @@ def data_ws(tmp_path_factory):
         ({"source": "onnx", "path": "fp16.onnx", "mean": [0.5], "std": [0.5]}, ["onnx-w8a8-minmax"],
          "initializer 'w16' is FLOAT16"),
         ({"source": "onnx", "path": "fp16.onnx", "mean": [0.5], "std": [0.5]}, ["coreml-fp16"],
-         "recipe 'coreml-fp16' converts the torch model to Core ML"),
+         "recipe 'coreml-fp16' converts the torch model (target 'coreml')"),
     ],
 )
 def test_cli_bad_source_is_one_line_exit_2_and_writes_nothing(data_ws, model, recipes, needle):
