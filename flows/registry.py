@@ -43,10 +43,14 @@ def _quality(v: dict) -> str:
 
 
 def best_per_target(summary: dict) -> dict[str, dict]:
-    """The best passing variant of each target in one summary.json (targets with none passing: absent)."""
+    """The best passing variant of each target in one summary.json (targets with none passing: absent). A variant
+    timed no faster than its target's float baseline in the same run (`faster_than_baseline: false`) never
+    takes the alias; one not timed (null) is judged by accuracy and size."""
     best: dict[str, dict] = {}
     for v in summary["variants"]:
-        if v["passed"] and (v["target"] not in best or rank(v) < rank(best[v["target"]])):
+        if not v["passed"] or v.get("faster_than_baseline") is False:
+            continue
+        if v["target"] not in best or rank(v) < rank(best[v["target"]]):
             best[v["target"]] = v
     return best
 

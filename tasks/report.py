@@ -47,6 +47,7 @@ def build_summary(
         if t is None:
             why = bench.not_measured.get(art.name) if bench else None
             not_measured["latency_ms_p50"] = why or "not benchmarked in this run"
+        speedup = _speedup(bench, t)
         out.append(
             {
                 "name": art.name,
@@ -67,7 +68,11 @@ def build_summary(
                 "latency_ms_p50": t.latency_ms_p50 if t else None,
                 "latency_ms_p95": t.latency_ms_p95 if t else None,
                 "throughput_ips": t.throughput_ips if t else None,
-                "speedup": _speedup(bench, t),
+                "speedup": speedup,
+                # Latency against the target's float baseline timed in the same run (`speedup_baseline`: fp32 in
+                # ONNX Runtime, fp16-tensorrt, coreml-fp16): false keeps the variant from the registry alias.
+                "speedup_baseline": t.baseline if t else None,
+                "faster_than_baseline": None if speedup is None else speedup > 1.0,
                 "passed": val.passed,
                 "fail_reasons": val.reasons,
                 "not_measured": not_measured,
@@ -103,6 +108,12 @@ def _speedup(bench: BenchmarkResult | None, t) -> float | None:
     return base.latency_ms_p50 / t.latency_ms_p50 if base else None
 
 
+def _speedup_cell(v: dict) -> str:
+    """The speedup, marked where the variant is not faster than its baseline (kept from the registry alias)."""
+    cell = _fmt(v["speedup"], ".2f")
+    return f"{cell} (not faster)" if v.get("faster_than_baseline") is False else cell
+
+
 def _fmt(v, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
@@ -127,7 +138,7 @@ def summary_table(summary: dict) -> str:
     for v in summary["variants"]:
         rows.append((
             v["name"], _fmt(v["size_mb"], ".2f"), _fmt(v["compression"], ".2f"), f"{100 * v['int8_weight_fraction']:.0f}%",
-            *quality(v), _fmt(v["latency_ms_p50"], ".3f"), _fmt(v["latency_ms_p95"], ".3f"), _fmt(v["speedup"], ".2f"),
+            *quality(v), _fmt(v["latency_ms_p50"], ".3f"), _fmt(v["latency_ms_p95"], ".3f"), _speedup_cell(v),
             "yes" if v["passed"] else "NO",
         ))
     for nr in summary["not_run"]:
@@ -167,6 +178,10 @@ def write_report(summary: dict, summary_path: Path, report_path: Path) -> str:
     for v in summary["variants"]:
         if v["fail_reasons"]:
             lines.append(f"- {v['name']} failed: {'; '.join(v['fail_reasons'])}")
+        if v.get("faster_than_baseline") is False:
+            against = ("is the float baseline the others are timed against" if v["speedup_baseline"] == v["name"] else
+                       f"not faster than its baseline {v['speedup_baseline']} in this run (speedup {v['speedup']:.2f})")
+            lines.append(f"- {v['name']}: {against}: never takes the @{v['target']} registry alias")
         for metric, why in v["not_measured"].items():
             lines.append(f"- {v['name']}: {metric} not measured: {why}")
     for nr in summary["not_run"]:
