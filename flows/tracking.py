@@ -174,6 +174,7 @@ def log_pipeline_run(
                 model_id = log_variant_model(ws, v, folder, art, recipe, child.info.run_id)
                 # The metrics on the run and on its model, measured on the validation dataset.
                 mlflow.log_metrics(metrics, model_id=model_id, dataset=datasets["validation"])
+                mlflow.set_tags({f"not_measured.{k}": str(why)[:5000] for k, why in (v.get("not_measured") or {}).items()})
                 for artifact_path, files in target.artifacts(folder, art).items():
                     if artifact_path == "model":  # in the LoggedModel
                         continue
