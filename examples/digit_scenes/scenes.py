@@ -12,7 +12,7 @@ val, so no handwritten digit appears in two splits.
 
 Deterministic: the same arguments write byte-identical files.
 
-    python scenes.py OUT [--train 2000 --calibration 200 --val 300 --size 48 --seed 0]
+    python scenes.py OUT [--train 1500 --calibration 200 --val 300 --size 32 --seed 0]
 """
 
 from __future__ import annotations
@@ -118,10 +118,10 @@ def _positive(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scenes.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="output root (replaced)")
-    ap.add_argument("--train", type=_positive, default=2000, help="training scenes")
+    ap.add_argument("--train", type=_positive, default=1500, help="training scenes")
     ap.add_argument("--calibration", type=_positive, default=200, help="calibration scenes")
     ap.add_argument("--val", type=_positive, default=300, help="validation scenes")
-    ap.add_argument("--size", type=int, default=48, help=f"canvas side, pixels (>= {8 * SCALE})")
+    ap.add_argument("--size", type=int, default=32, help=f"canvas side, pixels (>= {8 * SCALE})")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.size < 8 * SCALE:
