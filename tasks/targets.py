@@ -291,8 +291,8 @@ class OnnxTarget(Target):
 
 @dataclass(frozen=True)
 class TensorRTTarget(Target):
-    """TensorRT (tasks/backends/tensorrt.py): an engine built from the Q/DQ ONNX on a CUDA worker,
-    predicted by TensorRT and timed against an FP16 engine built from the FP32 graph in the same run."""
+    """TensorRT (tasks/backends/tensorrt.py): an engine built from the Q/DQ ONNX (TensorRT 11: its FP16 graph) on a
+    CUDA worker, predicted by TensorRT and timed against an FP16 engine of the FP32 graph built in the same run."""
 
     def serve_graph(self, recipe, folder: Path, quantized, variants_dir: Path) -> str:
         from tasks.backends import tensorrt as trt_backend
@@ -318,6 +318,12 @@ class TensorRTTarget(Target):
         x = benchmark.benchmark_inputs(ws.model_dir, ws.data_dir, p.benchmark)
         timed = self.time_against_baseline(paths, Reference(ws.export_dir), x, p.benchmark)
         return timed.models, timed.not_measured
+
+    def artifacts(self, folder: Path, art) -> dict[str, list[Path]]:
+        # The engine, the Q/DQ graph and the FP16 graph it is built from; the build and conversion records.
+        from tasks.backends import tensorrt as trt_backend
+
+        return trt_backend.variant_artifacts(folder)
 
 
 TARGETS: dict[str, Target] = {}
