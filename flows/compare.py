@@ -1,7 +1,8 @@
 """`vitq compare`: the variants of the last N pipeline runs side by side, read back from MLflow.
 
 Rows are grouped by variant, newest run first, so the same recipe's size, top-1 drop, SQNR,
-latency and INT8 share across runs sit next to each other; `@alias` marks the registered version.
+latency and INT8 share across runs sit next to each other; `@alias` marks the registered version. A variant
+a run did not remake (linked from its parent by `vitq.kept.<variant>`) is shown in that run, marked "kept".
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ def _aliases(client: MlflowClient, model: str) -> dict[str, str]:
     return out
 
 
+def _run_or_none(client: MlflowClient, run_id: str):
+    """The run, or None when it was deleted since (a kept link to it then shows nothing)."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    return run if run.info.lifecycle_stage == "active" else None
+
+
 def _fmt(v, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
@@ -53,11 +63,15 @@ def compare_rows(client: MlflowClient, experiment: str, n: int) -> list[tuple[st
     rows: dict[str, list[tuple]] = {}
     for parent in parents:
         started = datetime.fromtimestamp(parent.info.start_time / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
-        how = parent.data.tags.get("orchestration", "embedded")
         children = client.search_runs([parent.info.experiment_id],
                                       filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-        for c in children:
+        # Variants this run did not remake are linked to the (earlier) run holding them: shown as this run's,
+        # marked "kept".
+        kept = {k.removeprefix("vitq.kept."): v for k, v in parent.data.tags.items() if k.startswith("vitq.kept.")}
+        children = [*children, *(_run_or_none(client, run_id) for run_id in kept.values())]
+        for c in filter(None, children):
             name = c.data.tags.get("mlflow.runName", c.info.run_id[:8])
+            how = parent.data.tags.get("orchestration", "embedded") + (" (kept)" if kept.get(name) == c.info.run_id else "")
             m = c.data.metrics
             if "not_run" in c.data.tags:
                 row = (name, parent.info.run_id[:8], started, how, *(["-"] * 5), "not run", "")
