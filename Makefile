@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast install ui clean stack-up stack-down
+.PHONY: demo test test-fast install ui clean stack-up stack-down example-dense
 
 install: $(STAMP)
 
@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml constraints.txt
 # server, MLflow in ./mlflow.db, DVC's local cache). A second run with nothing changed skips every stage.
 demo: $(STAMP)
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/vitq run
+
+# The dense example (examples/digit_scenes, its own DVC project): scenes and training through DVC, then the
+# pipeline; the stage commands call `python`, so the venv goes first on PATH.
+example-dense: $(STAMP)
+	cd examples/digit_scenes && PATH="$(CURDIR)/$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false dvc repro train \
+	  && PATH="$(CURDIR)/$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false vitq run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
