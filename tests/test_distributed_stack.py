@@ -172,8 +172,11 @@ def test_mlflow_server_holds_runs_artifacts_in_s3_and_the_alias(stack, first_run
         assert t["data_digest"] == parent["data_digest"]  # every run traces to the calibration set
         metrics = {m["key"] for m in run["data"]["metrics"]}
         assert {"size_mb", "top1_drop", "sqnr_db", "latency_ms_p50", "int8_weight_fraction"} <= metrics
-        files = _mlflow(stack, "GET", "artifacts/list", run_id=run["info"]["run_id"], path="model")["files"]
-        assert "model/model.onnx" in {f["path"] for f in files}
+        import mlflow  # the variant is the child's LoggedModel (ONNX flavor), its artifacts proxied to S3
+
+        client = mlflow.MlflowClient(tracking_uri=stack.env["MLFLOW_TRACKING_URI"])
+        (out,) = client.get_run(run["info"]["run_id"]).outputs.model_outputs
+        assert "model.onnx" in {a.path for a in client.list_logged_model_artifacts(out.model_id)}
     parent_id = [r for r, t in zip(runs, tags) if "mlflow.parentRunId" not in t][0]["info"]["run_id"]
     plots = _mlflow(stack, "GET", "artifacts/list", run_id=parent_id, path="plots")["files"]
     assert [f["path"] for f in plots] == ["plots/tradeoff-onnx.png"]

@@ -87,8 +87,8 @@ def test_mlflow_has_parent_and_child_runs(ran):
         if c in not_run or c.data.params["recipe.target"] != "onnx":  # Core ML children: tests/test_coreml.py
             continue
         assert {"sqnr_db", "size_mb", "latency_ms_p50", "agreement"} <= set(c.data.metrics)
-        arts = {a.path for a in client.list_artifacts(c.info.run_id, "model")}
-        assert "model/model.onnx" in arts
+        (out,) = c.outputs.model_outputs  # the variant is the child's LoggedModel (ONNX flavor)
+        assert "model.onnx" in {a.path for a in client.list_logged_model_artifacts(out.model_id)}
 
 
 def _mlflow_run_ids(ws: Path) -> set[str]:
