@@ -34,6 +34,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 ui: $(STAMP)
+	@echo "MLflow: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the runs tables, not the GenAI view)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 # The team stack on this machine without Docker (S3, MLflow server, Prefect server, a cpu worker),
