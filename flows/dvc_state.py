@@ -38,11 +38,16 @@ def up_to_date_summary(ws) -> dict | None:
                 return None  # its runtime is here now: the flow makes it
         except VitqError:  # a recipe this process does not know: let the flow decide
             return None
-    stages = DvcStages(ws.root)
+    if not (ws.root / ".dvc").is_dir():
+        return None  # the flow's preflight says what is wrong
+    from dvc.repo import Repo  # not DvcStages: its check imports the stages (torch, ONNX Runtime: seconds)
+
+    root = Path(ws.root).resolve()
+    repo = Repo(str(root))
     try:
-        stale = stages.repo.status(targets=[str(stages.root / "dvc.yaml")])
+        stale = repo.status(targets=[str(root / "dvc.yaml")])
     finally:
-        stages.close()
+        repo.close()
     return None if stale else summary
 
 

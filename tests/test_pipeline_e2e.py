@@ -109,6 +109,12 @@ def test_rerun_with_nothing_changed_runs_nothing(ran):
     assert "onnx-w8a8-entropy" in again.stdout  # the table
     assert "Starting temporary server" not in out and ": running" not in out, out[-2000:]
     assert _mlflow_run_ids(ws) == before
+    # It stays near-instant: neither torch nor ONNX Runtime nor Prefect is imported on the way (seconds each).
+    light = subprocess.run(
+        [sys.executable, "-c", "import sys; from vitq.cli import main; rc = main(['run']); "
+         "heavy = sorted({'torch', 'onnxruntime', 'prefect', 'mlflow'} & set(sys.modules)); print(rc, heavy)"],
+        cwd=ws, env=run_env(ws), capture_output=True, text=True, timeout=300)
+    assert light.stdout.strip().splitlines()[-1] == "0 []", light.stdout[-2000:] + light.stderr[-2000:]
     # The flow itself (a scheduled deployment run that finds every stage up to date) records nothing either.
     from flows import tracking
     from tasks.layout import Workspace
