@@ -31,6 +31,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
 from flows import recorded
+from tasks._io import file_digest
 from flows.registry import register_best
 from tasks.data import load_data_result, load_split, model_inputs
 from tasks.layout import Workspace
@@ -217,15 +218,6 @@ def log_pipeline_run(
 DATA_SPLITS = ("calibration", "validation")  # the splits every run reads (dataset input contexts)
 
 
-def _md5(path: Path) -> str:
-    """DVC's digest of a file (md5 of its bytes), as dvc.lock and DVC's .dir manifests record it."""
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _npz_schema(path: Path) -> Schema:
     """The arrays of an .npz as tensor specs (batch axis -1), read from their headers without loading them."""
     specs = []
@@ -247,7 +239,7 @@ def data_inputs(ws: Workspace) -> dict[str, MetaDataset]:
     for split in DATA_SPLITS:
         path = ws.data_dir / f"{split}.npz"
         out[split] = MetaDataset(LocalArtifactDatasetSource(str(path)), name=f"{result.source}-{split}",
-                                 digest=_md5(path), schema=_npz_schema(path))
+                                 digest=file_digest(path, "md5"), schema=_npz_schema(path))
     return out
 
 

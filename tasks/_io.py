@@ -98,3 +98,11 @@ def quiet_stdout() -> Iterator[None]:
 
     with _STDOUT_LOCK, contextlib.redirect_stdout(io.StringIO()):
         yield
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in chunks (md5: what dvc.lock and DVC's .dir manifests record)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()

@@ -17,11 +17,11 @@ Heavy libraries are imported inside the entry that needs them.
 from __future__ import annotations
 
 import difflib
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tasks._io import file_digest
 from vitq.errors import ModelError
 
 if TYPE_CHECKING:
@@ -129,14 +129,6 @@ def resolve_path(value: str, root: Path) -> Path:
     """A path from params.yaml: absolute, or relative to the workspace."""
     path = Path(value).expanduser()
     return path if path.is_absolute() else Path(root) / path
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -353,7 +345,7 @@ class PythonSource(ModelSource):
         build: dict[str, Any] = {"source": self.name, "factory": cfg.factory, "function": function}
         if where.endswith(".py"):  # a file: rebuilt from its absolute path, refused if it changed since
             path = resolve_path(where, inputs.root).resolve()
-            build.update(file=str(path), sha256=file_sha256(path))
+            build.update(file=str(path), sha256=file_digest(path))
         else:
             build["module"] = where
         model = self._call(self._factory(cfg.factory, inputs.root), cfg.factory, dict(cfg.arch))
@@ -370,7 +362,7 @@ class PythonSource(ModelSource):
             if not path.is_file():
                 raise ModelError(f"model.factory file {str(path)!r} (recorded in model.json) does not exist; "
                                  "rerun the model stage (vitq stage model)")
-            if file_sha256(path) != b["sha256"]:
+            if file_digest(path) != b["sha256"]:
                 raise ModelError(f"model.factory file {str(path)!r} changed since the model stage saved the "
                                  "weights; rerun it (vitq stage model, or vitq run --force)")
             target = f"{path}:{b['function']}"
@@ -483,7 +475,7 @@ class OnnxSource(ModelSource):
                 raise ModelError(f"{shown} takes input (N, {', '.join(str(d or '?') for d in fixed)}) but the data "
                                  f"is (N, {', '.join(map(str, contract.input_size))}); set data.{key}: {dim}")
         name = cfg.name or path.stem
-        build = {"source": self.name, "path": cfg.path, "file": str(path.resolve()), "sha256": file_sha256(path)}
+        build = {"source": self.name, "path": cfg.path, "file": str(path.resolve()), "sha256": file_digest(path)}
         return SourceModel(None, contract, name, {}, build,
                            {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}, onnx_file=path)
 

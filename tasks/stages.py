@@ -7,7 +7,6 @@ stage's typed result. The Prefect flows call the same functions; variants go thr
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from tasks import benchmark, calibrate, data, error_report, export, model, quantize, report, tradeoff, validate
-from tasks._io import read_json, write_json
+from tasks._io import file_digest, read_json, write_json
 from tasks.layout import Workspace
 from tasks.targets import get_target
 from vitq.config import Params
@@ -87,10 +86,6 @@ def prune_outputs(folder: Path, keep: set[str]) -> None:
 # -- what each variant reads: one plan file per variant, the only dependency its DVC stage has on
 #    params.yaml and the calibration tables ----------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def plan_record(ws: Workspace, p: Params, name: str) -> dict:
     """Everything quantizing variant `name` reads besides the FP32 model, data and export: its recipe, the
     parameter sections it reads, and the digest of the calibration table it reads. Two variants' records
@@ -100,7 +95,7 @@ def plan_record(ws: Workspace, p: Params, name: str) -> dict:
     reads: dict = {}
     if recipe.table():  # a percentile override reads its own table: only its variant follows it
         table = calibrate.table_path(ws.calibration_dir, *recipe.table())
-        reads["calibration_table"] = {"file": table.name, "sha256": _sha256(table) if table.is_file() else None}
+        reads["calibration_table"] = {"file": table.name, "sha256": file_digest(table) if table.is_file() else None}
     if recipe.recovery:  # recovery recipes calibrate, re-export and fine-tune on their own
         reads.update(seed=p.seed, recovery=p.recovery.model_dump(mode="json"),
                      # not the percentile or methods: the table digest above covers what they change

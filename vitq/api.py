@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tasks._io import file_digest
 from vitq.errors import ConfigError, DataError, ModelError, VitqError
 from vitq.recipes import RECIPES, Recipe, get_recipe
 
@@ -206,7 +207,7 @@ class Variant:
         if other._target is not self._target:
             raise VitqError(f"{other.name} runs on target {other.recipe.target!r}, {self.name} on "
                             f"{self.recipe.target!r}; time variants of one target together")
-        if other.name == self.name or _sha256(other.fp32_onnx) != _sha256(self.fp32_onnx):
+        if other.name == self.name or file_digest(other.fp32_onnx) != file_digest(self.fp32_onnx):
             raise VitqError(f"{other.name} is not another variant of {self.name}'s model (its FP32 export differs); "
                             "quantize the same model with another recipe to time it alongside")
 
@@ -221,13 +222,6 @@ class Variant:
         with atomic_dir(folder) as tmp:
             shutil.copytree(self.path, tmp, dirs_exist_ok=True)
         return folder
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _api_recipe(name) -> Recipe:
