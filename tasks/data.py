@@ -46,12 +46,12 @@ class DataResult:
     masks: list[str] = field(default_factory=list)  # splits with ground-truth masks
 
 
-def prepare_data(cfg: DataConfig, seed: int, out_dir: Path) -> DataResult:
+def prepare_data(cfg: DataConfig, seed: int, out_dir: Path, root: Path | None = None) -> DataResult:
     """Materialise the three splits into `out_dir` (atomically)."""
     if cfg.source == "digits":
         splits, classes = _digits(cfg, seed)
     else:
-        splits, classes = _imagefolder(cfg, seed)
+        splits, classes = _imagefolder(cfg, seed, root)
     for name, split in splits.items():
         if name != "train" and len(split.labels) == 0:
             raise DataError(f"the {name} split is empty; it needs at least one image")
@@ -218,11 +218,17 @@ def _empty(cfg: DataConfig) -> Split:
     return Split(np.zeros((0, cfg.image_size, cfg.image_size, cfg.channels), np.uint8), np.zeros(0, np.int64))
 
 
-def check_data_config(cfg: DataConfig) -> None:
-    """Fail fast on a missing data directory (no image is read)."""
+def data_root(cfg: DataConfig, root: Path | None = None) -> Path:
+    """data.path: absolute, or relative to the workspace `root` (default: the current directory)."""
+    path = Path(cfg.path).expanduser()
+    return path if path.is_absolute() or root is None else Path(root) / path
+
+
+def check_data_config(cfg: DataConfig, root: Path | None = None) -> None:
+    """Fail fast on a missing data directory (no image is read). `root`: the workspace relative paths start at."""
     if cfg.source != "imagefolder":
         return
-    root = Path(cfg.path)
+    root = data_root(cfg, root)
     if not root.is_dir():
         raise DataError(f"data.path {str(root)!r} is not a directory; expected <root>/val/<class>/<image> "
                         "(or <root>/val/<image> without labels)")
@@ -231,9 +237,9 @@ def check_data_config(cfg: DataConfig) -> None:
                         "(or <root>/val/<image> without labels)")
 
 
-def _imagefolder(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], list[str]]:
-    check_data_config(cfg)
-    root = Path(cfg.path)
+def _imagefolder(cfg: DataConfig, seed: int, workspace: Path | None) -> tuple[dict[str, Split], list[str]]:
+    check_data_config(cfg, workspace)
+    root = data_root(cfg, workspace)
     val_dir = root / "val"
     files, classes = _list_images(val_dir)
     if not files:

@@ -213,7 +213,12 @@ class TimmSource(ModelSource):
         if cfg.checkpoint:
             weights = _load_checkpoint(model, cfg, inputs.root, cfg.name)
         data_cfg = resolve_model_data_config(model)
-        contract = _contract(cfg, data_cfg["input_size"], data_cfg["mean"], data_cfg["std"], "timm data config")
+        size, origin = tuple(data_cfg["input_size"]), "timm data config"
+        if "img_size" in kwargs or "in_chans" in kwargs:  # timm's config keeps the registered size; the model's own
+            side = kwargs.get("img_size", size[1:])
+            side = (side, side) if isinstance(side, int) else tuple(side)
+            size, origin = (int(kwargs.get("in_chans", size[0])), *side), "timm data config; size from model.arch"
+        contract = _contract(cfg, size, data_cfg["mean"], data_cfg["std"], origin)
         return SourceModel(model, contract, cfg.name, kwargs, {"source": self.name, "weights": weights},
                            {"timm": timm.__version__})
 

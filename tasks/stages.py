@@ -26,7 +26,7 @@ log = logging.getLogger("vitq.stages")
 
 
 def run_data(ws: Workspace, p: Params) -> data.DataResult:
-    return data.prepare_data(p.data, p.seed, ws.data_dir)
+    return data.prepare_data(p.data, p.seed, ws.data_dir, ws.root)
 
 
 def run_model(ws: Workspace, p: Params) -> model.ModelSpec:
@@ -413,7 +413,7 @@ def preflight(ws: Workspace, p: Params) -> None:
         stage, key = missing
         raise VitqError(f"{ws.params_file}: {key} must be written out: dvc.yaml's stage {stage!r} declares it "
                         f"(DVC reads params.yaml itself, not vitq's defaults); copy it from the documented params.yaml")
-    data.check_data_config(p.data)
+    data.check_data_config(p.data, ws.root)
     model.check_model_config(p.model, ws.root)
     for name in p.quantize.variants:
         get_target(get_recipe(name).target)

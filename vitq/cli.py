@@ -29,6 +29,21 @@ def setup_logging(level: int = logging.INFO) -> None:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vitq", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="a new workspace for your own model and data (params.yaml, dvc.yaml, git, DVC)")
+    init.add_argument("directory", help="the workspace folder (created if missing; an existing workspace is refused)")
+    init.add_argument("--model", default="train", help="timm:NAME | torchvision:NAME | python:FILE.py:FUNCTION | "
+                      "onnx:FILE.onnx | train (default: the embedded digits ViT, trained here)")
+    init.add_argument("--checkpoint", help="local weights for timm / torchvision / python (state dict or .safetensors)")
+    init.add_argument("--data", help="image folder: val/<class>/<image> (or val/<image>), and calibration/ or train/")
+    init.add_argument("--image-size", type=int, help="input side in pixels (default: the model's own)")
+    init.add_argument("--channels", type=int, choices=(1, 3), help="1 or 3 (default: the model's own)")
+    init.add_argument("--mean", help="per-channel input mean, e.g. 0.485,0.456,0.406 (default: the model library's)")
+    init.add_argument("--std", help="per-channel input std, with --mean")
+    init.add_argument("--num-classes", type=int, help="the model's outputs (default: the class folders of val/)")
+    init.add_argument("--arch", default="{}", help="builder keyword arguments as a YAML mapping, e.g. '{img_size: 384}'")
+    init.add_argument("--task", default="classification", choices=("classification", "dense"))
+    init.add_argument("--recipes", help="comma-separated recipes (default: the documented list; `vitq recipes`)")
+    init.add_argument("--name", help="the model's name in reports and MLflow (default: from the model)")
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow, tracked in MLflow and DVC")
     run.add_argument("--workdir", default=".", help="workspace holding params.yaml and dvc.yaml (default: .)")
     run.add_argument("--force", action="store_true", help="rerun every stage even if DVC says it is up to date")
@@ -149,6 +164,46 @@ def _deploy(args) -> int:
     return 0
 
 
+def _floats(option: str, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise VitqError(f"{option} {value!r} must be comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def _init(args) -> int:
+    import yaml
+
+    from vitq.init_workspace import InitOptions, init_workspace
+    from vitq.recipes import RECIPES
+
+    try:
+        arch = yaml.safe_load(args.arch)
+    except yaml.YAMLError:
+        arch = None
+    if not isinstance(arch, dict):
+        raise VitqError(f"--arch {args.arch!r} must be a YAML mapping, e.g. '{{img_size: 384, num_heads: 6}}'")
+    recipes = None
+    if args.recipes is not None:
+        recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+        unknown = [r for r in recipes if r not in RECIPES]
+        if unknown or not recipes:
+            raise VitqError(f"--recipes {args.recipes!r}: unknown {', '.join(unknown) or 'empty list'}; allowed: "
+                            f"{', '.join(RECIPES)}")
+    for option, value in (("--image-size", args.image_size), ("--num-classes", args.num_classes)):
+        if value is not None and value < 1:
+            raise VitqError(f"{option} {value} must be >= 1")
+    opts = InitOptions(Path(args.directory), model=args.model, checkpoint=args.checkpoint, data=args.data,
+                       image_size=args.image_size, channels=args.channels, mean=_floats("--mean", args.mean),
+                       std=_floats("--std", args.std), num_classes=args.num_classes, arch=arch, task=args.task,
+                       recipes=recipes, name=args.name)
+    for line in init_workspace(opts):
+        print(line)
+    return 0
+
+
 def _compare(args) -> int:
     from tasks.layout import Workspace
     from vitq.config import load_params
@@ -245,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             except StepFailed as exc:  # a step failed or found no worker: not bad input, but one clear line
                 print(f"vitq: error: {exc}", file=sys.stderr)
                 return 1
+        if args.command == "init":
+            return _init(args)
         if args.command == "deploy":
             return _deploy(args)
         if args.command == "compare":
