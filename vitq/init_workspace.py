@@ -37,7 +37,7 @@ COMMENT_COLUMN = 30  # where the template's comments start
 
 GITIGNORE = """\
 # vitq workspace: the pipeline's outputs are DVC's (dvc.yaml outs), not git's; DVC adds its own entries too.
-/data/prepared/
+/data/prepared
 /models/
 /artifacts/
 /reports/*
