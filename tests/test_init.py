@@ -64,6 +64,8 @@ def test_set_value_keeps_comments_and_replaces_continued_values():
     assert parsed["model"]["source"] == "timm"
     assert parsed["quantize"]["carry"] == yaml.safe_load(text)["quantize"]["carry"]  # the next key untouched
     assert out.count("\n#") == text.count("\n#") and out.count("  # ") == text.count("  # ")  # comments kept
+    with_comment = set_value(text, "data", "path", "images")
+    assert "  path: images                # imagefolder root" in with_comment  # the value's own comment, in its column
 
 
 def test_init_writes_a_workspace_from_the_options(tmp_path, user_files):
@@ -136,7 +138,7 @@ def test_init_then_run_on_a_timm_model_with_a_local_checkpoint_and_an_image_fold
     run = vitq("run", cwd=ws, tmp=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((ws / "reports" / "summary.json").read_text())
-    assert summary["model"]["name"] == "vit_tiny_patch16_224"
+    assert summary["model"] == "vit_tiny_patch16_224"
     assert [v["name"] for v in summary["variants"]][:3] == ["onnx-w8-dynamic", "onnx-w8a8-percentile", "onnx-w8a8-auto"]
     spec = json.loads((ws / "models" / "fp32" / "model.json").read_text())
     assert spec["build"]["weights"] == f"checkpoint {user_files / 'tiny.pt'}"
@@ -154,3 +156,25 @@ def test_init_then_run_on_a_timm_model_with_a_local_checkpoint_and_an_image_fold
     finally:
         extra.unlink()
     assert "modified:" in stale.stdout and "images" in stale.stdout, stale.stdout
+
+
+def test_a_failed_init_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """DVC failing after the files were written: they are removed, the user's .gitignore restored, no .git left."""
+    import dvc.repo
+
+    from vitq.init_workspace import InitOptions, init_workspace
+    from vitq.errors import VitqError
+
+    ws = tmp_path / "mine"
+    ws.mkdir()
+    (ws / ".gitignore").write_text("secrets/\n")
+    (ws / "notes.txt").write_text("mine\n")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(dvc.repo.Repo, "init", staticmethod(broken))
+    with pytest.raises(VitqError, match="could not initialise .*OSError: disk full"):
+        init_workspace(InitOptions(ws))
+    assert sorted(p.name for p in ws.iterdir()) == [".gitignore", "notes.txt"]
+    assert (ws / ".gitignore").read_text() == "secrets/\n"

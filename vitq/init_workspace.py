@@ -14,7 +14,6 @@ DIR is left as it was. An existing workspace (params.yaml, dvc.yaml or .dvc/ in 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -25,8 +24,6 @@ from pathlib import Path
 import yaml
 
 from vitq.errors import VitqError
-
-log = logging.getLogger("vitq.init")
 
 SOURCES = ("timm", "torchvision", "python", "onnx", "train")
 USAGE = "--model takes timm:NAME, torchvision:NAME, python:FILE.py:FUNCTION (or python:package.module:FUNCTION), " \
@@ -70,7 +67,7 @@ class InitOptions:
 
 @dataclass
 class Plan:
-    """What init writes: file name -> text, and the model stage's extra dependencies (for the message)."""
+    """What init writes: file name -> text; the user's files each stage depends on; lines for the message."""
 
     files: dict[str, str]
     deps: dict[str, list[str]]
@@ -177,7 +174,6 @@ def _data_classes(data_root: Path) -> list[str]:
 def plan(opts: InitOptions) -> Plan:
     """Check everything and render the files; writes nothing."""
     from tasks import data as data_mod
-    from tasks import model as model_mod
     from vitq.config import DataConfig, parse_params
 
     root = opts.directory
@@ -239,7 +235,6 @@ def plan(opts: InitOptions) -> Plan:
         text = set_value(text, "quantize", "recipes", list(opts.recipes))
         text = set_value(text, "quantize", "carry", _carry_for(text, opts.recipes))
     parsed = parse_params(yaml.safe_load(text), str(root / "params.yaml"))  # as `vitq run` reads it
-    model_mod.check_model_config(parsed.model, root)
 
     deps: dict[str, list[str]] = {"data": [data["path"]] if opts.data else [], "model": []}
     if parsed.model.checkpoint:
@@ -345,21 +340,17 @@ def init_workspace(opts: InitOptions) -> list[str]:
     toplevel = _git_toplevel(root)
     created_dir = not root.exists()
     had_dvcignore = (root / ".dvcignore").exists()
+    gitignore = root / ".gitignore"
+    users_gitignore = gitignore.read_text() if gitignore.is_file() else None  # kept, ours appended
     written: list[Path] = []
     git_dir = root / ".git"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        gitignore = root / ".gitignore"
         for name, text in plan_.files.items():
-            path = root / name
-            if name == ".gitignore" and gitignore.exists():  # the user's own: ours appended, theirs kept
-                text = gitignore.read_text().rstrip("\n") + "\n\n" + text
-                shutil.copy2(gitignore, root / ".gitignore.vitq-backup")
-                written.append(root / ".gitignore.vitq-backup")
-            tmp = path.with_name(path.name + ".vitq-init")
-            tmp.write_text(text)
-            os.replace(tmp, path)
-            written.append(path)
+            if name == ".gitignore" and users_gitignore is not None:
+                text = users_gitignore.rstrip("\n") + "\n\n" + text
+            (root / name).write_text(text)
+            written.append(root / name)
         if toplevel is None:
             subprocess.run(["git", "init", "-q"], cwd=root, check=True, capture_output=True)
         from dvc.repo import Repo
@@ -371,14 +362,11 @@ def init_workspace(opts: InitOptions) -> list[str]:
         finally:
             dvc_log.setLevel(level)
     except BaseException as exc:
-        _undo(root, written, created_dir, git_dir if toplevel is None else None, had_dvcignore)
+        _undo(root, written, created_dir, git_dir if toplevel is None else None, had_dvcignore, users_gitignore)
         if isinstance(exc, (VitqError, KeyboardInterrupt)):
             raise
         raise VitqError(f"could not initialise {str(root)!r}: {type(exc).__name__}: "
                         f"{(str(exc).strip().splitlines() or [''])[0]}") from None
-    backup = root / ".gitignore.vitq-backup"
-    if backup.exists():
-        backup.unlink()
     where = "a new git repository" if toplevel is None else f"inside the git repository {toplevel} (dvc init --subdir)"
     lines = [f"vitq workspace in {root}: {where}", *(f"  {line}" for line in plan_.summary),
              "  wrote params.yaml (every key commented), dvc.yaml, .gitignore; DVC initialised"]
@@ -389,13 +377,12 @@ def init_workspace(opts: InitOptions) -> list[str]:
     return lines
 
 
-def _undo(root: Path, written: list[Path], created_dir: bool, git_dir: Path | None, had_dvcignore: bool) -> None:
-    backup = root / ".gitignore.vitq-backup"
-    if backup.exists():
-        os.replace(backup, root / ".gitignore")
-        written = [p for p in written if p.name not in (".gitignore", ".gitignore.vitq-backup")]
+def _undo(root: Path, written: list[Path], created_dir: bool, git_dir: Path | None, had_dvcignore: bool,
+          users_gitignore: str | None) -> None:
     for path in written:
         path.unlink(missing_ok=True)
+    if users_gitignore is not None:
+        (root / ".gitignore").write_text(users_gitignore)
     leftovers = [root / ".dvc", *([] if had_dvcignore else [root / ".dvcignore"]), *([git_dir] if git_dir else [])]
     for leftover in leftovers:
         if leftover.is_dir():
