@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     for rec in _experiment(sub, "recovery-accuracy", "recovery", _recovery_accuracy,
                            "plain INT8 vs the accuracy-recovery recipes per case (reports/recovery.json)"):
         rec.add_argument("--cases", default="digits,outliers,efficientvit_b0",
-                         help="comma-separated: digits, outliers, efficientvit_b0")
+                         help="comma-separated: digits, outliers, outliers_multi, outliers_heavy, "
+                              "outliers_alternating, efficientvit_b0")
         rec.add_argument("--workdir", default=".")
         rec.add_argument("--out", default="reports/recovery.json")
     for cm in _experiment(sub, "coreml-coverage", "coreml-bench", _coreml_coverage,
