@@ -1,7 +1,12 @@
-"""Data stage: materialise the training, calibration and validation splits as arrays on disk.
+"""Data stage: materialise the training, calibration, validation and holdout splits as arrays on disk.
 
 Images are stored as uint8 (N, H, W, C) at the configured size; the model's own normalisation
 (mean/std from its timm data config) is applied when they are fed to a model (`model_inputs`).
+
+`holdout` is a seeded slice of the validation images (`data.holdout_size`, at most a third of them):
+the recovery recipes that search (tasks/recovery) judge their budget on it, and `validate` reports on
+the rest, so a search is never scored on the images its verdict is read from. Both splits keep
+`index`, each image's position among the validation images before the slice.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from vitq.errors import DataError
 
 log = logging.getLogger("vitq.data")
 
-SPLITS = ("train", "calibration", "validation")
+SPLITS = ("train", "calibration", "validation", "holdout")
+HOLDOUT_MAX_FRACTION = 1 / 3  # of the validation images: validate keeps reporting on at least two thirds
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -55,6 +61,7 @@ def prepare_data(cfg: DataConfig, seed: int, out_dir: Path, root: Path | None = 
     for name, split in splits.items():
         if name != "train" and len(split.labels) == 0:
             raise DataError(f"the {name} split is empty; it needs at least one image")
+    splits, index = hold_out(splits, cfg.holdout_size, seed)
     digest = hashlib.sha256()
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:
@@ -62,6 +69,8 @@ def prepare_data(cfg: DataConfig, seed: int, out_dir: Path, root: Path | None = 
             arrays = {"images": split.images, "labels": split.labels}
             if split.masks is not None:
                 arrays["masks"] = split.masks
+            if name in index:
+                arrays["index"] = index[name]
             np.savez_compressed(tmp / f"{name}.npz", **arrays)
             for array in arrays.values():
                 digest.update(array.tobytes())
@@ -78,6 +87,30 @@ def prepare_data(cfg: DataConfig, seed: int, out_dir: Path, root: Path | None = 
         write_json(tmp / "meta.json", asdict(result))
     log.info("data: %s", ", ".join(f"{n}={s}" for n, s in result.sizes.items()))
     return result
+
+
+def hold_out(splits: dict[str, Split], size: int, seed: int) -> tuple[dict[str, Split], dict[str, np.ndarray]]:
+    """Move a seeded `size` of the validation images (at most HOLDOUT_MAX_FRACTION of them) to a `holdout`
+    split. Returns the splits and, for validation and holdout, each image's index among the validation
+    images before the move (disjoint by construction; both sorted)."""
+    val = splits["validation"]
+    n = len(val.labels)
+    k = min(size, int(n * HOLDOUT_MAX_FRACTION))
+    if k < size:
+        log.info("data: holding out %d of %d validation images (data.holdout_size %d; at most a third)", k, n, size)
+    held = np.sort(np.random.default_rng([seed, 1]).permutation(n)[:k])  # its own stream: the seed's other draws stay
+    kept = np.setdiff1d(np.arange(n), held)
+    out = {**splits, "validation": val.subset(kept), "holdout": val.subset(held)}
+    return out, {"validation": kept.astype(np.int64), "holdout": held.astype(np.int64)}
+
+
+def split_index(data_dir: Path, name: str) -> np.ndarray | None:
+    """The `index` a split was written with (validation, holdout: positions among the validation images), or None."""
+    path = Path(data_dir) / f"{name}.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        return z["index"] if "index" in z.files else None
 
 
 def load_data_result(data_dir: Path) -> DataResult:

@@ -10,12 +10,12 @@ from vitq.errors import DataError
 
 
 def test_digits_splits_are_disjoint_deterministic_and_labelled(tmp_path):
-    cfg = DataConfig(validation_size=300, calibration_size=100)
+    cfg = DataConfig(validation_size=300, calibration_size=100, holdout_size=0)  # holdout: test_recovery_holdout.py
     a = prepare_data(cfg, seed=0, out_dir=tmp_path / "a")
     b = prepare_data(cfg, seed=0, out_dir=tmp_path / "b")
     c = prepare_data(cfg, seed=1, out_dir=tmp_path / "c")
     assert a.digest == b.digest != c.digest
-    assert a.sizes == {"train": 1797 - 400, "calibration": 100, "validation": 300}
+    assert a.sizes == {"train": 1797 - 400, "calibration": 100, "validation": 300, "holdout": 0}
     assert load_data_result(tmp_path / "a") == a
     splits = {n: load_split(tmp_path / "a", n) for n in ("train", "calibration", "validation")}
     assert splits["validation"].images.shape == (300, 32, 32, 1)
@@ -62,10 +62,11 @@ def test_imagefolder_reads_classes_and_draws_calibration_from_train(tmp_path):
     for split, n in (("val", 3), ("train", 5)):
         _write_images(tmp_path / "root" / split / "cat", n, (200, 10, 10))
         _write_images(tmp_path / "root" / split / "dog", n, (10, 10, 200))
-    cfg = DataConfig(source="imagefolder", path=str(tmp_path / "root"), image_size=16, channels=3, calibration_size=4)
+    cfg = DataConfig(source="imagefolder", path=str(tmp_path / "root"), image_size=16, channels=3, calibration_size=4,
+                     holdout_size=0)
     res = prepare_data(cfg, seed=0, out_dir=tmp_path / "out")
     assert res.classes == ["cat", "dog"]
-    assert res.sizes == {"train": 6, "calibration": 4, "validation": 6}
+    assert res.sizes == {"train": 6, "calibration": 4, "validation": 6, "holdout": 0}
     val = load_split(tmp_path / "out", "validation")
     assert val.images.shape == (6, 16, 16, 3)
     assert val.images[0, 8, 8, 0] > 150 and val.labels.tolist() == [0, 0, 0, 1, 1, 1]

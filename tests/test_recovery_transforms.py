@@ -188,3 +188,73 @@ def test_dense_outputs_get_sqnr_psnr_and_mask_iou():
     assert same.sqnr_db == float("inf") and same.mask_iou == 1.0 and same.agreement == 1.0
     flipped = compare_outputs(ref, -ref, None, None)
     assert flipped.mask_iou == 0.0
+
+
+def _m(drop, sqnr):
+    return OutputMetrics(top1=0.9, top1_drop=drop, agreement=1 - drop / 100, cosine=1.0, sqnr_db=sqnr)
+
+
+STARTS = ["plain", "search", "smoothquant", "smoothquant+search"]
+
+
+def test_auto_composition_stops_at_the_cheap_fix_within_budget_without_float_layers():
+    from tasks.recovery.variants import compose
+
+    judged = []
+    full_int8 = {"plain": _m(30.0, 2.0), "search": _m(2.0, 10.0), "smoothquant": _m(0.0, 34.0),
+                 "smoothquant+search": _m(0.0, 33.0)}
+
+    def fallback(name):
+        raise AssertionError("a start is within budget: no layer may go back to float")
+
+    c = compose(STARTS, lambda n: judged.append(n) or full_int8[n], Budget(max_top1_drop=0.5), fallback, lambda n, fl: 1.0 - 0.1 * len(fl))
+    assert judged == STARTS, "every cheap fix is judged"
+    assert c.start == "smoothquant" and c.float_layers == [] and c.met, c
+    assert [e["start"] for e in c.path] == STARTS and [e["met"] for e in c.path] == [False, False, True, True]
+    assert c.path[0]["reasons"] and c.path[2]["int8_mac_fraction"] == 1.0 and c.path[2]["sqnr_db"] == 34.0
+    assert "smoothquant meets the budget" in c.stopped
+
+
+def test_auto_composition_falls_back_to_float_only_after_every_cheap_fix_from_the_best_one():
+    from tasks.recovery.mixed_precision import MixedPrecisionResult
+    from tasks.recovery.variants import compose
+
+    calls = []
+    full_int8 = {"plain": _m(30.0, 2.0), "search": _m(2.0, 12.0), "smoothquant": _m(1.0, 20.0),
+                 "smoothquant+search": _m(0.8, 19.0)}
+
+    def fallback(name):
+        calls.append(("fallback", name))
+        return MixedPrecisionResult(["blocks.0.attn.qkv"], True, _m(0.2, 25.0), [], 0.0)
+
+    c = compose(STARTS, lambda n: calls.append(("int8", n)) or full_int8[n], Budget(max_top1_drop=0.5), fallback,
+                lambda n, fl: 1.0 - 0.1 * len(fl))
+    assert calls == [("int8", n) for n in STARTS] + [("fallback", "smoothquant")], "fallback last, from the best SQNR"
+    assert c.start == "smoothquant" and c.float_layers == ["blocks.0.attn.qkv"] and c.met
+    assert c.path[-1] == {"start": "smoothquant", "float_layers": ["blocks.0.attn.qkv"], "int8_mac_fraction": 0.9,
+                          "top1": 0.9, "top1_drop": 0.2, "agreement": 0.998, "sqnr_db": 25.0, "met": True, "reasons": []}
+    assert "float fallback from smoothquant" in c.stopped and "90.0% INT8 MACs" in c.stopped
+
+
+def test_attention_sensitivity_rows_quantize_only_or_float_only_that_product():
+    from tasks.recovery.sensitivity import LayerSensitivity, attention_sensitivity, rank
+
+    layers = ["blocks.0.attn.qkv", "blocks.0.attn#qk", "blocks.0.attn#av", "head"]
+    seen = []
+
+    def evaluate(float_layers):  # #qk hurts more than #av
+        seen.append(tuple(float_layers))
+        quantized = set(layers) - set(float_layers)
+        return _m(0.0, 40.0 - 20.0 * ("blocks.0.attn#qk" in quantized) - 5.0 * ("blocks.0.attn#av" in quantized))
+
+    rows = attention_sensitivity(["blocks.0.attn#qk", "blocks.0.attn#av"], layers, {"blocks.0.attn#qk": 7}, evaluate)
+    assert seen == [("blocks.0.attn.qkv", "blocks.0.attn#av", "head"), ("blocks.0.attn#qk",),
+                    ("blocks.0.attn.qkv", "blocks.0.attn#qk", "head"), ("blocks.0.attn#av",)]
+    qk, av = rows
+    assert (qk.kind, qk.macs, qk.quant_only_sqnr_db, qk.float_only_sqnr_db) == ("attention", 7, 20.0, 35.0)
+    assert (av.quant_only_sqnr_db, av.float_only_sqnr_db) == (35.0, 20.0) and np.isnan(av.weight_only_sqnr_db)
+    linear = LayerSensitivity(rank=0, layer="head", kind="linear", macs=1, quant_only_sqnr_db=30.0, quant_only_top1_drop=0.0,
+                              quant_only_agreement=1.0, float_only_sqnr_db=20.0, float_only_top1_drop=0.0,
+                              weight_only_sqnr_db=40.0, act_only_sqnr_db=31.0)
+    ranked = rank([linear, *rows])
+    assert [(r.rank, r.layer) for r in ranked] == [(1, "blocks.0.attn#qk"), (2, "head"), (3, "blocks.0.attn#av")]

@@ -42,6 +42,8 @@ class QatResult:
     final_loss: float
     act_amax: dict[str, float]  # layer -> learned |max| of its input (scale * 127)
     seconds: float
+    kept_epoch: int | None = None  # the epoch whose weights were kept (by `score`; None: the last, no score)
+    score_by_epoch: list[float] | None = None  # `score` after each epoch
 
 
 def finetune(
@@ -51,9 +53,12 @@ def finetune(
     y: np.ndarray,
     cfg: QatSettings,
     float_layers=(),
+    score=None,
 ) -> tuple[torch.nn.Module, QatResult]:
     """QAT a copy of `model` on (x, y); layers in `float_layers` stay unquantized. `y`: class labels (N,)
-    int64 (cross-entropy), or float targets, e.g. the FP32 model's own outputs (MSE: distillation)."""
+    int64 (cross-entropy), or float targets, e.g. the FP32 model's own outputs (MSE: distillation).
+    `score(model)`, higher is better, is called after every epoch with the fake quantization on (the model
+    in eval mode; e.g. simulated W8A8 SQNR on held-out images): the best epoch's weights and ranges are kept."""
     import torch.nn.functional as F
 
     start = time.perf_counter()
@@ -70,6 +75,8 @@ def finetune(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     loss = torch.tensor(float("nan"))
+    scores: list[float] = []
+    best = None  # (score, epoch, weights, scales)
     try:
         for epoch in range(cfg.epochs):
             perm = torch.randperm(len(yt), generator=gen)
@@ -87,9 +94,24 @@ def finetune(
                     for s in sim.scales.values():
                         s.clamp_(min=1e-8)
             log.info("qat: epoch %d/%d loss %.3f (%.0fs)", epoch + 1, cfg.epochs, loss.item(), time.perf_counter() - start)
+            if score is not None:
+                model.eval()
+                with torch.inference_mode():
+                    scores.append(float(score(model)))
+                model.train()
+                log.info("qat: epoch %d score %.2f on the held-out images", epoch + 1, scores[-1])
+                if best is None or scores[-1] > best[0]:
+                    best = (scores[-1], epoch + 1, copy.deepcopy(model.state_dict()),
+                            {k: v.detach().clone() for k, v in sim.scales.items()})
+        if best is not None:  # stop where the held-out score peaked
+            model.load_state_dict(best[2])
+            with torch.no_grad():
+                for k, v in best[3].items():
+                    sim.scales[k].copy_(v)
         amax = sim.act_amax()
     finally:
         sim.remove()
     model.eval()
     return model, QatResult(epochs=cfg.epochs, final_loss=round(loss.item(), 4), act_amax=amax,
-                            seconds=round(time.perf_counter() - start, 1))
+                            seconds=round(time.perf_counter() - start, 1), kept_epoch=best[1] if best else None,
+                            score_by_epoch=[round(v, 3) for v in scores] if scores else None)

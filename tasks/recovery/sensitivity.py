@@ -1,11 +1,16 @@
 """Per-layer quantization sensitivity, measured in the torch simulation of the Q/DQ scheme.
 
-For every Linear/Conv layer, four configurations against FP32 on a validation subset:
+For every Linear/Conv layer, four configurations against FP32 on held-out images:
 - quant-only: only this layer in W8A8 (how much damage it does on its own);
 - float-only: every other layer in W8A8, this one float (how much leaving it float recovers);
 - weight-only / act-only: only this layer's weight, or only its input, quantized (which side hurts).
 Ranked most sensitive first: lowest quant-only SQNR of the logits, ties broken by the highest
 float-only SQNR. The ranking is deterministic for a fixed seed (it picks the subset).
+
+The attention products (`<attn>#qk`, `<attn>#av`), where a recipe quantizes them, have no module to
+simulate: `attention_sensitivity` measures them on the real artifact instead (ONNX Runtime builds:
+only this product quantized / only this one float; both inputs are activations, so input-only is
+quant-only and weight-only does not apply). `rank` orders both kinds of rows together.
 
 Cheap by construction: the activations entering each transformer block are computed once and
 cached, so a configuration whose first quantized layer sits in block i runs only blocks i.. (timm
@@ -18,7 +23,7 @@ import csv
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +42,14 @@ CACHE_LIMIT_BYTES = 1 << 30  # block-input cache only below 1 GiB
 class LayerSensitivity:
     rank: int  # 1 = most sensitive
     layer: str  # torch module name
-    kind: str
+    kind: str  # linear, conv, attention
     macs: int  # per image
     quant_only_sqnr_db: float  # logits SQNR vs FP32, only this layer quantized (W8A8)
     quant_only_top1_drop: float | None  # points
     quant_only_agreement: float
     float_only_sqnr_db: float  # every other layer quantized, this one float
     float_only_top1_drop: float | None
-    weight_only_sqnr_db: float  # only this layer's weight quantized
+    weight_only_sqnr_db: float  # only this layer's weight quantized (NaN: an attention product has none)
     act_only_sqnr_db: float  # only this layer's input quantized
 
 
@@ -151,9 +156,34 @@ def layer_sensitivity(
                           f"float-only {rows[-1]['float_only_sqnr_db']:.1f} dB")
     finally:
         sim.remove()
-    rows.sort(key=lambda r: (r["quant_only_sqnr_db"], -r["float_only_sqnr_db"], r["layer"]))
     log.info("sensitivity: %d layers x 4 configurations on %d images (%.1fs)", len(names), len(x), time.perf_counter() - start)
-    return [LayerSensitivity(rank=i, **r) for i, r in enumerate(rows, 1)]
+    return rank([LayerSensitivity(rank=0, **r) for r in rows])
+
+
+def rank(rows: list[LayerSensitivity]) -> list[LayerSensitivity]:
+    """Most sensitive first: lowest quant-only SQNR, ties broken by the highest float-only SQNR; ranks 1..n."""
+    ordered = sorted(rows, key=lambda r: (r.quant_only_sqnr_db, -r.float_only_sqnr_db, r.layer))
+    return [replace(r, rank=i) for i, r in enumerate(ordered, 1)]
+
+
+def attention_sensitivity(names: list[str], all_layers: list[str], macs: dict[str, int], evaluate) -> list[LayerSensitivity]:
+    """Rows for the attention products `names`. `evaluate(float_layers)` builds the quantized graph with the
+    layers `float_layers` (of `all_layers`) left float, runs it and returns its OutputMetrics against FP32."""
+    start = time.perf_counter()
+    rows = []
+    progress = Progress(log, "sensitivity: attention product", len(names), every_s=0.0)
+    for name in names:
+        q = evaluate(tuple(n for n in all_layers if n != name))  # only this product quantized
+        f = evaluate((name,))  # everything else quantized
+        rows.append(LayerSensitivity(
+            rank=0, layer=name, kind="attention", macs=int(macs.get(name, 0)),
+            quant_only_sqnr_db=_sqnr(q), quant_only_top1_drop=q.top1_drop, quant_only_agreement=q.agreement,
+            float_only_sqnr_db=_sqnr(f), float_only_top1_drop=f.top1_drop,
+            weight_only_sqnr_db=float("nan"), act_only_sqnr_db=_sqnr(q),  # no weight: both inputs are activations
+        ))
+        progress.step(f"{name}: quant-only {rows[-1].quant_only_sqnr_db:.1f} dB, float-only {rows[-1].float_only_sqnr_db:.1f} dB")
+    log.info("sensitivity: %d attention products x 2 builds (%.1fs)", len(names), time.perf_counter() - start)
+    return rows
 
 
 def write_sensitivity(rows: list[LayerSensitivity], csv_path: Path, png_path: Path, title: str) -> None:

@@ -6,9 +6,9 @@ columns multiplied by s: the product is unchanged in exact arithmetic, but the a
 channels move into the weight, which is quantized per output channel and absorbs them. The pairs
 are every block's norm1 -> attn.qkv and norm2 -> mlp.fc1 (where the norm feeds that Linear only).
 
-alpha is searched per model: each candidate is simulated in W8A8 (min/max ranges, the torch
-simulation of the Q/DQ scheme) on the calibration images and the one with the highest logits SQNR
-against FP32 wins. The smoothed model is plain torch (same architecture, new weights), so the ONNX
+alpha is searched per model: each candidate is simulated in W8A8 (min/max ranges of the calibration
+images, the torch simulation of the Q/DQ scheme) and the one whose logits are closest to FP32's (highest
+SQNR) on the judging images (the held-out ones, where given; else the calibration images) wins. The smoothed model is plain torch (same architecture, new weights), so the ONNX
 export and the Core ML converter take it as they take the original.
 """
 
@@ -69,37 +69,41 @@ def smooth(model: nn.Module, pairs, act_channel_amax: dict[str, torch.Tensor], a
         lin.weight.mul_(s)
 
 
-def _simulated_sqnr(model: nn.Module, x: np.ndarray, ref: np.ndarray, batch_size: int) -> float:
+def _simulated_sqnr(model: nn.Module, x: np.ndarray, x_judge: np.ndarray, ref: np.ndarray, batch_size: int) -> float:
+    """W8A8 logits SQNR vs FP32's `ref` on `x_judge`, activation ranges the min/max over `x`."""
     from tasks.model import predict
     from tasks.validate import compare_outputs
 
     names = quantizable_modules(model)
     sim = QuantSim(model, input_amax(model, names, x, batch_size)).quantize_all()
     try:
-        out = predict(model, x, batch_size)
+        out = predict(model, x_judge, batch_size)
     finally:
         sim.remove()
     return compare_outputs(ref, out, None, None).sqnr_db
 
 
-def search_alpha(model: nn.Module, x: np.ndarray, alphas, batch_size: int = 128) -> tuple[nn.Module, SmoothQuantResult]:
-    """Smooth a copy of `model` with the alpha whose simulated W8A8 logits are closest to FP32 on `x`."""
+def search_alpha(model: nn.Module, x: np.ndarray, alphas, batch_size: int = 128,
+                 x_judge: np.ndarray | None = None) -> tuple[nn.Module, SmoothQuantResult]:
+    """Smooth a copy of `model` with the alpha whose simulated W8A8 logits are closest to FP32 on `x_judge`
+    (default: `x`); the per-channel statistics and the activation ranges come from `x` (calibration images)."""
     from tasks.model import predict
 
     start = time.perf_counter()
+    x_judge = x if x_judge is None else x_judge
     model = copy.deepcopy(model).eval()
     pairs = smoothing_pairs(model)
     if not pairs:
         raise ValueError("SmoothQuant found no LayerNorm -> Linear pair (expects timm blocks: norm1 -> attn.qkv, norm2 -> mlp.fc1)")
-    ref = predict(model, x, batch_size)
+    ref = predict(model, x_judge, batch_size)
     chan = input_amax(model, [lin for _, lin in pairs], x, batch_size, per_channel=True)
-    base = _simulated_sqnr(copy.deepcopy(model), x, ref, batch_size)
+    base = _simulated_sqnr(copy.deepcopy(model), x, x_judge, ref, batch_size)
     scores = {}
     progress = Progress(log, "smoothquant: alpha", len(alphas), every_s=0.0)
     for alpha in alphas:
         trial = copy.deepcopy(model)
         smooth(trial, pairs, chan, alpha)
-        scores[f"{alpha:g}"] = _simulated_sqnr(trial, x, ref, batch_size)
+        scores[f"{alpha:g}"] = _simulated_sqnr(trial, x, x_judge, ref, batch_size)
         progress.step(f"{alpha:.2f} -> simulated W8A8 output SQNR {scores[f'{alpha:g}']:.1f} dB")
     best = max(alphas, key=lambda a: (scores[f"{a:g}"] if math.isfinite(scores[f"{a:g}"]) else 1e9, -a))
     smooth(model, pairs, chan, best)

@@ -1,20 +1,32 @@
 """The recovery recipes as the quantize stage runs them: each writes `model.onnx` (Q/DQ) into the
 variant folder, plus its own records, and says which layers it left in float.
 
-- auto: sensitivity (torch simulation, calibration table ranges) -> `sensitivity.csv` / `.png`;
-  mixed-precision search judged in ONNX Runtime on validation images against the validate budget.
-- smoothquant: alpha searched on calibration images; the smoothed torch model is exported,
-  calibrated (min/max) and quantized; `torch/` keeps its weights for the Core ML target.
+Every search judges on the held-out images (the data stage's `holdout` split, carved from the
+validation images; `validate` reports on the rest), and every recipe records the final variant's
+metrics on both: `held_out` (what it steered by) and `validation` (what `validate` will report).
+
+- auto: composes. Starts from the best of the cheap fixes, each built and run in ONNX Runtime in full
+  INT8 against the recovery budget: the recipe's own table (`plain`), the per-tensor range search
+  (`search`), SmoothQuant with its alpha search (`smoothquant`), and both (`smoothquant+search`: the
+  ranges searched on the smoothed graph). Within budget: the one with the best SQNR (all are 100% INT8).
+  Otherwise float fallback from the best of them (by SQNR): sensitivity (torch simulation of the Linear/
+  Conv layers; ONNX Runtime builds for the attention products where the recipe quantizes them) ->
+  `sensitivity.csv` / `.png`, then the fewest MACs back in float until the budget holds. `recovery.json`
+  `path` lists every start tried and its result, `stopped` why it stopped. A smoothed choice keeps its
+  weights in `torch/` (the Core ML carry converts those) and its FP32 graph in `float.prep.onnx`.
+- smoothquant: alpha searched (ranges from calibration images, simulated W8A8 SQNR on held-out images);
+  the smoothed torch model is exported, calibrated (min/max) and quantized; `torch/` keeps its weights.
 - search: per-tensor calibration method -> `calibration.json` (the table) and
-  `calibration_search.csv` (every candidate's range and layer-output error).
-- qat: fine-tune with fake quant on the training split, export, quantize with the learned ranges;
-  `torch/` keeps the fine-tuned weights.
+  `calibration_search.csv` (every candidate's range and layer-output error on held-out images).
+- qat: fine-tune with fake quant on the training split, the epoch kept whose simulated W8A8 outputs are
+  closest to FP32 on held-out images; export, quantize with the learned ranges; `torch/` keeps the weights.
 Every one writes `recovery.json` with what it decided and why.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -33,6 +45,7 @@ from vitq.recipes import Recipe
 
 log = logging.getLogger("vitq.recovery")
 
+HOLDOUT = "holdout"  # the data stage's split the searches judge on (tasks/data.py)
 FLOAT_REFERENCE = "float.prep.onnx"  # a variant's own FP32 model (smoothquant, qat): weights differ from the export's
 TORCH_DIR = "torch"  # model.pt + model.json of the transformed torch model, for the Core ML target
 
@@ -98,6 +111,22 @@ def _judged(inputs: Inputs, name: str, limit: int | None = None):
     return validation_judge(inputs.model_dir, inputs.data_dir, inputs.params.task, name, _index(inputs, n, limit))
 
 
+def judging_split(inputs: Inputs) -> str:
+    """The split the searches judge on: the held-out images, or (data without any: `data.holdout_size` 0, or
+    too few validation images to hold a third out) the validation images themselves, with a warning."""
+    from tasks.data import load_split
+    from vitq.errors import DataError
+
+    try:
+        if len(load_split(inputs.data_dir, HOLDOUT).labels):
+            return HOLDOUT
+    except DataError:  # a data folder written before the holdout split existed
+        pass
+    log.warning("recovery: the data has no held-out images (data.holdout_size, at most a third of the validation "
+                "images): the searches judge on the validation images validate reports on")
+    return "validation"
+
+
 def recovery_budget(inputs: Inputs):
     """recovery's budget for the task (tasks/task_kinds.py), warning where it is looser than validate's."""
     from tasks.recovery.mixed_precision import Budget
@@ -145,78 +174,258 @@ def _export_and_prepare(torch_dir: Path, inputs: Inputs, scratch: Path) -> tuple
     return prep, layer_map.quantizable_layers(export_dir / "model.onnx", prep)
 
 
+def metrics_record(m) -> dict:
+    """The metrics that steer a recovery (JSON-ready: an infinite SQNR, identical outputs, as null)."""
+    keys = ("top1", "top1_drop", "agreement", "sqnr_db", "mask_iou", "miou_drop")
+    out = {k: getattr(m, k) for k in keys if getattr(m, k) is not None}
+    if not math.isfinite(out["sqnr_db"]):
+        out["sqnr_db"] = None
+    return out
+
+
+def _sqnr_key(m) -> float:
+    return m.sqnr_db if math.isfinite(m.sqnr_db) else 1e9
+
+
+class _Reference:
+    """FP32 ONNX Runtime outputs (the export's model.onnx, the one validate compares with) on judging images."""
+
+    def __init__(self, inputs: Inputs, split: str, limit: int | None):
+        self.split = split
+        self.x, self.judge = _judged(inputs, split, limit)
+        self.batch_size = inputs.params.validate_.batch_size
+        self.ref = onnx_backend.run_batched(onnx_backend.session(inputs.export_dir / "model.onnx"), self.x, self.batch_size)
+        self.reference = self.judge.evaluate(self.ref, self.ref, None)  # FP32's own top-1 / mIoU on these images
+
+    def evaluate(self, onnx_path: Path):
+        out = onnx_backend.run_batched(onnx_backend.session(onnx_path), self.x, self.batch_size)
+        return self.judge.evaluate(self.ref, out, self.reference)
+
+
 class _OrtJudge:
     """Builds a Q/DQ candidate with some layers excluded and measures it in ONNX Runtime against FP32,
     with the task's metrics (tasks/task_kinds.py)."""
 
-    def __init__(self, recipe: Recipe, inputs: Inputs, prep: Path, layers: list[Layer], table: Path, scratch: Path,
-                 x: np.ndarray, judge):
-        self.recipe, self.prep, self.layers, self.table, self.scratch = recipe, prep, layers, table, scratch
-        self.x, self.judge = x, judge
-        bs = inputs.params.validate_.batch_size
-        self.batch_size = bs
-        self.ref = onnx_backend.run_batched(onnx_backend.session(inputs.export_dir / "model.onnx"), x, bs)
-        self.reference = judge.evaluate(self.ref, self.ref, None)  # FP32's own top-1 / mIoU on these images
+    def __init__(self, recipe: Recipe, prep: Path, layers: list[Layer], table: Path, scratch: Path, ref: _Reference):
+        self.recipe, self.prep, self.layers, self.table, self.scratch, self.ref = recipe, prep, layers, table, scratch, ref
         self.builds = 0
 
     def __call__(self, float_layers) -> object:
         self.builds += 1
-        path = self.scratch / f"candidate-{self.builds}.onnx"
+        path = self.scratch / f"candidate-{id(self)}-{self.builds}.onnx"
         onnx_backend.quantize(self.recipe, self.prep, path, self.table, layer_map.nodes_of(self.layers, float_layers))
-        out = onnx_backend.run_batched(onnx_backend.session(path), self.x, self.batch_size)
+        m = self.ref.evaluate(path)
         path.unlink()
-        return self.judge.evaluate(self.ref, out, self.reference)
+        return m
+
+
+def both_numbers(recipe: Recipe, inputs: Inputs, variant_onnx: Path, held: _Reference | None = None) -> dict:
+    """The final variant's metrics on the images its search judged (`held_out`) and on the validation images
+    `validate` reports on (`validation`), with the split and image count of each."""
+    held = held or _Reference(inputs, judging_split(inputs), inputs.params.recovery.search_images)
+    reported = _Reference(inputs, "validation", None)
+    out = {}
+    for key, r in (("held_out", held), ("validation", reported)):
+        out[key] = {"split": r.split, "images": len(r.x), **metrics_record(r.evaluate(variant_onnx))}
+    return out
+
+
+def _search_ranges(model: torch.nn.Module, prep: Path, layers: list[Layer], base_table: Path | None, inputs: Inputs,
+                   x_judge: np.ndarray, table_out: Path, csv_out: Path | None = None) -> dict:
+    """The per-tensor range search on the graph `prep` (candidates from the calibration images, each judged by
+    the error of the layer output it feeds on `x_judge`); writes the table (tensors no judged layer reads keep
+    `base_table`'s range) and returns what it chose."""
+    rc = inputs.params.recovery
+    x_cal, _ = _split(inputs, "calibration")
+    reading = torch_layers(layers, model)
+    ranges = calib_search.candidate_ranges(prep, x_cal, inputs.params.calibration, rc.search_percentiles,
+                                           {layer.input for layer in reading})
+    choices = calib_search.search_calibration(model, {layer.name: layer.input for layer in reading}, ranges, x_judge)
+    amax = calib_search.read_amax(base_table) if base_table is not None and base_table.is_file() else {}
+    amax.update({c.tensor: c.amax[c.chosen] for c in choices})
+    calib_search.write_table(table_out, amax)
+    if csv_out is not None:
+        calib_search.write_choices(choices, csv_out)
+    counts: dict[str, int] = {}
+    for c in choices:
+        counts[c.chosen] = counts.get(c.chosen, 0) + 1
+    return {"chosen": {c.tensor: c.chosen for c in choices}, "chosen_counts": counts,
+            "candidates": sorted({m for c in choices for m in c.amax}), "judged_on_images": len(x_judge)}
+
+
+def _smoothed(inputs: Inputs, model: torch.nn.Module, x_judge: np.ndarray, torch_dir: Path, scratch: Path):
+    """SmoothQuant with its alpha search (ranges from the calibration images, judged on `x_judge`), the smoothed
+    weights saved in `torch_dir`, exported and min/max-calibrated: (model, prep, layers, table, result)."""
+    from tasks.calibrate import calibrate, table_path
+    from tasks.recovery.smoothquant import search_alpha
+
+    x_cal, _ = _split(inputs, "calibration")
+    smoothed, sq = search_alpha(model, x_cal, inputs.params.recovery.smoothquant_alphas, x_judge=x_judge)
+    _save_torch(smoothed, inputs, torch_dir, {"smoothquant_alpha": sq.alpha})
+    prep, layers = _export_and_prepare(torch_dir, inputs, scratch)
+    cfg = inputs.params.calibration.model_copy(update={"methods": ("minmax",)})
+    calibrate(prep, torch_dir, inputs.data_dir, cfg, scratch / "calibration")
+    return smoothed, prep, layers, table_path(scratch / "calibration", "minmax"), sq
+
+
+def _sq_details(sq) -> dict:
+    return {"alpha": sq.alpha, "pairs": [list(p) for p in sq.pairs], "simulated_sqnr_db_by_alpha": sq.sqnr_db_by_alpha,
+            "simulated_sqnr_db_unsmoothed": sq.unsmoothed_sqnr_db}
 
 
 # --- recipes --------------------------------------------------------------------------------
 
 
+@dataclass
+class _Start:
+    """A full-INT8 starting point of the auto recipe: a graph, its layers, its ranges, its torch weights."""
+
+    name: str
+    prep: Path
+    layers: list[Layer]
+    table: Path
+    model: torch.nn.Module
+    torch_dir: Path | None = None  # smoothed weights (None: the original model's)
+    details: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Composition:
+    """What the auto recipe decided: the start, its float layers, whether the budget holds, and the path."""
+
+    start: str
+    float_layers: list[str]
+    met: bool
+    path: list[dict]  # every start in full INT8, then the fallback (if any): metrics, INT8 MAC share, met, reasons
+    stopped: str  # why it stopped where it did
+    details: dict = field(default_factory=dict)  # the fallback's builds
+
+
+def compose(starts: list[str], full_int8, budget, fallback, int8_share) -> Composition:
+    """The auto recipe's decision. Every start is judged in full INT8 (`full_int8(name)` -> OutputMetrics); those
+    within `budget` are all 100% INT8, so the best SQNR among them wins. Only when none is within budget does
+    `fallback(name)` (-> MixedPrecisionResult: layers back in float, fewest MACs) run, once, from the start with
+    the best SQNR. `int8_share(name, float_layers)`: the INT8 share of Linear/Conv MACs."""
+    path, results = [], {}
+    for name in starts:
+        m = full_int8(name)
+        reasons = budget.reasons(m)
+        results[name] = m
+        path.append({"start": name, "float_layers": [], "int8_mac_fraction": int8_share(name, []),
+                     **metrics_record(m), "met": not reasons, "reasons": reasons})
+        log.info("auto: start %s in full INT8: %s", name, "meets the budget" if not reasons else "; ".join(reasons))
+    within = [n for n in starts if not budget.reasons(results[n])]
+    best = max(within or starts, key=lambda n: _sqnr_key(results[n]))  # ties: the earlier (cheaper) start
+    if within:
+        return Composition(best, [], True, path, f"{best} meets the budget in full INT8 with the best SQNR "
+                           f"({results[best].sqnr_db:.1f} dB) of the {len(within)} start(s) that do: no layer needs float")
+    mp = fallback(best)
+    share = int8_share(best, mp.float_layers)
+    path.append({"start": best, "float_layers": list(mp.float_layers), "int8_mac_fraction": share,
+                 **metrics_record(mp.metrics), "met": mp.budget_met, "reasons": budget.reasons(mp.metrics)})
+    stopped = (f"no start meets the budget in full INT8; float fallback from {best} (the best SQNR, "
+               f"{results[best].sqnr_db:.1f} dB): {len(mp.float_layers)} layer(s) float, {100 * share:.1f}% INT8 MACs, "
+               + ("budget met" if mp.budget_met else "budget not met even with every ranked layer float"))
+    log.info("auto: %s", stopped)
+    return Composition(best, list(mp.float_layers), mp.budget_met, path, stopped,
+                       {"evaluations": mp.evaluations, "fallback_seconds": mp.seconds})
+
+
 def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
     from tasks.calibrate import table_path
     from tasks.model import load_model
-    from tasks.recovery.mixed_precision import Budget, search_float_layers
-    from tasks.recovery.sensitivity import layer_sensitivity, write_sensitivity
+    from tasks.recovery.mixed_precision import search_float_layers
+    from tasks.recovery.sensitivity import attention_sensitivity, layer_sensitivity, rank, write_sensitivity
+    from tasks.recovery.smoothquant import smoothing_pairs
 
-    prep = inputs.export_dir / "model.prep.onnx"
-    layers = layer_map.quantizable_layers(inputs.export_dir / "model.onnx", prep)
-    table = table_path(inputs.calibration_dir, *recipe.table())  # a percentile override: its own table
-    model, _ = load_model(inputs.model_dir)
     rc = inputs.params.recovery
-    xs, ls = _split(inputs, "validation", min(rc.sensitivity_images, rc.search_images))
-    macs = {layer.name: layer.macs for layer in layers}
-    rows = layer_sensitivity(model, _layer_amax(layers, model, table), macs, xs, ls)
-    x, truth_judge = _judged(inputs, "validation", rc.search_images)
-    write_sensitivity(rows, out / "sensitivity.csv", out / "sensitivity.png", recipe.name)
+    split = judging_split(inputs)
+    held = _Reference(inputs, split, rc.search_images)
     budget = recovery_budget(inputs)
-    judge = _OrtJudge(recipe, inputs, prep, layers, table, scratch, x, truth_judge)
-    mp = search_float_layers([r.layer for r in rows], judge, budget, macs)
-    onnx_backend.quantize(recipe, prep, out / "model.onnx", table, layer_map.nodes_of(layers, mp.float_layers))
-    return Decision(layers, prep, {
-        "budget": asdict(budget), "budget_met": mp.budget_met, "search_images": len(x), "sensitivity_images": len(xs),
-        "search_split": "validation",
-        "float_layers": mp.float_layers, "ranking": [r.layer for r in rows],
-        "evaluations": mp.evaluations, "seconds": mp.seconds,
+    model, _ = load_model(inputs.model_dir)
+    prep0 = inputs.export_dir / "model.prep.onnx"
+    layers0 = layer_map.quantizable_layers(inputs.export_dir / "model.onnx", prep0)
+    minmax = table_path(inputs.calibration_dir, "minmax")
+    x_judge, _ = _split(inputs, split, rc.search_calibration_images)  # the range and alpha searches' images
+
+    # The cheap fixes; `compose` judges each in full INT8 on the held-out images, then falls back if it must.
+    starts = [_Start("plain", prep0, layers0, table_path(inputs.calibration_dir, *recipe.table()), model,
+                     details={"table": table_path(inputs.calibration_dir, *recipe.table()).name})]
+    found = _search_ranges(model, prep0, layers0, minmax, inputs, x_judge, scratch / "search.json")
+    starts.append(_Start("search", prep0, layers0, scratch / "search.json", model, details={"chosen_counts": found["chosen_counts"]}))
+    path: list[dict] = []
+    if smoothing_pairs(model):
+        sq_dir = scratch / "smoothquant"
+        smoothed, prep_s, layers_s, table_s, sq = _smoothed(inputs, model, x_judge, sq_dir / TORCH_DIR, sq_dir)
+        starts.append(_Start("smoothquant", prep_s, layers_s, table_s, smoothed, sq_dir / TORCH_DIR,
+                             {"alpha": sq.alpha, "table": "minmax of the smoothed model"}))
+        found_s = _search_ranges(smoothed, prep_s, layers_s, table_s, inputs, x_judge, scratch / "smoothquant-search.json")
+        starts.append(_Start("smoothquant+search", prep_s, layers_s, scratch / "smoothquant-search.json", smoothed,
+                             sq_dir / TORCH_DIR, {"alpha": sq.alpha, "chosen_counts": found_s["chosen_counts"]}))
+    else:
+        path.append({"start": "smoothquant", "skipped": "no LayerNorm -> Linear pair to smooth"})
+    by_name = {s.name: s for s in starts}
+    judges = {s.name: _OrtJudge(recipe, s.prep, s.layers, s.table, scratch, held) for s in starts}
+    xs, ls = _split(inputs, split, min(rc.sensitivity_images, rc.search_images))
+    ranked: dict[str, list] = {}
+
+    def sensitivity(name: str) -> list:
+        """Sensitivity rows of a start (the Linear/Conv layers in torch; the attention products, where the recipe
+        quantizes them, in ONNX Runtime), most sensitive first."""
+        if name not in ranked:
+            s = by_name[name]
+            macs = {layer.name: layer.macs for layer in s.layers}
+            rows = layer_sensitivity(s.model, _layer_amax(s.layers, s.model, s.table), macs, xs, ls)
+            if recipe.quantize_attention:  # the attention products are quantized: they can go back to float too
+                rows += attention_sensitivity([layer.name for layer in s.layers if not layer.weighted],
+                                              [layer.name for layer in s.layers], macs, judges[name])
+            ranked[name] = rank(rows)
+        return ranked[name]
+
+    def fallback(name: str):
+        s = by_name[name]
+        return search_float_layers([r.layer for r in sensitivity(name)], judges[name], budget,
+                                   {layer.name: layer.macs for layer in s.layers})
+
+    comp = compose([s.name for s in starts], lambda name: judges[name](()), budget, fallback,
+                   lambda name, fl: layer_map.int8_mac_fraction(by_name[name].layers, fl))
+    chosen, float_set = by_name[comp.start], comp.float_layers
+    for entry in comp.path:  # what each start is (its table, alpha, chosen ranges)
+        if not entry["float_layers"]:
+            entry.update(by_name[entry["start"]].details)
+    path += comp.path
+    rows = sensitivity(chosen.name)  # recorded either way: what a fallback from the chosen start ranks
+    write_sensitivity(rows, out / "sensitivity.csv", out / "sensitivity.png", f"{recipe.name} ({chosen.name})")
+
+    # The variant: the chosen start's graph, ranges and float layers.
+    calib_search.write_table(out / "calibration.json", calib_search.read_amax(chosen.table))
+    prep = chosen.prep
+    if chosen.torch_dir is not None:  # smoothed: the Core ML carry converts these weights
+        shutil.copytree(chosen.torch_dir, out / TORCH_DIR)
+        shutil.copyfile(chosen.prep, out / FLOAT_REFERENCE)
+        prep = out / FLOAT_REFERENCE
+    onnx_backend.quantize(recipe, prep, out / "model.onnx", out / "calibration.json",
+                          layer_map.nodes_of(chosen.layers, float_set))
+    return Decision(chosen.layers, prep, {
+        "budget": asdict(budget), "budget_met": comp.met, "start": chosen.name, "stopped": comp.stopped, "path": path,
+        "float_layers": float_set, "ranking": [r.layer for r in rows], **comp.details,
+        "search_split": split, "search_images": len(held.x), "sensitivity_images": len(xs),
+        **both_numbers(recipe, inputs, out / "model.onnx", held),
     })
 
 
 def _smoothquant(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
-    from tasks.calibrate import calibrate, table_path
     from tasks.model import load_model
-    from tasks.recovery.smoothquant import search_alpha
 
+    split = judging_split(inputs)
     model, _ = load_model(inputs.model_dir)
-    x, _ = _split(inputs, "calibration")
-    smoothed, sq = search_alpha(model, x, inputs.params.recovery.smoothquant_alphas)
-    _save_torch(smoothed, inputs, out / TORCH_DIR, {"smoothquant_alpha": sq.alpha})
-    prep, layers = _export_and_prepare(out / TORCH_DIR, inputs, scratch)
-    cfg = inputs.params.calibration.model_copy(update={"methods": ("minmax",)})
-    calibrate(prep, out / TORCH_DIR, inputs.data_dir, cfg, scratch / "calibration")
-    onnx_backend.quantize(recipe, prep, out / "model.onnx", table_path(scratch / "calibration", "minmax"))
+    x_judge, _ = _split(inputs, split, inputs.params.recovery.search_calibration_images)
+    _, prep, layers, table, sq = _smoothed(inputs, model, x_judge, out / TORCH_DIR, scratch)
+    onnx_backend.quantize(recipe, prep, out / "model.onnx", table)
     shutil.copyfile(prep, out / FLOAT_REFERENCE)
     return Decision(layers, out / FLOAT_REFERENCE, {
-        "alpha": sq.alpha, "pairs": [list(p) for p in sq.pairs], "simulated_sqnr_db_by_alpha": sq.sqnr_db_by_alpha,
-        "simulated_sqnr_db_unsmoothed": sq.unsmoothed_sqnr_db, "calibration": "minmax of the smoothed model",
-        "float_layers": [],
+        **_sq_details(sq), "calibration": "minmax of the smoothed model", "alpha_split": split,
+        "alpha_images": len(x_judge), "float_layers": [], **both_numbers(recipe, inputs, out / "model.onnx"),
     })
 
 
@@ -226,34 +435,21 @@ def _search(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decisio
 
     prep = inputs.export_dir / "model.prep.onnx"
     layers = layer_map.quantizable_layers(inputs.export_dir / "model.onnx", prep)
-    rc = inputs.params.recovery
-    x_all, _ = _split(inputs, "calibration")
+    split = judging_split(inputs)
+    x, _ = _split(inputs, split, inputs.params.recovery.search_calibration_images)
     model, _ = load_model(inputs.model_dir)
-    judged = {layer.input for layer in torch_layers(layers, model)}
-    ranges = calib_search.candidate_ranges(prep, x_all, inputs.params.calibration, rc.search_percentiles, judged)
-    x, _ = _split(inputs, "calibration", rc.search_calibration_images)
-    choices = calib_search.search_calibration(model, {l.name: l.input for l in torch_layers(layers, model)}, ranges, x)
-    amax = calib_search.read_amax(table_path(inputs.calibration_dir, "minmax")) if (
-        table_path(inputs.calibration_dir, "minmax").is_file()) else {}  # tensors no layer reads (attention inputs)
-    amax.update({c.tensor: c.amax[c.chosen] for c in choices})
-    calib_search.write_table(out / "calibration.json", amax)
-    calib_search.write_choices(choices, out / "calibration_search.csv")
+    # tensors no layer reads (attention inputs) keep the min/max range
+    found = _search_ranges(model, prep, layers, table_path(inputs.calibration_dir, "minmax"), inputs, x,
+                           out / "calibration.json", out / "calibration_search.csv")
     onnx_backend.quantize(recipe, prep, out / "model.onnx", out / "calibration.json")
-    counts: dict[str, int] = {}
-    for c in choices:
-        counts[c.chosen] = counts.get(c.chosen, 0) + 1
-    return Decision(layers, prep, {
-        "chosen": {c.tensor: c.chosen for c in choices}, "chosen_counts": counts,
-        "candidates": sorted({m for c in choices for m in c.amax}), "judged_on_images": len(x),
-        "float_layers": [],
-    })
+    return Decision(layers, prep, {**found, "judged_split": split, "float_layers": [],
+                                   **both_numbers(recipe, inputs, out / "model.onnx")})
 
 
 def _qat(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
     from tasks.calibrate import table_path
-    from tasks.model import load_model
+    from tasks.model import load_model, predict
     from tasks.recovery.qat import QatSettings, finetune
-
     from tasks.recovery.simulate import input_amax
     from tasks.recovery.smoothquant import search_alpha, smoothing_pairs
 
@@ -262,23 +458,27 @@ def _qat(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
     table = table_path(inputs.calibration_dir, *recipe.table())  # a percentile override: its own table
     model, _ = load_model(inputs.model_dir)
     p, rc = inputs.params, inputs.params.recovery
+    split = judging_split(inputs)
+    x_judge, _ = _split(inputs, split, rc.search_images)
     start_amax, init = _layer_amax(layers0, model, table), {"init": "fp32"}
     if rc.qat_init == "smoothquant" and smoothing_pairs(model):
         # Fine-tune what SmoothQuant leaves: outliers too large for gradient steps to undo are gone first.
         x_cal, _ = _split(inputs, "calibration")
-        model, sq = search_alpha(model, x_cal, rc.smoothquant_alphas)
+        model, sq = search_alpha(model, x_cal, rc.smoothquant_alphas, x_judge=x_judge[: rc.search_calibration_images])
         start_amax = input_amax(model, list(start_amax), x_cal)
         init = {"init": "smoothquant", "smoothquant_alpha": sq.alpha}
     x, y = _split(inputs, "train")
     if p.task.kind != "classification" or y is None:
         # No class labels to fine-tune on (dense outputs, or data without labels): distil the FP32 model's outputs.
-        from tasks.model import predict
-
         y = predict(load_model(inputs.model_dir)[0], x) if len(x) else np.zeros((0,), np.float32)
         init = {**init, "loss": "mse to the FP32 model's outputs (distillation)"}
     cfg = QatSettings(epochs=rc.qat_epochs, lr=rc.qat_lr, batch_size=rc.qat_batch_size,
                       label_smoothing=p.model.train.label_smoothing, seed=p.seed, threads=p.model.train.threads)
-    tuned, qr = finetune(model, start_amax, x, y, cfg)
+    from tasks.validate import compare_outputs
+
+    fp32_judge = predict(load_model(inputs.model_dir)[0], x_judge)  # stopping: simulated W8A8 outputs vs FP32's
+    tuned, qr = finetune(model, start_amax, x, y, cfg,
+                         score=lambda m: _sqnr_key(compare_outputs(fp32_judge, predict(m, x_judge), None, None)))
     _save_torch(tuned, inputs, out / TORCH_DIR, {**init, "qat_epochs": qr.epochs, "qat_final_loss": qr.final_loss})
     prep, layers = _export_and_prepare(out / TORCH_DIR, inputs, scratch)
     amax = calib_search.read_amax(table)  # tensors outside the fine-tune keep the calibration range
@@ -287,10 +487,11 @@ def _qat(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
     onnx_backend.quantize(recipe, prep, out / "model.onnx", out / "calibration.json")
     shutil.copyfile(prep, out / FLOAT_REFERENCE)
     return Decision(layers, out / FLOAT_REFERENCE, {
-        **init, "epochs": qr.epochs, "lr": rc.qat_lr, "final_loss": qr.final_loss, "train_images": len(y),
-        "seconds": qr.seconds, "learned_act_amax": qr.act_amax, "float_layers": [],
+        **init, "epochs": qr.epochs, "kept_epoch": qr.kept_epoch, "simulated_sqnr_db_by_epoch": qr.score_by_epoch,
+        "stopping_split": split, "stopping_images": len(x_judge), "lr": rc.qat_lr, "final_loss": qr.final_loss,
+        "train_images": len(y), "seconds": qr.seconds, "learned_act_amax": qr.act_amax, "float_layers": [],
+        **both_numbers(recipe, inputs, out / "model.onnx"),
     })
-
 
 # --- what every variant records ---------------------------------------------------------------
 

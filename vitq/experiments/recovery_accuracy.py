@@ -6,6 +6,11 @@ outputs are read, never written, except that missing data/model/export/calibrate
 - digits: the workspace's model (the trained digits ViT by default), as the pipeline made it.
 - outliers: the same model after `outliers.inject_outliers` (3 channels of blocks.0.norm1 at 100x
   the others, the matching qkv columns divided back: FP32 unchanged), exported and calibrated again.
+- outliers_multi: the same transform on every block's attention and MLP input (norm1 -> attn.qkv and
+  norm2 -> mlp.fc1 in every block), 4 channels each at 300x.
+- outliers_heavy: every block's attention input, 2 channels each at 1000x (seed 1).
+- outliers_alternating: attention input of blocks 0, 2, ..., MLP input of blocks 1, 3, ..., 6 channels
+  each at 500x (seed 2).
 - efficientvit_b0: timm efficientvit_b0 `forward_features` (dense output, random weights: nothing
   can be downloaded here) on crops of scikit-learn's two bundled photos; plumbing for dense metrics.
 
@@ -38,19 +43,59 @@ COREML = ("coreml-w8a8", "coreml-w8a8-auto", "coreml-w8a8-smoothquant")
 
 
 @dataclass(frozen=True)
+class Outliers:
+    """Which LayerNorm -> Linear pairs get outliers: `pairs` by name, or `every`-th of the model's
+    SmoothQuant pairs (every block's norm1 -> attn.qkv and norm2 -> mlp.fc1, in block order)."""
+
+    pairs: tuple[tuple[str, str], ...] = ()
+    # or, of the model's pairs: "all"; "attention" (every norm1 -> attn.qkv); "alternating" (block 0's attention
+    # input, block 1's MLP input, block 2's attention input, ...)
+    which: str = ""
+    channels: int = 3
+    ratio: float = 100.0
+    seed: int = 0
+
+    def spec(self, model):
+        from tasks.recovery.outliers import OutlierSpec
+        from tasks.recovery.smoothquant import smoothing_pairs
+
+        found = smoothing_pairs(model)  # per block: (norm1, attn.qkv), (norm2, mlp.fc1)
+        keep = {"all": lambda i: True, "attention": lambda i: i % 2 == 0,
+                "alternating": lambda i: i % 2 == (i // 2) % 2}
+        pairs = self.pairs or tuple(pair for i, pair in enumerate(found) if keep[self.which](i))
+        return OutlierSpec(pairs=pairs, channels=self.channels, ratio=self.ratio, seed=self.seed)
+
+
+@dataclass(frozen=True)
 class Case:
     name: str
     variants: tuple[str, ...]
     max_top1_drop: float  # budget, points (disagreement with FP32 without labels)
     min_sqnr_db: float | None = None
     note: str = ""
+    outliers: Outliers | None = None  # the outlier transform applied to the workspace's model
 
 
 CASES: dict[str, Case] = {
     "digits": Case("digits", PLAIN + RECOVERY + COREML, 0.2, note="the workspace's FP32 model"),
     "outliers": Case("outliers", PLAIN + RECOVERY + COREML, 0.5,
                      note="digits ViT with 3 LayerNorm output channels (blocks.0.norm1) scaled to 100x the others "
-                          "and the matching attn.qkv input columns divided back: FP32 function unchanged"),
+                          "and the matching attn.qkv input columns divided back: FP32 function unchanged",
+                     outliers=Outliers(pairs=(("blocks.0.norm1", "blocks.0.attn.qkv"),))),
+    "outliers_multi": Case("outliers_multi", PLAIN + RECOVERY + COREML, 0.5,
+                           note="digits ViT with 4 output channels of every block's norm1 and norm2 scaled to 300x "
+                                "the others and the matching attn.qkv / mlp.fc1 input columns divided back: FP32 "
+                                "function unchanged",
+                           outliers=Outliers(which="all", channels=4, ratio=300.0)),
+    "outliers_heavy": Case("outliers_heavy", PLAIN + RECOVERY + COREML, 0.5,
+                           note="digits ViT with 2 output channels of every block's norm1 scaled to 1000x the others "
+                                "and the matching attn.qkv input columns divided back: FP32 function unchanged",
+                           outliers=Outliers(which="attention", channels=2, ratio=1000.0, seed=1)),
+    "outliers_alternating": Case("outliers_alternating", PLAIN + RECOVERY + COREML, 0.5,
+                                 note="digits ViT with 6 output channels at 500x at the attention input of blocks 0, 2 "
+                                      "and the MLP input of blocks 1, 3 (norm1 / norm2 scaled, attn.qkv / mlp.fc1 "
+                                      "columns divided back): FP32 function unchanged",
+                                 outliers=Outliers(which="alternating", channels=6, ratio=500.0, seed=2)),
     "efficientvit_b0": Case("efficientvit_b0", PLAIN + ("onnx-w8a8-search", "onnx-w8a8-auto"), 100.0, 40.0,
                             note="timm efficientvit_b0 forward_features (N,128,7,7), RANDOM weights (no download "
                                  "possible): dense-output plumbing only, numbers say nothing about trained accuracy; "
@@ -88,12 +133,12 @@ def _case_root(ws: Workspace, case: str) -> Path:
     return ws.root / "artifacts" / "recovery" / case
 
 
-def _digits(ws: Workspace, p: Params) -> CaseDirs:
+def _digits(ws: Workspace, p: Params, case: Case) -> CaseDirs:
     root = _case_root(ws, "digits")
     return CaseDirs(ws.model_dir, ws.data_dir, ws.export_dir, ws.calibration_dir, root / "variants", root / "validation")
 
 
-def _outliers(ws: Workspace, p: Params) -> CaseDirs:
+def _outliers(ws: Workspace, p: Params, case: Case) -> CaseDirs:
     from tasks._io import atomic_dir
     from tasks.calibrate import calibrate
     from tasks.data import load_split, model_inputs
@@ -101,12 +146,12 @@ def _outliers(ws: Workspace, p: Params) -> CaseDirs:
     from tasks.model import load_model, predict
     from tasks.recovery.outliers import inject_outliers
 
-    root = _case_root(ws, "outliers")
+    root = _case_root(ws, case.name)
     model, spec = load_model(ws.model_dir)
     x_cal = model_inputs(load_split(ws.data_dir, "calibration").images, spec.mean, spec.std)
     x_val = model_inputs(load_split(ws.data_dir, "validation").images, spec.mean, spec.std)
     before = predict(model, x_val)
-    injected = inject_outliers(model, x_cal)
+    injected = inject_outliers(model, x_cal, case.outliers.spec(model))
     diff = float(np.max(np.abs(predict(model, x_val) - before)))
     log.info("recovery: outliers injected %s; FP32 logits change by %.2e (max abs)", injected.factors, diff)
     with atomic_dir(root / "model") as tmp:
@@ -116,7 +161,8 @@ def _outliers(ws: Workspace, p: Params) -> CaseDirs:
     export_onnx(root / "model", ws.data_dir, p.export, root / "export")
     calibrate(root / "export" / "model.prep.onnx", root / "model", ws.data_dir, p.calibration, root / "calibration")
     return CaseDirs(root / "model", ws.data_dir, root / "export", root / "calibration", root / "variants",
-                    root / "validation", {"fp32_logits_max_abs_change": diff, "outlier_factors": injected.factors})
+                    root / "validation", {"fp32_logits_max_abs_change": diff, "outlier_factors": injected.factors,
+                                          "fp32_logits_max_abs": float(np.max(np.abs(before)))})
 
 
 def _dense_images(n: int, size: int, seed: int) -> np.ndarray:
@@ -137,11 +183,12 @@ def _dense_images(n: int, size: int, seed: int) -> np.ndarray:
     return np.stack(out)
 
 
-def _efficientvit(ws: Workspace, p: Params) -> CaseDirs:
+def _efficientvit(ws: Workspace, p: Params, case: Case) -> CaseDirs:
     import timm
 
     from tasks._io import atomic_dir
     from tasks.calibrate import calibrate
+    from tasks.data import Split, hold_out
     from tasks.export import export_onnx
     from vitq.experiments._models import resolve_model
 
@@ -149,11 +196,15 @@ def _efficientvit(ws: Workspace, p: Params) -> CaseDirs:
     features = resolve_model("efficientvit_b0_features", None)  # vitq's zoo: timm efficientvit_b0's forward_features
     _, size, _ = features.input_size  # 224
     with atomic_dir(root / "data") as tmp:
-        splits = {"train": 0, "calibration": 32, "validation": 16}
-        for i, (name, n) in enumerate(splits.items()):
-            images = _dense_images(n, size, p.seed + i) if n else np.zeros((0, size, size, 3), np.uint8)
-            np.savez_compressed(tmp / f"{name}.npz", images=images, labels=np.full(n, -1, np.int64))
-        write_json(tmp / "meta.json", {"source": "sklearn-sample-images", "classes": [], "sizes": splits,
+        counts = {"train": 0, "calibration": 32, "validation": 24}
+        splits = {name: Split(_dense_images(n, size, p.seed + i) if n else np.zeros((0, size, size, 3), np.uint8),
+                              np.full(n, -1, np.int64)) for i, (name, n) in enumerate(counts.items())}
+        splits, index = hold_out(splits, p.data.holdout_size, p.seed)  # a third of validation: the searches' images
+        for name, split in splits.items():
+            extra = {"index": index[name]} if name in index else {}
+            np.savez_compressed(tmp / f"{name}.npz", images=split.images, labels=split.labels, **extra)
+        write_json(tmp / "meta.json", {"source": "sklearn-sample-images", "classes": [],
+                                      "sizes": {n: len(s.labels) for n, s in splits.items()},
                                       "image_size": size, "channels": 3, "digest": "n/a"})
     torch.manual_seed(p.seed)
     model = features.build().eval()
@@ -172,7 +223,8 @@ def _efficientvit(ws: Workspace, p: Params) -> CaseDirs:
                     root / "validation", {"weights": "random (seeded); dense-output plumbing only"})
 
 
-BUILDERS = {"digits": _digits, "outliers": _outliers, "efficientvit_b0": _efficientvit}
+def _builder(case: Case):
+    return _outliers if case.outliers is not None else {"digits": _digits, "efficientvit_b0": _efficientvit}[case.name]
 
 
 def _case_params(p: Params, case: Case) -> Params:
@@ -189,7 +241,7 @@ def run_case(ws: Workspace, p: Params, case: Case, variants=None) -> list[dict]:
     from tasks.targets import get_target
 
     start = time.perf_counter()
-    dirs = BUILDERS[case.name](ws, p)
+    dirs = _builder(case)(ws, p, case)
     cp = _case_params(p, case)
     dirs.validation_dir.mkdir(parents=True, exist_ok=True)
     ref = validate.reference_outputs(dirs.export_dir / "model.onnx", dirs.model_dir, dirs.data_dir, cp.validate_,
