@@ -31,7 +31,7 @@ class DataConfig(_Strict):
     validation_size: int = Field(450, ge=1)  # digits: held-out labelled images
     calibration_size: int = Field(200, ge=1)  # images in the calibration split
     # validation images held out for the recovery recipes' searches (at most a third; validate reports on the rest)
-    holdout_size: int = Field(450, ge=0)
+    holdout_size: int = Field(150, ge=0)
 
     @model_validator(mode="after")
     def _path_for_imagefolder(self) -> DataConfig:
