@@ -1,6 +1,7 @@
 """`vitq` command line: `vitq run` (the Prefect flow), `vitq stage <name>` (one stage, as dvc.yaml
 calls it), `vitq recipes` (the registry), and the experiments in vitq/experiments/ (`vitq latency`,
-`vitq coreml-coverage`, `vitq recovery-accuracy`; also called `bench`, `coreml-bench`, `recovery`).
+`vitq coreml-coverage`, `vitq recovery-accuracy`, `vitq peers`; the first three also called `bench`,
+`coreml-bench`, `recovery`).
 Bad input: one line on stderr and exit code 2."""
 
 from __future__ import annotations
@@ -70,6 +71,19 @@ def _parser() -> argparse.ArgumentParser:
                               "outliers_alternating, efficientvit_b0")
         rec.add_argument("--workdir", default=".")
         rec.add_argument("--out", default="reports/recovery.json")
+    for peers in _experiment(sub, "peers", None, _peers,
+                             "ONNX Runtime's and NNCF's INT8 next to vitq's recipes, same FP32 ONNX and images "
+                             "(reports/peers.json, reports/peers.md)"):
+        peers.add_argument("--cases", default="digits,outliers,outliers_multi,outliers_heavy,outliers_alternating",
+                           help="comma-separated cases of `vitq recovery-accuracy`")
+        peers.add_argument("--peers", default="ort,nncf,nncf-ac",
+                           help="comma-separated: ort (onnxruntime quantize_static, defaults), nncf "
+                                "(nncf.quantize, TRANSFORMER), nncf-ac (nncf.quantize_with_accuracy_control); "
+                                "nncf and nncf-ac need the optional extra: pip install -e '.[nncf]'")
+        peers.add_argument("--recipes", default="onnx-w8a8-minmax,onnx-w8a8-auto",
+                           help="comma-separated vitq ONNX recipes to run beside them")
+        peers.add_argument("--workdir", default=".")
+        peers.add_argument("--out", default="reports/peers.json")
     for cm in _experiment(sub, "coreml-coverage", "coreml-bench", _coreml_coverage,
                           "Core ML FP16 / W8 / W8A8 sizes and int8 coverage per model "
                           "(reports/coreml.json); runs on Linux, no Core ML runtime needed"):
@@ -102,10 +116,12 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _experiment(sub, name: str, old_name: str, run, help: str) -> list[argparse.ArgumentParser]:
-    """The parsers of an experiment command and of its old name: the same options, each with its own usage line
-    (an argparse alias would print the new name in `vitq <old name> --help`)."""
-    parsers = [sub.add_parser(name, help=help), sub.add_parser(old_name, help=f"old name of `vitq {name}`")]
+def _experiment(sub, name: str, old_name: str | None, run, help: str) -> list[argparse.ArgumentParser]:
+    """The parsers of an experiment command and of its old name, if it has one: the same options, each with its own
+    usage line (an argparse alias would print the new name in `vitq <old name> --help`)."""
+    parsers = [sub.add_parser(name, help=help)]
+    if old_name:
+        parsers.append(sub.add_parser(old_name, help=f"old name of `vitq {name}`"))
     for parser in parsers:
         parser.set_defaults(run_experiment=run)
     return parsers
@@ -278,6 +294,21 @@ def _recovery_accuracy(args) -> int:
     return 0
 
 
+def _peers(args) -> int:
+    from vitq.config import load_params
+    from vitq.experiments import peers
+
+    chosen = peers.check_peers([n.strip() for n in args.peers.split(",") if n.strip()])  # before any work
+    ws = _workspace(args.workdir)
+    params = load_params(ws.params_file)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    result = peers.run_peers(ws, params, cases, chosen, recipes, ws.root / args.out)
+    print(peers.peers_table(result))
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
+    return 0
+
+
 def _workspace(workdir: str):
     from tasks.layout import Workspace
 
@@ -291,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging()
     try:
-        if getattr(args, "run_experiment", None):  # latency, coreml-coverage, recovery-accuracy, or their old names
+        if getattr(args, "run_experiment", None):  # latency, coreml-coverage, recovery-accuracy, peers, or old names
             return args.run_experiment(args)
         if args.command == "orchestrate":
             from flows.routing import StepFailed

@@ -15,7 +15,8 @@ outputs are read, never written, except that missing data/model/export/calibrate
   can be downloaded here) on crops of scikit-learn's two bundled photos; plumbing for dense metrics.
 
 Each record: case, variant, top1, top1_drop (points), agreement, sqnr_db, psnr_db / mask_iou (dense),
-int8_mac_fraction, float_layers, passed (the case's budget), budget, seconds, note.
+int8_mac_fraction, float_layers, passed (the case's budget), budget, seconds (quantize + validate),
+quantize_seconds (the quantize call alone), note.
 """
 
 from __future__ import annotations
@@ -236,9 +237,10 @@ def _case_params(p: Params, case: Case) -> Params:
     return p.model_copy(update={"validate_": v, "recovery": r})
 
 
-def run_case(ws: Workspace, p: Params, case: Case, variants=None) -> list[dict]:
+def prepare_case(ws: Workspace, p: Params, case: Case) -> tuple[CaseDirs, Params, dict]:
+    """Build the case's folders (FP32 model, export, calibration; FP32 reference outputs on the validation split):
+    the folders, the case's params (its budget) and FP32's record."""
     from tasks import validate
-    from tasks.targets import get_target
 
     start = time.perf_counter()
     dirs = _builder(case)(ws, p, case)
@@ -247,25 +249,43 @@ def run_case(ws: Workspace, p: Params, case: Case, variants=None) -> list[dict]:
     ref = validate.reference_outputs(dirs.export_dir / "model.onnx", dirs.model_dir, dirs.data_dir, cp.validate_,
                                      dirs.validation_dir)
     log.info("recovery: %s ready (%.0fs); FP32 top-1 %s", case.name, time.perf_counter() - start, ref.metrics.top1)
-    budget = {"max_top1_drop": case.max_top1_drop, "min_sqnr_db": case.min_sqnr_db}
     fp32 = replace(ref.metrics, top1_drop=0.0 if ref.metrics.top1 is not None else None)
-    records = [_record(case, "fp32", fp32, 0.0, [], True, budget, 0.0, dirs.facts)]
+    return dirs, cp, _record(case, "fp32", fp32, 0.0, [], True, case_budget(case), 0.0, dirs.facts)
+
+
+def case_budget(case: Case) -> dict:
+    return {"max_top1_drop": case.max_top1_drop, "min_sqnr_db": case.min_sqnr_db}
+
+
+def run_variant(dirs: CaseDirs, cp: Params, case: Case, name: str) -> dict:
+    """Quantize recipe `name` on the case's folders and validate it: its record (`quantize_seconds`: the
+    quantize call alone; `seconds`: with validation)."""
+    from tasks.targets import get_target
+
+    t = time.perf_counter()
+    # The case's folders stand in for a workspace; the per-tensor error report is the validate stage's, not this table's.
     no_error_report = cp.model_copy(update={"validate_": cp.validate_.model_copy(update={"error_report_images": 0})})
-    for i, name in enumerate(variants or case.variants, 1):
-        t = time.perf_counter()
-        log.info("recovery: [%s %d/%d] %s ...", case.name, i, len(variants or case.variants), name)
-        # The case's folders stand in for a workspace; the per-tensor error report is the validate stage's, not this table's.
-        target = get_target(get_recipe(name).target)
-        art = target.quantize(dirs, name, cp)
-        res = target.validate(dirs, no_error_report, name)
-        records.append(_record(case, name, res.metrics, art.int8_mac_fraction, art.float_layers, res.passed, budget,
-                               time.perf_counter() - t, {}))
-        m = res.metrics
-        dense = f"PSNR {m.psnr_db:5.1f} dB IoU {m.mask_iou:.4f}  " if m.psnr_db is not None else ""
-        print(f"  {case.name:16s} {name:24s} top1 {_f(m.top1)} drop {_f(m.top1_drop, 2)} agreement {m.agreement:.4f} "
-              f"SQNR {m.sqnr_db:5.1f} dB  {dense}int8 MACs {100 * art.int8_mac_fraction:5.1f}%  "
-              f"float {art.float_layers or '-'}  {'PASS' if res.passed else 'FAIL'} ({time.perf_counter() - t:.0f}s)",
-              flush=True)
+    target = get_target(get_recipe(name).target)
+    art = target.quantize(dirs, name, cp)
+    quantize_seconds = time.perf_counter() - t
+    res = target.validate(dirs, no_error_report, name)
+    m = res.metrics
+    dense = f"PSNR {m.psnr_db:5.1f} dB IoU {m.mask_iou:.4f}  " if m.psnr_db is not None else ""
+    print(f"  {case.name:16s} {name:24s} top1 {_f(m.top1)} drop {_f(m.top1_drop, 2)} agreement {m.agreement:.4f} "
+          f"SQNR {m.sqnr_db:5.1f} dB  {dense}int8 MACs {100 * art.int8_mac_fraction:5.1f}%  "
+          f"float {art.float_layers or '-'}  {'PASS' if res.passed else 'FAIL'} ({time.perf_counter() - t:.0f}s)",
+          flush=True)
+    return _record(case, name, m, art.int8_mac_fraction, art.float_layers, res.passed, case_budget(case),
+                   time.perf_counter() - t, {}, quantize_seconds=quantize_seconds)
+
+
+def run_case(ws: Workspace, p: Params, case: Case, variants=None) -> list[dict]:
+    dirs, cp, fp32 = prepare_case(ws, p, case)
+    records = [fp32]
+    names = variants or case.variants
+    for i, name in enumerate(names, 1):
+        log.info("recovery: [%s %d/%d] %s ...", case.name, i, len(names), name)
+        records.append(run_variant(dirs, cp, case, name))
     return records
 
 
@@ -273,13 +293,16 @@ def _f(v, digits: int = 4) -> str:
     return "  n/a " if v is None else f"{v:.{digits}f}"
 
 
-def _record(case: Case, variant: str, m, mac_fraction, float_layers, passed, budget, seconds, facts) -> dict:
+def _record(case: Case, variant: str, m, mac_fraction, float_layers, passed, budget, seconds, facts,
+            quantize_seconds: float | None = None) -> dict:
     rec = {
         "case": case.name, "variant": variant, "top1": m.top1, "top1_drop": m.top1_drop, "agreement": m.agreement,
         "sqnr_db": m.sqnr_db if np.isfinite(m.sqnr_db) else None,
         "int8_mac_fraction": mac_fraction, "float_layers": list(float_layers), "passed": passed, "budget": budget,
         "seconds": round(seconds, 1), "note": case.note,
     }
+    if quantize_seconds is not None:
+        rec["quantize_seconds"] = round(quantize_seconds, 1)
     if m.psnr_db is not None:
         rec.update(psnr_db=m.psnr_db if np.isfinite(m.psnr_db) else None, mask_iou=m.mask_iou)
     if facts:
