@@ -206,7 +206,13 @@ def test_vitq_compare_reads_the_server(stack, workspace, first_run):
     assert proc.returncode == 0, proc.stderr
     for r in RECIPES:
         assert r in proc.stdout
-    assert "distributed" in proc.stdout and "@onnx" in proc.stdout
+    assert "distributed" in proc.stdout
+    from flows.registry import best_per_target
+
+    summary = json.loads((workspace / "reports" / "summary.json").read_text())
+    # the speed gate: the alias only where a passing variant timed faster than FP32 in this run (timing on a loaded
+    # 2-core machine decides it for this tiny model); either way compare must say what the registry holds
+    assert ("@onnx" in proc.stdout) == ("onnx" in best_per_target(summary))
 
 
 def test_dvc_push_pull_round_trip_through_s3(stack, workspace, first_run, tmp_path):
