@@ -62,31 +62,37 @@ def prepare_data(cfg: DataConfig, seed: int, out_dir: Path, root: Path | None = 
         if name != "train" and len(split.labels) == 0:
             raise DataError(f"the {name} split is empty; it needs at least one image")
     splits, index = hold_out(splits, cfg.holdout_size, seed)
-    digest = hashlib.sha256()
     with atomic_dir(out_dir) as tmp:
-        for name in SPLITS:
-            split = splits[name]
-            arrays = {"images": split.images, "labels": split.labels}
-            if split.masks is not None:
-                arrays["masks"] = split.masks
-            if name in index:
-                arrays["index"] = index[name]
-            np.savez_compressed(tmp / f"{name}.npz", **arrays)
-            for array in arrays.values():
-                digest.update(array.tobytes())
+        digest = write_splits(tmp, {n: splits[n] for n in SPLITS}, index)
         result = DataResult(
             source=cfg.source,
             classes=classes,
             sizes={n: int(len(splits[n].labels)) for n in SPLITS},
             image_size=cfg.image_size,
             channels=cfg.channels,
-            digest=digest.hexdigest(),
+            digest=digest,
             labelled=bool(len(splits["validation"].labels)) and bool((splits["validation"].labels >= 0).all()),
             masks=[n for n in SPLITS if splits[n].masks is not None],
         )
         write_json(tmp / "meta.json", asdict(result))
     log.info("data: %s", ", ".join(f"{n}={s}" for n, s in result.sizes.items()))
     return result
+
+
+def write_splits(folder: Path, splits: dict[str, Split], index: dict[str, np.ndarray]) -> str:
+    """Write every split as `<name>.npz` (images, labels, masks if any, `index` where `hold_out` gave one) into
+    `folder`; returns the sha256 of the arrays written (the data digest)."""
+    digest = hashlib.sha256()
+    for name, split in splits.items():
+        arrays = {"images": split.images, "labels": split.labels}
+        if split.masks is not None:
+            arrays["masks"] = split.masks
+        if name in index:
+            arrays["index"] = index[name]
+        np.savez_compressed(Path(folder) / f"{name}.npz", **arrays)
+        for array in arrays.values():
+            digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def hold_out(splits: dict[str, Split], size: int, seed: int) -> tuple[dict[str, Split], dict[str, np.ndarray]]:

@@ -135,5 +135,10 @@ def test_auto_steers_to_the_dense_budget(dense_ws):
     rec = json.loads((ws.variants_dir / "onnx-w8a8-auto" / "recovery.json").read_text())
     assert rec["budget"]["task"] == "dense" and rec["budget"]["min_mask_iou"] == 0.98
     assert rec["budget"]["max_top1_drop"] is None
-    for e in rec["evaluations"]:  # every candidate judged by mask IoU, its verdict by the dense budget
-        assert e["mask_iou"] is not None and e["met"] == (e["mask_iou"] >= 0.98)
+    # Every start in full INT8 (and, where no start met the budget, every fallback candidate) is judged by mask
+    # IoU, its verdict by the dense budget.
+    judged = [e for e in rec["path"] if "skipped" not in e] + rec.get("evaluations", [])
+    assert len(judged) >= 2, rec["path"]
+    for e in judged:
+        assert e["mask_iou"] is not None and e["met"] == (e["mask_iou"] >= 0.98), e
+    assert rec["budget_met"] == any(e["met"] for e in judged)

@@ -130,15 +130,21 @@ def _unlabelled_root(root: Path, masks: bool) -> Path:
 
 def test_image_folders_without_labels_and_with_masks(tmp_path):
     root = _unlabelled_root(tmp_path / "scenes", masks=True)
-    cfg = DataConfig(source="imagefolder", path=str(root), image_size=8, channels=1)
+    cfg = DataConfig(source="imagefolder", path=str(root), image_size=8, channels=1, holdout_size=0)
     result = data.prepare_data(cfg, 0, tmp_path / "prepared")
-    assert result.classes == [] and not result.labelled and result.masks == ["validation"]
+    assert result.classes == [] and not result.labelled and result.masks == ["validation", "holdout"]
     val = data.load_split(tmp_path / "prepared", "validation")
     assert (val.labels == -1).all() and val.masks.shape == (3, 8, 8)
     # Nearest-neighbour resize keeps the labels: top half k, bottom half 0.
     assert val.masks[2, 0, 0] == 3 and val.masks[2, -1, 0] == 0 and set(np.unique(val.masks)) == {0, 1, 2, 3}
     assert data.load_split(tmp_path / "prepared", "calibration").masks is None
     assert Dense().truth(val) is val.masks and Classification().truth(val) is None
+    # Held-out images keep their masks: the same label maps, moved with their images.
+    held = data.prepare_data(cfg.model_copy(update={"holdout_size": 1}), 0, tmp_path / "prepared-holdout")
+    assert held.sizes["validation"] == 2 and held.sizes["holdout"] == 1 and held.masks == ["validation", "holdout"]
+    h = data.load_split(tmp_path / "prepared-holdout", "holdout")
+    k = int(data.split_index(tmp_path / "prepared-holdout", "holdout")[0])
+    assert np.array_equal(h.masks[0], val.masks[k]) and np.array_equal(h.images[0], val.images[k])
 
 
 def test_mask_folder_that_does_not_match_is_one_line(tmp_path):

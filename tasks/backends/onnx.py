@@ -15,6 +15,7 @@ log = logging.getLogger("vitq.onnx")
 
 LINEAR_OP_TYPES = ("MatMul", "Gemm", "Conv")
 _WEIGHT_INPUT = 1  # weight is input 1 of MatMul/Gemm/Conv
+EIGHT_BIT = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}  # the integer types an INT8 graph quantizes to
 
 
 def session(path: Path, threads: int = 0, optimize: bool = True):
@@ -189,8 +190,7 @@ def linear_weight_elements(model: onnx.ModelProto) -> int:
 
 def int8_weight_elements(model: onnx.ModelProto) -> int:
     """Elements of 8-bit weight tensors (rank >= 2; int32 biases and scalar zero points excluded)."""
-    eight_bit = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
-    return sum(int(np.prod(i.dims)) for i in model.graph.initializer if i.data_type in eight_bit and len(i.dims) >= 2)
+    return sum(int(np.prod(i.dims)) for i in model.graph.initializer if i.data_type in EIGHT_BIT and len(i.dims) >= 2)
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -144,11 +144,15 @@ def recovery_budget(inputs: Inputs):
 
 
 def torch_layers(layers: list[Layer], model: torch.nn.Module) -> list[Layer]:
-    """Linear/Conv layers that name a Linear/Conv module of `model` (what the torch-side methods act on)."""
+    """Linear/Conv layers that name a Linear/Conv module of `model` that its forward calls (what the torch-side
+    methods act on: they hook the module's input). `nn.MultiheadAttention` never calls its `out_proj` (it passes
+    the weight to `F.multi_head_attention_forward`), so that layer is judged in ONNX Runtime only."""
     from tasks.recovery.simulate import QUANTIZABLE_MODULES
 
     modules = dict(model.named_modules())
-    return [layer for layer in layers if layer.weighted and isinstance(modules.get(layer.name), QUANTIZABLE_MODULES)]
+    uncalled = {f"{n}.out_proj" if n else "out_proj" for n, m in modules.items() if isinstance(m, torch.nn.MultiheadAttention)}
+    return [layer for layer in layers if layer.weighted and layer.name not in uncalled
+            and isinstance(modules.get(layer.name), QUANTIZABLE_MODULES)]
 
 
 def _layer_amax(layers: list[Layer], model: torch.nn.Module, table: Path) -> dict[str, float]:

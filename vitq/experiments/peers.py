@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from tasks._io import write_json
+from tasks._io import atomic_file, write_json
 from tasks.layout import Workspace
 from vitq.config import Params
 from vitq.errors import VitqError
@@ -39,7 +39,6 @@ log = logging.getLogger("vitq.peers")
 
 VITQ_RECIPES = ("onnx-w8a8-minmax", "onnx-w8a8-auto")  # plain INT8 and the recipe that composes the recoveries
 DEFAULT_CASES = ("digits", "outliers", "outliers_multi", "outliers_heavy", "outliers_alternating")
-EIGHT_BIT = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
 
 
 @dataclass(frozen=True)
@@ -150,6 +149,7 @@ def _versions() -> dict:
 def eight_bit_dq(model: onnx.ModelProto) -> bool:
     """Every DequantizeLinear that feeds a MatMul/Gemm/Conv's input or weight reads 8-bit integers (its zero
     point's type, else its input initializer's; a bias DequantizeLinear is int32 by design and not looked at)."""
+    from tasks.backends.onnx import EIGHT_BIT
     from tasks.recovery.layers import LINEAR_OPS
 
     types = {i.name: i.data_type for i in model.graph.initializer}
@@ -242,15 +242,9 @@ def run_peers(ws: Workspace, p: Params, cases: list[str], peers: list[Peer], rec
             records.append(run_peer(dirs, cp, case, peer, inputs, layers))
         result["records"].extend(records)
         write_json(out, result)  # a partial table survives a later failure
-    _write_text(out.with_suffix(".md"), peers_table(result) + "\n")
+    with atomic_file(out.with_suffix(".md")) as tmp:
+        Path(tmp).write_text(peers_table(result) + "\n")
     return result
-
-
-def _write_text(path: Path, text: str) -> None:
-    from tasks._io import atomic_file
-
-    with atomic_file(path) as tmp:
-        Path(tmp).write_text(text)
 
 
 def peers_table(result: dict) -> str:

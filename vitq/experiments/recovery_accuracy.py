@@ -189,7 +189,7 @@ def _efficientvit(ws: Workspace, p: Params, case: Case) -> CaseDirs:
 
     from tasks._io import atomic_dir
     from tasks.calibrate import calibrate
-    from tasks.data import Split, hold_out
+    from tasks.data import Split, hold_out, write_splits
     from tasks.export import export_onnx
     from vitq.experiments._models import resolve_model
 
@@ -201,9 +201,7 @@ def _efficientvit(ws: Workspace, p: Params, case: Case) -> CaseDirs:
         splits = {name: Split(_dense_images(n, size, p.seed + i) if n else np.zeros((0, size, size, 3), np.uint8),
                               np.full(n, -1, np.int64)) for i, (name, n) in enumerate(counts.items())}
         splits, index = hold_out(splits, p.data.holdout_size, p.seed)  # a third of validation: the searches' images
-        for name, split in splits.items():
-            extra = {"index": index[name]} if name in index else {}
-            np.savez_compressed(tmp / f"{name}.npz", images=split.images, labels=split.labels, **extra)
+        write_splits(tmp, splits, index)
         write_json(tmp / "meta.json", {"source": "sklearn-sample-images", "classes": [],
                                       "sizes": {n: len(s.labels) for n, s in splits.items()},
                                       "image_size": size, "channels": 3, "digest": "n/a"})
