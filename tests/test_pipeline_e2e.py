@@ -79,8 +79,11 @@ def test_mlflow_has_parent_and_child_runs(ran):
     assert {c.data.tags["mlflow.runName"] for c in children} == set(tiny_params()["quantize"]["recipes"]) | set(tiny_params()["quantize"]["carry"])
     auto = next(c for c in children if c.data.tags["mlflow.runName"] == "onnx-w8a8-auto")
     assert "int8_mac_fraction" in auto.data.metrics and "float_layers" in auto.data.tags
-    assert {"recovery/sensitivity.csv", "recovery/sensitivity.png"} <= {
-        f.path for f in client.list_artifacts(auto.info.run_id, "recovery")}
+    logged = {f.path for f in client.list_artifacts(auto.info.run_id, "recovery")}
+    rec = json.loads((ws / "artifacts" / "variants" / "onnx-w8a8-auto" / "recovery.json").read_text())
+    assert "recovery/recovery.json" in logged
+    # The sensitivity table and plot exist (and are logged) exactly when auto ranked the layers.
+    assert ({"recovery/sensitivity.csv", "recovery/sensitivity.png"} <= logged) == (rec["ranking"] is not None), logged
     not_run = [c for c in children if "not_run" in c.data.tags]
     assert [c.data.tags["mlflow.runName"] for c in not_run] == ["tensorrt-w8a8-percentile"]
     for c in children:

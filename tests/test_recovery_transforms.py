@@ -57,6 +57,26 @@ def test_smoothquant_preserves_fp32_outputs():
     assert np.abs(_logits(smoothed, x) - _logits(_vit(), x)).max() < 1e-4 * np.abs(ref).max()
 
 
+def test_smoothquant_alpha_search_derives_the_smoothed_ranges_exactly():
+    """search_alpha scores each alpha without a calibration pass over the smoothed model: the paired Linears'
+    input ranges are max_j(max|X_j| / s_j) and every other layer's input is unchanged. Measured ranges agree."""
+    from tasks.recovery.smoothquant import smoothed_ranges, smoothing_pairs, smooth
+
+    model, x = _vit(), _x()
+    _perturb_norms(model)
+    names = quantizable_modules(model)
+    chan = input_amax(model, names, x, per_channel=True)
+    amax = {n: float(c.max()) for n, c in chan.items()}
+    assert amax == pytest.approx(input_amax(model, names, x), rel=1e-6)  # per-tensor = max of per-channel
+    pairs = smoothing_pairs(model)
+    scales = smooth(model, pairs, chan, alpha=0.6)
+    derived = smoothed_ranges(amax, chan, scales)
+    measured = input_amax(model, names, x)
+    for n in names:
+        assert derived[n] == pytest.approx(measured[n], rel=1e-4), (n, derived[n], measured[n])
+    assert any(abs(derived[lin] - amax[lin]) > 0.1 * amax[lin] for _, lin in pairs), "smoothing must move the ranges"
+
+
 def test_outlier_transform_preserves_fp32_and_creates_outliers():
     from tasks.recovery.outliers import OutlierSpec, inject_outliers
 

@@ -281,6 +281,9 @@ class RecoveryConfig(_Strict):
     min_mask_iou: float = Field(0.9, ge=0, le=1)  # dense: IoU of the masks with FP32's
     max_miou_drop: float | None = Field(None, ge=0)  # dense: points of mIoU vs ground-truth masks
     sensitivity_images: int = Field(128, ge=1)  # validation images the per-layer sensitivity ranking measures on
+    # onnx-w8a8-auto's per-layer sensitivity (4 simulated forwards per layer: the costly part at ViT-B scale) only
+    # when a fallback to float needs the ranking, or always (recorded as sensitivity.csv either way it runs).
+    rank_layers: Literal["when_needed", "always"] = "when_needed"
     search_images: int = Field(450, ge=1)  # validation images the mixed-precision search judges the budget on
     smoothquant_alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # candidates, each in (0, 1)
     search_percentiles: tuple[float, ...] = (99.9, 99.99, 99.999)  # of |x|, calibration-search candidates

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from tasks._io import quiet_stdout
+from tasks._progress import Progress
 from tasks.recovery.simulate import QMAX, fake_quant_weight, run_with_input_hooks
 from vitq.config import CalibrationConfig
 
@@ -83,14 +84,19 @@ def _layer_inputs(model: torch.nn.Module, names: list[str], x: np.ndarray, batch
 
 
 @torch.inference_mode()
-def _output_mse(module: torch.nn.Module, x: torch.Tensor, amax: float) -> float:
+def _output_mse(module: torch.nn.Module, x: torch.Tensor, amaxes: dict[str, float]) -> dict[str, float]:
+    """Candidate -> the layer's output MSE relative to its output power, input fake-quantized at the candidate's
+    |range| and weight per-channel int8. The float output and the quantized weight are computed once per layer."""
     from torch.func import functional_call
 
     ref = module(x)
+    power = (ref**2).mean().clamp_min(1e-30)
     wq = fake_quant_weight(module.weight)
-    xq = torch.fake_quantize_per_tensor_affine(x, max(amax, 1e-12) / QMAX, 0, -QMAX, QMAX)
-    out = functional_call(module, {"weight": wq}, (xq,))
-    return float(((out - ref) ** 2).mean() / (ref**2).mean().clamp_min(1e-30))
+    out = {}
+    for method, amax in amaxes.items():
+        xq = torch.fake_quantize_per_tensor_affine(x, max(amax, 1e-12) / QMAX, 0, -QMAX, QMAX)
+        out[method] = float(((functional_call(module, {"weight": wq}, (xq,)) - ref) ** 2).mean() / power)
+    return out
 
 
 def search_calibration(
@@ -110,11 +116,14 @@ def search_calibration(
     inputs = _layer_inputs(model, [n for ls in by_tensor.values() for n in ls], x, batch_size)
     modules = dict(model.named_modules())
     choices = []
+    progress = Progress(log, "calibration search: tensor", len(by_tensor))
     for tensor, layers in by_tensor.items():
         cands = ranges[tensor]
-        errs = {m: sum(_output_mse(modules[n], inputs[n], a) for n in layers) for m, a in cands.items()}
+        per_layer = [_output_mse(modules[n], inputs[n], cands) for n in layers]
+        errs = {m: sum(e[m] for e in per_layer) for m in cands}
         best = min(sorted(errs), key=lambda m: (errs[m], m))
         choices.append(TensorChoice(tensor=tensor, layers=layers, amax=cands, output_mse=errs, chosen=best))
+        progress.step(f"{tensor}: {best}")
     picked = {}
     for c in choices:
         picked[c.chosen] = picked.get(c.chosen, 0) + 1

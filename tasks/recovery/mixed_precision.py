@@ -78,8 +78,10 @@ def search_float_layers(
                           "miou_drop": m.miou_drop, "met": ok})
             # At most: both ends, the bisection, then one pruning trial per chosen layer.
             bound = 2 + math.ceil(math.log2(max(len(ranking), 1))) + len(ranking)
-            log.info("mixed precision: build %d (at most %d, %.0fs): %d float layer(s) -> %s: %s", len(seen), bound,
-                     time.perf_counter() - start, len(key), summary_line(m), "meets budget" if ok else "outside budget")
+            elapsed = time.perf_counter() - start
+            log.info("mixed precision: build %d (at most %d; %.0fs elapsed, ETA at most %.0fs): %d float layer(s) -> %s: %s",
+                     len(seen), bound, elapsed, elapsed / len(seen) * (bound - len(seen)), len(key), summary_line(m),
+                     "meets budget" if ok else "outside budget")
         return not budget.reasons(seen[key])
 
     def result(layers, ok):

@@ -55,27 +55,45 @@ def smoothing_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
-def smooth(model: nn.Module, pairs, act_channel_amax: dict[str, torch.Tensor], alpha: float) -> None:
-    """Apply SmoothQuant in place. `act_channel_amax`: Linear name -> (in_features,) max|X_j|."""
+def smoothing_scales(model: nn.Module, pairs, act_channel_amax: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """Linear name -> s (in_features,): max|X_j|^alpha / max|W_:,j|^(1 - alpha)."""
     modules = dict(model.named_modules())
-    for norm_name, lin_name in pairs:
-        norm, lin = modules[norm_name], modules[lin_name]
+    scales = {}
+    for _, lin_name in pairs:
+        lin = modules[lin_name]
         a = act_channel_amax[lin_name].to(lin.weight.dtype).clamp_min(1e-5)
         w = lin.weight.abs().amax(0).clamp_min(1e-5)  # per input channel
-        s = (a.pow(alpha) / w.pow(1 - alpha)).clamp_min(1e-5)
+        scales[lin_name] = (a.pow(alpha) / w.pow(1 - alpha)).clamp_min(1e-5)
+    return scales
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, pairs, act_channel_amax: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """Apply SmoothQuant in place. `act_channel_amax`: Linear name -> (in_features,) max|X_j|. Returns the scales."""
+    modules = dict(model.named_modules())
+    scales = smoothing_scales(model, pairs, act_channel_amax, alpha)
+    for norm_name, lin_name in pairs:
+        norm, lin, s = modules[norm_name], modules[lin_name], scales[lin_name]
         norm.weight.div_(s)
         if norm.bias is not None:
             norm.bias.div_(s)
         lin.weight.mul_(s)
+    return scales
 
 
-def _simulated_sqnr(model: nn.Module, x: np.ndarray, x_judge: np.ndarray, ref: np.ndarray, batch_size: int) -> float:
-    """W8A8 logits SQNR vs FP32's `ref` on `x_judge`, activation ranges the min/max over `x`."""
+def smoothed_ranges(amax: dict[str, float], act_channel_amax: dict[str, torch.Tensor],
+                    scales: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Every layer's input |max| after smoothing with `scales`, from the unsmoothed ranges: a paired Linear's
+    input channel j is divided by s_j (max_j(max|X_j| / s_j)); every other layer's input is unchanged."""
+    return {**amax, **{lin: float((act_channel_amax[lin] / s).max()) for lin, s in scales.items()}}
+
+
+def _simulated_sqnr(model: nn.Module, act_amax: dict[str, float], x_judge: np.ndarray, ref: np.ndarray, batch_size: int) -> float:
+    """W8A8 logits SQNR vs FP32's `ref` on `x_judge`, with the activation ranges `act_amax` (layer -> |max|)."""
     from tasks.model import predict
     from tasks.validate import compare_outputs
 
-    names = quantizable_modules(model)
-    sim = QuantSim(model, input_amax(model, names, x, batch_size)).quantize_all()
+    sim = QuantSim(model, act_amax).quantize_all()
     try:
         out = predict(model, x_judge, batch_size)
     finally:
@@ -96,14 +114,18 @@ def search_alpha(model: nn.Module, x: np.ndarray, alphas, batch_size: int = 128,
     if not pairs:
         raise ValueError("SmoothQuant found no LayerNorm -> Linear pair (expects timm blocks: norm1 -> attn.qkv, norm2 -> mlp.fc1)")
     ref = predict(model, x_judge, batch_size)
-    chan = input_amax(model, [lin for _, lin in pairs], x, batch_size, per_channel=True)
-    base = _simulated_sqnr(copy.deepcopy(model), x, x_judge, ref, batch_size)
+    # One pass over the calibration images: every layer's input |max| per channel (the last dimension). Smoothing
+    # leaves every layer's input as it was except the paired Linears', whose channel j is divided by s_j: their
+    # ranges after smoothing are max_j(max|X_j| / s_j), exact without another pass.
+    chan = input_amax(model, quantizable_modules(model), x, batch_size, per_channel=True)
+    amax = {n: float(c.max()) for n, c in chan.items()}
+    base = _simulated_sqnr(copy.deepcopy(model), amax, x_judge, ref, batch_size)
     scores = {}
     progress = Progress(log, "smoothquant: alpha", len(alphas), every_s=0.0)
     for alpha in alphas:
         trial = copy.deepcopy(model)
-        smooth(trial, pairs, chan, alpha)
-        scores[f"{alpha:g}"] = _simulated_sqnr(trial, x, x_judge, ref, batch_size)
+        scales = smooth(trial, pairs, chan, alpha)
+        scores[f"{alpha:g}"] = _simulated_sqnr(trial, smoothed_ranges(amax, chan, scales), x_judge, ref, batch_size)
         progress.step(f"{alpha:.2f} -> simulated W8A8 output SQNR {scores[f'{alpha:g}']:.1f} dB")
     best = max(alphas, key=lambda a: (scores[f"{a:g}"] if math.isfinite(scores[f"{a:g}"]) else 1e9, -a))
     smooth(model, pairs, chan, best)

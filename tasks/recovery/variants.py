@@ -398,8 +398,12 @@ def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
         if not entry["float_layers"]:
             entry.update(by_name[entry["start"]].details)
     path += comp.path
-    rows = sensitivity(chosen.name)  # recorded either way: what a fallback from the chosen start ranks
-    write_sensitivity(rows, out / "sensitivity.csv", out / "sensitivity.png", f"{recipe.name} ({chosen.name})")
+    ranking: dict = {"ranking": None, "ranking_note": f"not ranked: {chosen.name} meets the budget in full INT8 "
+                     "(recovery.rank_layers: when_needed)"}
+    if chosen.name in ranked or rc.rank_layers == "always":  # what a fallback from the chosen start ranks
+        rows = sensitivity(chosen.name)
+        write_sensitivity(rows, out / "sensitivity.csv", out / "sensitivity.png", f"{recipe.name} ({chosen.name})")
+        ranking = {"ranking": [r.layer for r in rows]}
 
     # The variant: the chosen start's graph, ranges and float layers.
     calib_search.write_table(out / "calibration.json", calib_search.read_amax(chosen.table))
@@ -412,7 +416,7 @@ def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
                           layer_map.nodes_of(chosen.layers, float_set))
     return Decision(chosen.layers, prep, {
         "budget": asdict(budget), "budget_met": comp.met, "start": chosen.name, "stopped": comp.stopped, "path": path,
-        "float_layers": float_set, "ranking": [r.layer for r in rows], **comp.details,
+        "float_layers": float_set, **ranking, **comp.details,
         "search_split": split, "search_images": len(held.x), "sensitivity_images": len(xs),
         **both_numbers(recipe, inputs, out / "model.onnx", held),
     })
