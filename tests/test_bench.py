@@ -35,3 +35,28 @@ def test_old_names_print_their_own_usage_with_the_same_options(tmp_path):
             assert proc.returncode == 0 and proc.stdout.startswith(f"usage: vitq {name} "), proc.stdout[:200]
         options = {name: set(re.findall(r"--[a-z-]+", proc.stdout)) for name, proc in helps.items()}
         assert options[new] == options[old] and "--out" in options[new], options
+
+
+def test_recovery_scale_rejects_bad_arguments_before_any_work(tmp_path):
+    for args, needle in ((["--recipes", "onnx-w8a8-nope"], "unknown recipe 'onnx-w8a8-nope'"),
+                         (["--model", "vit_nope_9"], "unknown timm model"),
+                         (["--validation", "1"], "--validation 1")):
+        proc = vitq(["recovery-scale", *args], tmp_path)
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / ".recovery-scale").exists() and not (tmp_path / "reports").exists()
+
+
+def test_recovery_scale_table_and_params():
+    from pathlib import Path
+
+    from vitq.config import parse_params
+    from vitq.experiments.recovery_scale import scale_params, scale_table
+
+    p = parse_params(scale_params("vit_base_patch16_224", Path("/w/ckpt.pth"), 256, 500, ["onnx-w8a8-auto"], 224))
+    assert (p.model.source, p.model.name, p.data.calibration_size, p.data.validation_size) == ("timm", "vit_base_patch16_224", 256, 500)
+    assert list(p.quantize.recipes) == ["onnx-w8a8-auto"] and p.data.image_size == 224 and p.data.channels == 3
+    table = scale_table({"stages": {"calibrate": 61.2}, "recipes": [
+        {"recipe": "onnx-w8a8-auto", "seconds": 300.0, "start": "smoothquant", "budget_met": True},
+        {"recipe": "onnx-w8a8-search", "seconds": 100.0, "start": None, "budget_met": None}], "recipes_total_s": 400.0})
+    assert "| quantize onnx-w8a8-auto (start smoothquant, budget met) | 300 |" in table
+    assert "| the recipes together | 400 |" in table

@@ -71,6 +71,18 @@ def _parser() -> argparse.ArgumentParser:
                               "outliers_alternating, efficientvit_b0")
         rec.add_argument("--workdir", default=".")
         rec.add_argument("--out", default="reports/recovery.json")
+    for sc in _experiment(sub, "recovery-scale", None, _recovery_scale,
+                          "seconds per stage and per recovery recipe on a full-size timm ViT with random weights "
+                          "(reports/recovery_scale.json)"):
+        sc.add_argument("--model", default="vit_base_patch16_224", help="a timm name (random weights)")
+        sc.add_argument("--calibration", type=int, default=256, help="calibration images")
+        sc.add_argument("--validation", type=int, default=500, help="validation images (data.holdout_size of them held out)")
+        sc.add_argument("--recipes", default="onnx-w8a8-auto,onnx-w8a8-smoothquant,onnx-w8a8-search",
+                        help="comma-separated recipes, each timed")
+        sc.add_argument("--scratch", default=".recovery-scale", help="folder for its own workspace (reused: the "
+                        "prepared stages run again, the random checkpoint is kept)")
+        sc.add_argument("--workdir", default=".")
+        sc.add_argument("--out", default="reports/recovery_scale.json")
     for peers in _experiment(sub, "peers", None, _peers,
                              "ONNX Runtime's and NNCF's INT8 next to vitq's recipes, same FP32 ONNX and images "
                              "(reports/peers.json, reports/peers.md)"):
@@ -290,6 +302,20 @@ def _recovery_accuracy(args) -> int:
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     records = run_recovery(ws, params, cases, ws.root / args.out)
     print(recovery_table(records))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _recovery_scale(args) -> int:
+    from vitq.experiments import recovery_scale
+
+    recipes = recovery_scale.check_recipes([r.strip() for r in args.recipes.split(",") if r.strip()])
+    if args.calibration < 1 or args.validation < 3:
+        raise VitqError(f"--calibration {args.calibration} must be >= 1 and --validation {args.validation} >= 3")
+    root = Path(args.workdir).resolve()
+    result = recovery_scale.run_scale(args.model, args.calibration, args.validation, recipes,
+                                      root / args.scratch, root / args.out)
+    print(recovery_scale.scale_table(result))
     print(f"wrote {args.out}")
     return 0
 
