@@ -1,10 +1,13 @@
 """Calibration stage: one pass over the calibration split, every calibration table at once.
 
-ONNX Runtime's own pieces do the work: `HistogramCalibrater` selects and exposes the tensors to
-measure, two `HistogramCollector`s (|x| histogram for percentile, signed histogram for entropy/KL)
-accumulate batch by batch, and the tables are written with `save_tensors_data`, the format
-`quantize_static(calibration_cache_path=...)` reads. Min/max comes from the same histograms, and so
-does a percentile table at each percentile a defined recipe overrides (`percentile-<p>.json`).
+ONNX Runtime's `HistogramCalibrater` selects the tensors to measure and exposes them as graph outputs; ORT
+runs that graph `batch_size` images at a time into buffers bound once (IOBinding), and
+`tasks._histograms.CalibrationHistograms` accumulates, per tensor, the two histograms of ORT's
+`HistogramCollector`s (|x| for min/max and percentile, signed for entropy/KL) on ORT's own bin grids, counted
+with one vectorised pass per tensor and batch; the entropy search scores all candidate thresholds at once.
+Tables equal ORT's collectors' within one histogram bin (tests/test_calibrate_histograms.py), written with
+`save_tensors_data`, the format `quantize_static(calibration_cache_path=...)` reads. A percentile table at each
+percentile a defined recipe overrides (`percentile-<p>.json`) comes from the same histograms.
 Every table is symmetric-ready: the static recipes quantize activations symmetrically (zero point 0).
 """
 
@@ -18,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks._histograms import CalibrationHistograms
 from tasks._progress import Progress
-from tasks._io import atomic_dir, quiet_stdout, read_json, write_json
+from tasks._io import atomic_dir, read_json, write_json
 from tasks.data import load_split, model_inputs
 from tasks.export import INPUT_NAME
 from tasks.model import load_model_spec
@@ -46,14 +50,17 @@ def table_path(calibration_dir: Path, method: str, percentile: float | None = No
     return Path(calibration_dir) / (f"{method}.json" if percentile is None else f"{method}-{float(percentile)!r}.json")
 
 
-def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, entropy: bool, op_types=CALIBRATED_OP_TYPES):
-    """One pass of model inputs `x` (N, C, H, W) through the model, batch by batch, into an |x|
-    histogram collector (percentile, min/max) and, if `entropy`, a signed one (entropy/KL).
-    Returns (calibrated tensor names, abs collector, signed collector or None)."""
-    from onnxruntime.quantization.calibrate import HistogramCalibrater, HistogramCollector
+def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, entropy: bool,
+                       op_types=CALIBRATED_OP_TYPES) -> tuple[list[str], CalibrationHistograms]:
+    """One pass of model inputs `x` (N, C, H, W) through the model, `cfg.batch_size` images a run, every
+    calibrated tensor into `CalibrationHistograms` (ORT's |x| histogram and, if `entropy`, its signed one).
+    Returns (calibrated tensor names, histograms)."""
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization.calibrate import HistogramCalibrater
 
     with tempfile.TemporaryDirectory(prefix="vitq-calib-") as scratch:
-        calibrater = HistogramCalibrater(
+        calibrater = HistogramCalibrater(  # ORT's choice of tensors (inputs/outputs of `op_types`), as graph outputs
             str(prep_onnx),
             op_types_to_calibrate=list(op_types),
             augmented_model_path=str(Path(scratch) / "augmented.onnx"),
@@ -61,41 +68,44 @@ def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, e
             symmetric=True,
         )
         calibrater.augment_graph()
-        calibrater.create_inference_session()
-        session = calibrater.infer_session
         names = sorted(calibrater.tensors_to_calibrate)
-        abs_hist = HistogramCollector("percentile", True, cfg.num_bins, cfg.num_quantized_bins, cfg.percentile, "same")
-        value_hist = HistogramCollector("entropy", True, cfg.num_bins, cfg.num_quantized_bins, cfg.percentile, "same")
-        n = len(x)
-        batches = range(0, n, cfg.batch_size)
-        progress = Progress(log, "calibrate: batch", len(batches))
-        for i, lo in enumerate(batches, 1):
-            outputs = dict(zip((o.name for o in session.get_outputs()), session.run(None, {INPUT_NAME: x[lo : lo + cfg.batch_size]})))
-            batch = {name: outputs[name] for name in names}
-            with quiet_stdout():  # the collectors print per call
-                abs_hist.collect(batch)
-                if entropy:
-                    value_hist.collect(batch)
-            progress.step(f"({min(lo + cfg.batch_size, n)} images)")
-        del calibrater, session
-    return names, abs_hist, value_hist if entropy else None
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ORT's calibrater: its values
+        session = ort.InferenceSession(calibrater.augmented_model_path, options, providers=["CPUExecutionProvider"])
+        del calibrater
+    histograms = CalibrationHistograms(cfg.num_bins, cfg.num_quantized_bins, signed=entropy)
+    n, size = len(x), cfg.batch_size
+    batches = range(0, n, size)
+    progress = Progress(log, "calibrate: batch", len(batches))
+    outputs: dict[str, np.ndarray] = {}  # the buffers ORT writes every full batch into (no allocation per run)
+    binding = session.io_binding()
+    for lo in batches:
+        batch = np.ascontiguousarray(x[lo : lo + size])
+        if len(batch) == size and outputs:
+            binding.bind_cpu_input(INPUT_NAME, batch)
+            session.run_with_iobinding(binding)
+            values = outputs
+        else:
+            values = dict(zip((o.name for o in session.get_outputs()), session.run(None, {INPUT_NAME: batch})))
+            if len(batch) == size:
+                outputs = values
+                for name, buf in outputs.items():
+                    binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        with torch.inference_mode():
+            for name in names:
+                histograms.collect(name, torch.from_numpy(values[name]))
+        progress.step(f"({min(lo + size, n)} images)")
+    del session, binding
+    return names, histograms
 
 
-def _entropy_ranges(value_hist, chunk: int = 16) -> dict[str, tuple[float, float]]:
-    """The entropy (KL) threshold search of ONNX Runtime's collector, a chunk of tensors at a time so that
-    its progress (the slowest part of calibration) is shown."""
-    hists = value_hist.histogram_dict
-    names = list(hists)
+def _entropy_ranges(histograms: CalibrationHistograms, names: list[str]) -> dict[str, tuple[float, float]]:
+    """The entropy (KL) threshold of every tensor, with progress (after the pass, the slowest part)."""
     progress = Progress(log, "calibrate: entropy search, tensor", len(names))
-    ranges: dict[str, tuple[float, float]] = {}
-    try:
-        for i in range(0, len(names), chunk):
-            part = names[i : i + chunk]
-            value_hist.histogram_dict = {t: hists[t] for t in part}
-            ranges.update({t: r[:2] for t, r in value_hist.compute_collection_result().items()})
-            progress.step(n=len(part))
-    finally:
-        value_hist.histogram_dict = hists
+    ranges = {}
+    for name in names:
+        ranges[name] = histograms.entropy_range(name)
+        progress.step()
     return ranges
 
 
@@ -120,23 +130,20 @@ def calibrate_inputs(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, out
         raise DataError("the calibration inputs are empty; calibration needs at least one image")
     start = time.perf_counter()
     n = len(x)
-    names, abs_hist, value_hist = collect_histograms(prep_onnx, x, cfg, "entropy" in cfg.methods)
+    names, histograms = collect_histograms(prep_onnx, x, cfg, "entropy" in cfg.methods)
 
     enum = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
             "entropy": CalibrationMethod.Entropy}
-    tables: dict[str, tuple[CalibrationMethod, dict[str, tuple[float, float]]]] = {}  # file name -> (method, ranges)
-    with quiet_stdout():
-        hist = abs_hist.get_histogram_dict()
-        ranges = {"minmax": {t: (h[2], h[3]) for t, h in hist.items()}}
-        if "percentile" in cfg.methods:
-            ranges["percentile"] = {t: r[:2] for t, r in abs_hist.compute_collection_result().items()}
-        if "entropy" in cfg.methods:
-            ranges["entropy"] = _entropy_ranges(value_hist)
-        tables.update({table_path(".", m).name: (enum[m], ranges[m]) for m in cfg.methods})
-        for pct in extra_percentiles:  # recipes' percentile overrides: the same histograms, no extra pass
-            abs_hist.percentile = pct
-            tables[table_path(".", "percentile", pct).name] = (
-                CalibrationMethod.Percentile, {t: r[:2] for t, r in abs_hist.compute_collection_result().items()})
+    ranges = {"minmax": histograms.minmax_ranges()}
+    if "percentile" in cfg.methods:
+        ranges["percentile"] = histograms.percentile_ranges(cfg.percentile)
+    if "entropy" in cfg.methods:
+        ranges["entropy"] = _entropy_ranges(histograms, names)
+    # file name -> (method, ranges)
+    tables: dict[str, tuple[CalibrationMethod, dict[str, tuple[float, float]]]] = {
+        table_path(".", m).name: (enum[m], ranges[m]) for m in cfg.methods}
+    for pct in extra_percentiles:  # recipes' percentile overrides: the same histograms, no extra pass
+        tables[table_path(".", "percentile", pct).name] = (CalibrationMethod.Percentile, histograms.percentile_ranges(pct))
     with atomic_dir(out_dir) as tmp:
         for file_name, (method, method_ranges) in tables.items():
             data = {

@@ -1,6 +1,6 @@
 """`vitq` command line: `vitq run` (the Prefect flow), `vitq stage <name>` (one stage, as dvc.yaml
 calls it), `vitq recipes` (the registry), and the experiments in vitq/experiments/ (`vitq latency`,
-`vitq coreml-coverage`, `vitq recovery-accuracy`, `vitq peers`; the first three also called `bench`,
+`vitq coreml-coverage`, `vitq recovery-accuracy`, `vitq peers`, `vitq calibration-bench`; the first three also called `bench`,
 `coreml-bench`, `recovery`).
 Bad input: one line on stderr and exit code 2."""
 
@@ -96,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
                            help="comma-separated vitq ONNX recipes to run beside them")
         peers.add_argument("--workdir", default=".")
         peers.add_argument("--out", default="reports/peers.json")
+    for cb in _experiment(sub, "calibration-bench", None, _calibration_bench,
+                          "calibrate-stage time vs ONNX Runtime FP32 forward time, same images and batches "
+                          "(reports/calibration_bench.json)"):
+        cb.add_argument("--model", default="vit_base_patch16_224", help="timm name (random weights) or 'demo'")
+        cb.add_argument("--images", type=int, default=256, help="calibration images (a seeded random tensor)")
+        cb.add_argument("--batch-size", type=int, default=None, help="images a run (default: calibration.batch_size's default)")
+        cb.add_argument("--workdir", default=".")
+        cb.add_argument("--out", default="reports/calibration_bench.json")
     for cm in _experiment(sub, "coreml-coverage", "coreml-bench", _coreml_coverage,
                           "Core ML FP16 / W8 / W8A8 sizes and int8 coverage per model "
                           "(reports/coreml.json); runs on Linux, no Core ML runtime needed"):
@@ -275,6 +283,25 @@ def _latency(args) -> int:
     result = latency.run_bench(models, batches, cfg, ws.root / args.out, static)
     print(latency.bench_table(result))
     print(f"machine: {result['machine']['cpu']} ({result['machine']['cores']} cores); wrote {args.out}")
+    return 0
+
+
+def _calibration_bench(args) -> int:
+    from vitq.config import CalibrationConfig
+    from vitq.experiments import calibration_bench
+    from vitq.experiments._models import resolve_model
+
+    if args.images < 1:
+        raise VitqError(f"--images {args.images} must be >= 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise VitqError(f"--batch-size {args.batch_size} must be >= 1")
+    ws = _workspace(args.workdir)
+    model = resolve_model(args.model, ws)
+    cfg = CalibrationConfig() if args.batch_size is None else CalibrationConfig(batch_size=args.batch_size)
+    record = calibration_bench.run_calibration_bench(model, args.images, cfg, ws.root / args.out)
+    print(calibration_bench.bench_line(record))
+    print(f"machine: {record['machine']['cpu']} ({record['machine']['cores']} cores, load average at start "
+          f"{record['machine']['load_average_at_start']}); wrote {args.out}")
     return 0
 
 

@@ -1,8 +1,8 @@
 """Calibration-method search: per activation tensor, the range whose layer output error is lowest.
 
-Candidates per tensor, all from one pass of ONNX Runtime's histogram collectors over the
-calibration images: min/max, several percentiles of |x|, entropy (KL) and MSE (the threshold that
-minimises the expected squared error of the |x| histogram: rounding noise step^2/12 inside the
+Candidates per tensor, all from one pass of the calibration histograms (tasks/_histograms.py: ONNX
+Runtime's collectors' semantics) over the calibration images: min/max, several percentiles of |x|,
+entropy (KL) and MSE (the threshold that minimises the expected squared error of the |x| histogram: rounding noise step^2/12 inside the
 range, (|x| - t)^2 clipping outside). ONNX Runtime has no MSE calibrator; this is TensorRT's.
 
 Choice by output error, not by the tensor's own error: for each layer reading the tensor, the
@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks._io import quiet_stdout
 from tasks._progress import Progress
 from tasks.recovery.simulate import QMAX, fake_quant_weight, run_with_input_hooks
 from vitq.config import CalibrationConfig
@@ -56,23 +55,20 @@ def candidate_ranges(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, per
     """tensor -> {method: amax} for minmax, percentile-<p> for each p, entropy, mse (only `tensors`, if given)."""
     from tasks.calibrate import collect_histograms
 
-    names, abs_hist, value_hist = collect_histograms(prep_onnx, x, cfg, entropy=True)
+    names, histograms = collect_histograms(prep_onnx, x, cfg, entropy=True)
     if tensors is not None:  # entropy (KL) is the slow part: only for the tensors that will be judged
         names = [n for n in names if n in set(tensors)]
-        for h in (abs_hist, value_hist):
-            h.histogram_dict = {k: v for k, v in h.histogram_dict.items() if k in set(tensors)}
+        histograms.select(names)
     out: dict[str, dict[str, float]] = {n: {} for n in names}
-    with quiet_stdout():  # the collectors print
-        hists = abs_hist.get_histogram_dict()
-        for t, (hist, edges, lo, hi) in hists.items():
-            out[t]["minmax"] = float(max(abs(lo), abs(hi)))
-            out[t]["mse"] = mse_threshold(np.asarray(hist, np.float64), np.asarray(edges, np.float64))
-        for p in percentiles:
-            abs_hist.percentile = p
-            for t, r in abs_hist.compute_percentile().items():
-                out[t][f"percentile-{p:g}"] = float(abs(r[1]))
-        for t, r in value_hist.compute_entropy().items():
-            out[t]["entropy"] = float(max(abs(r[0]), abs(r[1])))
+    for t, (hist, edges, lo, hi) in histograms.abs.items():
+        out[t]["minmax"] = float(max(abs(lo), abs(hi)))
+        out[t]["mse"] = mse_threshold(np.asarray(hist, np.float64), np.asarray(edges, np.float64))
+    for p in percentiles:
+        for t, r in histograms.percentile_ranges(p).items():
+            out[t][f"percentile-{p:g}"] = float(abs(r[1]))
+    for t in names:
+        lo, hi = histograms.entropy_range(t)
+        out[t]["entropy"] = float(max(abs(lo), abs(hi)))
     return out
 
 

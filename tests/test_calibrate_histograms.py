@@ -1,0 +1,142 @@
+"""Calibration tables from tasks/_histograms.py equal ONNX Runtime's HistogramCollector results within one
+histogram bin: the same bin edges, min/max exactly, percentile and entropy thresholds within one bin, on
+tensors with dense and sparse tails, batches of unequal size, and end to end on a small ONNX model."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+import torch
+
+NUM_BINS, NUM_QUANTIZED_BINS = 512, 128
+
+
+def _batches(seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    kinds = [
+        lambda s: rng.standard_normal(s),
+        lambda s: rng.standard_t(3, s),  # sparse tail: the percentile is sensitive to every count
+        lambda s: np.maximum(rng.standard_normal(s), 0),  # ReLU-like: exact zeros
+        lambda s: rng.exponential(1, s),  # one-sided
+        lambda s: rng.uniform(0.9, 1.0, s),  # far from 0: |x| bins much narrower than signed ones
+        lambda s: rng.standard_normal(s) * 0.01 + 3,
+    ]
+    # batch b: b + 1 rows, growing scale: ranges grow, both grids add bins, later |x| fall below the first min
+    return [{f"t{i}": (kind((b + 1, 4000)) * (1 + 0.3 * b)).astype(np.float32) for i, kind in enumerate(kinds)}
+            for b in range(4)]
+
+
+def _ort_collectors(batches, percentile):
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    abs_hist = HistogramCollector("percentile", True, NUM_BINS, NUM_QUANTIZED_BINS, percentile, "same")
+    value_hist = HistogramCollector("entropy", True, NUM_BINS, NUM_QUANTIZED_BINS, percentile, "same")
+    with contextlib.redirect_stdout(io.StringIO()):
+        for batch in batches:
+            abs_hist.collect(batch)
+            value_hist.collect(batch)
+        return abs_hist, value_hist, abs_hist.compute_percentile(), value_hist.compute_entropy()
+
+
+def _bins_apart(a, b, edges) -> float:
+    return abs(float(a) - float(b)) / float(edges[1] - edges[0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("percentile", [99.9, 99.99])
+def test_tables_equal_onnxruntime_collectors_within_one_bin(seed, percentile):
+    from tasks._histograms import CalibrationHistograms
+
+    batches = _batches(seed)
+    abs_ort, value_ort, pct_ort, ent_ort = _ort_collectors(batches, percentile)
+    ours = CalibrationHistograms(NUM_BINS, NUM_QUANTIZED_BINS)
+    for batch in batches:
+        for name, v in batch.items():
+            ours.collect(name, torch.from_numpy(v))
+    pct = ours.percentile_ranges(percentile)
+    for name in batches[0]:
+        abs_edges, value_edges = abs_ort.histogram_dict[name][1], value_ort.histogram_dict[name][1]
+        np.testing.assert_array_equal(ours.abs[name][1], abs_edges, err_msg=f"{name}: |x| bin edges")
+        np.testing.assert_array_equal(ours.value[name][1], value_edges, err_msg=f"{name}: signed bin edges")
+        assert ours.minmax_ranges()[name] == tuple(abs_ort.histogram_dict[name][2:4]), name
+        apart = _bins_apart(pct[name][1], pct_ort[name][1], abs_edges)
+        assert apart <= 1.001, f"{name}: percentile {pct[name][1]} vs ORT {pct_ort[name][1]}: {apart:.2f} bins apart"
+        low, high = ours.entropy_range(name)
+        for got, want in ((low, ent_ort[name][0]), (high, ent_ort[name][1])):
+            apart = _bins_apart(got, want, value_edges)
+            assert apart <= 1.001, f"{name}: entropy {(low, high)} vs ORT {ent_ort[name][:2]}: {apart:.2f} bins apart"
+
+
+def test_vectorised_divergences_equal_onnxruntime_per_candidate():
+    """The all-candidates KL equals ORT's per-candidate float32 KL to float32 precision, on every candidate."""
+    from tasks._histograms import _divergence_ort, _divergences
+
+    rng = np.random.default_rng(0)
+    for x in (rng.standard_t(3, 100_000), np.maximum(rng.standard_normal(50_000), 0), rng.standard_normal(3000)):
+        t = np.abs(x).max()
+        hist = np.histogram(x.astype(np.float32), 600, range=(-t, t))[0]
+        candidates = np.arange(NUM_QUANTIZED_BINS // 2, 301)
+        fast = _divergences(hist, NUM_QUANTIZED_BINS, candidates)
+        exact = np.array([_divergence_ort(hist, NUM_QUANTIZED_BINS, int(i), np.float32) for i in candidates])
+        np.testing.assert_allclose(fast, exact, rtol=1e-4, atol=1e-5)
+
+
+def _tiny_onnx(path):
+    """input (N, 3, 4, 4) -> Flatten -> MatMul -> Relu -> MatMul: 4 calibrated tensors (MatMul inputs and outputs)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((48, 32)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((32, 10)).astype(np.float32), "w2")
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"], name="flatten"),
+         helper.make_node("MatMul", ["flat", "w1"], ["h"], name="fc1"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["logits"], name="fc2")],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [w1, w2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = onnx.shape_inference.infer_shapes(model)
+    onnx.save(model, str(path))
+
+
+def test_calibrate_inputs_tables_equal_onnxruntime_within_one_bin(tmp_path):
+    """End to end: calibrate_inputs' tables against ORT's HistogramCalibrater + collectors on the same batches."""
+    from onnxruntime.quantization.calibrate import HistogramCalibrater, load_tensors_data
+
+    from tasks.calibrate import calibrate_inputs
+    from vitq.config import CalibrationConfig
+
+    _tiny_onnx(tmp_path / "tiny.onnx")
+    x = (np.random.default_rng(1).standard_t(4, (40, 3, 4, 4))).astype(np.float32)
+    cfg = CalibrationConfig(num_bins=NUM_BINS, batch_size=16, percentile=99.9)
+    calibrate_inputs(tmp_path / "tiny.onnx", x, cfg, tmp_path / "tables")
+
+    calibrater = HistogramCalibrater(str(tmp_path / "tiny.onnx"), op_types_to_calibrate=["MatMul", "Gemm", "Conv"],
+                                     augmented_model_path=str(tmp_path / "augmented.onnx"), symmetric=True)
+    calibrater.augment_graph()
+    calibrater.create_inference_session()
+    names = sorted(calibrater.tensors_to_calibrate)
+    outputs = [o.name for o in calibrater.infer_session.get_outputs()]
+    batches = [{n: v for n, v in zip(outputs, calibrater.infer_session.run(None, {"input": x[lo : lo + 16]})) if n in names}
+               for lo in range(0, len(x), 16)]
+    abs_ort, value_ort, pct_ort, ent_ort = _ort_collectors(batches, 99.9)
+    want = {"minmax": {t: abs_ort.histogram_dict[t][2:4] for t in names}, "percentile": pct_ort, "entropy": ent_ort}
+    bin_edges = {"minmax": abs_ort.histogram_dict, "percentile": abs_ort.histogram_dict, "entropy": value_ort.histogram_dict}
+    assert len(names) == 4
+    for method in cfg.methods:
+        table = load_tensors_data(tmp_path / "tables" / f"{method}.json").data
+        assert sorted(table) == names
+        for t in names:
+            got = table[t].range_value
+            edges = bin_edges[method][t][1]
+            for g, w in zip(got, want[method][t][:2]):
+                apart = _bins_apart(g, w, edges)
+                assert apart <= (0 if method == "minmax" else 1.001), f"{method} {t}: {got} vs ORT {want[method][t][:2]}"
