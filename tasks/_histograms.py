@@ -34,8 +34,9 @@ EPS = 0.0001  # ORT's smooth_distribution eps
 class CalibrationHistograms:
     """|x| and (if `signed`) signed histograms per tensor, merged batch by batch as ORT's collectors merge them."""
 
-    def __init__(self, num_bins: int, num_quantized_bins: int, signed: bool = True):
-        self.num_bins, self.num_quantized_bins, self.signed = num_bins, num_quantized_bins, signed
+    def __init__(self, num_bins: int, num_quantized_bins: int, signed: bool = True, counts: bool = True):
+        # counts=False: min/max only (a minmax-only calibration needs no histogram: no counting pass at all)
+        self.num_bins, self.num_quantized_bins, self.signed, self.counts = num_bins, num_quantized_bins, signed, counts
         self.abs: dict[str, tuple] = {}  # name -> (hist int64, edges float32, min, max): ORT's percentile collector
         self.value: dict[str, tuple] = {}  # name -> (hist, edges, min, max, threshold): ORT's entropy collector
         self._fold: dict[str, tuple] = {}  # name -> (grid key, fine -> |x| bin index): cached while grids stay
@@ -50,6 +51,10 @@ class CalibrationHistograms:
         if not (np.isfinite(mn) and np.isfinite(mx)):
             raise DataError(f"calibration: tensor {name!r} has non-finite values (min {mn}, max {mx}); the model "
                             "produces NaN/inf on the calibration images, so no range can be calibrated")
+        if not self.counts:
+            old_min, old_max = self.abs[name][2:] if name in self.abs else (mn, mx)
+            self.abs[name] = (None, None, min(old_min, mn), max(old_max, mx))
+            return
         amax = np.float32(max(abs(mn), abs(mx)))
         abs_edges, abs_new = self._abs_edges(name, x, amax)
         value_edges, offset, threshold = self._value_edges(name, amax)

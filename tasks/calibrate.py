@@ -51,10 +51,10 @@ def table_path(calibration_dir: Path, method: str, percentile: float | None = No
 
 
 def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, entropy: bool,
-                       op_types=CALIBRATED_OP_TYPES) -> tuple[list[str], CalibrationHistograms]:
+                       op_types=CALIBRATED_OP_TYPES, counts: bool = True) -> tuple[list[str], CalibrationHistograms]:
     """One pass of model inputs `x` (N, C, H, W) through the model, `cfg.batch_size` images a run, every
-    calibrated tensor into `CalibrationHistograms` (ORT's |x| histogram and, if `entropy`, its signed one).
-    Returns (calibrated tensor names, histograms)."""
+    calibrated tensor into `CalibrationHistograms` (ORT's |x| histogram and, if `entropy`, its signed one;
+    with `counts=False`, min/max only). Returns (calibrated tensor names, histograms)."""
     import onnxruntime as ort
     import torch
     from onnxruntime.quantization.calibrate import HistogramCalibrater
@@ -73,7 +73,7 @@ def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, e
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ORT's calibrater: its values
         session = ort.InferenceSession(calibrater.augmented_model_path, options, providers=["CPUExecutionProvider"])
         del calibrater
-    histograms = CalibrationHistograms(cfg.num_bins, cfg.num_quantized_bins, signed=entropy)
+    histograms = CalibrationHistograms(cfg.num_bins, cfg.num_quantized_bins, signed=entropy, counts=counts)
     n, size = len(x), cfg.batch_size
     batches = range(0, n, size)
     progress = Progress(log, "calibrate: batch", len(batches))
@@ -130,7 +130,8 @@ def calibrate_inputs(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, out
         raise DataError("the calibration inputs are empty; calibration needs at least one image")
     start = time.perf_counter()
     n = len(x)
-    names, histograms = collect_histograms(prep_onnx, x, cfg, "entropy" in cfg.methods)
+    counts = bool(set(cfg.methods) - {"minmax"}) or bool(extra_percentiles)  # minmax alone: no histogram to count
+    names, histograms = collect_histograms(prep_onnx, x, cfg, "entropy" in cfg.methods, counts=counts)
 
     enum = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
             "entropy": CalibrationMethod.Entropy}

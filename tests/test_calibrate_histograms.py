@@ -140,3 +140,27 @@ def test_calibrate_inputs_tables_equal_onnxruntime_within_one_bin(tmp_path):
             for g, w in zip(got, want[method][t][:2]):
                 apart = _bins_apart(g, w, edges)
                 assert apart <= (0 if method == "minmax" else 1.001), f"{method} {t}: {got} vs ORT {want[method][t][:2]}"
+
+
+def test_minmax_alone_counts_no_histogram_and_gives_the_same_table(tmp_path, monkeypatch):
+    """A minmax-only calibration (SmoothQuant's smoothed graph) makes no counting pass, and its table is the
+    minmax table of a full calibration exactly."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    import tasks._histograms as histograms
+    from tasks.calibrate import calibrate_inputs
+    from vitq.config import CalibrationConfig
+
+    _tiny_onnx(tmp_path / "tiny.onnx")
+    x = (np.random.default_rng(2).standard_t(4, (40, 3, 4, 4))).astype(np.float32)
+    calibrate_inputs(tmp_path / "tiny.onnx", x, CalibrationConfig(num_bins=NUM_BINS, batch_size=16), tmp_path / "full")
+    counted, histc = [], histograms._histc
+    monkeypatch.setattr(histograms, "_histc", lambda *a, **k: counted.append(1) or histc(*a, **k))
+    calibrate_inputs(tmp_path / "tiny.onnx", x, CalibrationConfig(methods=("minmax",), num_bins=NUM_BINS, batch_size=16),
+                     tmp_path / "minmax")
+    assert counted == [], "a minmax-only calibration must not count histograms"
+    full = load_tensors_data(tmp_path / "full" / "minmax.json").data
+    alone = load_tensors_data(tmp_path / "minmax" / "minmax.json").data
+    assert sorted(alone) == sorted(full) and len(alone) == 4
+    for t in full:
+        assert np.array_equal(alone[t].range_value, full[t].range_value), t
