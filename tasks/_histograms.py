@@ -142,6 +142,52 @@ class CalibrationHistograms:
         _, idx, keep = cached
         return idx[keep], folded[keep]
 
+    def save(self, path) -> None:
+        """Write the merged histograms to `path` (.npz): the calibrate stage keeps them beside its tables, so the
+        range search over the same graph and images reads them instead of counting again."""
+        import json
+
+        names = self.names()
+        arrays = {"meta": np.array(json.dumps({"names": names, "num_bins": self.num_bins, "signed": self.signed,
+                                               "num_quantized_bins": self.num_quantized_bins}))}
+        for i, t in enumerate(names):
+            hist, edges, mn, mx = self.abs[t]
+            arrays.update({f"abs{i}": hist, f"abs{i}_edges": edges, f"abs{i}_minmax": np.array([mn, mx], np.float32)})
+            if self.signed:
+                hist, edges, mn, mx, threshold = self.value[t]
+                arrays.update({f"val{i}": hist, f"val{i}_edges": edges,
+                               f"val{i}_minmax": np.array([mn, mx, threshold], np.float32)})
+        with open(path, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    def digest(self) -> str:
+        """sha256 of the histograms' content (names, counts, edges, ranges): what `save` writes, without the zip
+        timestamps that make the file's own bytes differ between two equal calibrations."""
+        import hashlib
+
+        h = hashlib.sha256(repr((self.names(), self.num_bins, self.num_quantized_bins, self.signed)).encode())
+        for t in self.names():
+            for part in (*self.abs[t], *(self.value[t] if self.signed else ())):
+                h.update(np.asarray(part).tobytes())
+        return h.hexdigest()
+
+    @classmethod
+    def load(cls, path) -> CalibrationHistograms:
+        """What `save` wrote (values as `collect` left them: the same tables come out)."""
+        import json
+
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            h = cls(meta["num_bins"], meta["num_quantized_bins"], signed=meta["signed"])
+            for i, t in enumerate(meta["names"]):
+                mn, mx = (np.float32(v) for v in z[f"abs{i}_minmax"])
+                h.abs[t] = (z[f"abs{i}"], z[f"abs{i}_edges"], mn, mx)
+                if h.signed:
+                    mn, mx, threshold = z[f"val{i}_minmax"]
+                    h.value[t] = (z[f"val{i}"], z[f"val{i}_edges"], np.float32(mn), np.float32(mx),
+                                  np.array(threshold, dtype=np.float32))
+        return h
+
     # The tables, from the merged histograms.
     def names(self) -> list[str]:
         return sorted(self.abs)

@@ -43,6 +43,10 @@ class CalibrationResult:
     percentile: float
     # Percentile tables beside `percentile.json` for recipes that override the percentile (`percentile-<p>.json`).
     extra_percentiles: list[float] = field(default_factory=list)
+    histograms_sha256: str | None = None  # content digest of `histograms.npz` (None: minmax alone, none kept)
+
+
+HISTOGRAMS = "histograms.npz"  # the merged histograms the tables came from (tasks/_histograms.py), kept for the range search
 
 
 def table_path(calibration_dir: Path, method: str, percentile: float | None = None) -> Path:
@@ -146,6 +150,8 @@ def calibrate_inputs(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, out
     for pct in extra_percentiles:  # recipes' percentile overrides: the same histograms, no extra pass
         tables[table_path(".", "percentile", pct).name] = (CalibrationMethod.Percentile, histograms.percentile_ranges(pct))
     with atomic_dir(out_dir) as tmp:
+        if counts:
+            histograms.save(tmp / HISTOGRAMS)
         for file_name, (method, method_ranges) in tables.items():
             data = {
                 t: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
@@ -159,6 +165,7 @@ def calibrate_inputs(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, out
             op_types=list(CALIBRATED_OP_TYPES),
             percentile=cfg.percentile,
             extra_percentiles=[float(x) for x in extra_percentiles],
+            histograms_sha256=histograms.digest() if counts else None,
         )
         write_json(tmp / "calibration.json", asdict(result))
     log.info(

@@ -97,6 +97,10 @@ def plan_record(ws: Workspace, p: Params, name: str) -> dict:
         table = calibrate.table_path(ws.calibration_dir, *recipe.table())
         reads["calibration_table"] = {"file": table.name, "sha256": file_digest(table) if table.is_file() else None}
     if recipe.recovery:  # recovery recipes calibrate, re-export and fine-tune on their own
+        # the range search's candidates: the calibrate stage's histograms (their content, not the file's bytes)
+        result = ws.calibration_dir / "calibration.json"
+        reads["calibration_histograms"] = (calibrate.load_calibration_result(ws.calibration_dir).histograms_sha256
+                                           if result.is_file() else None)
         reads.update(seed=p.seed, recovery=p.recovery.model_dump(mode="json"),
                      # not the percentile or methods: the table digest above covers what they change
                      calibration=p.calibration.model_dump(mode="json", exclude={"percentile", "methods"}),

@@ -164,3 +164,33 @@ def test_minmax_alone_counts_no_histogram_and_gives_the_same_table(tmp_path, mon
     assert sorted(alone) == sorted(full) and len(alone) == 4
     for t in full:
         assert np.array_equal(alone[t].range_value, full[t].range_value), t
+
+
+def test_the_range_search_reads_the_calibrate_stages_histograms(tmp_path, monkeypatch):
+    """The calibrate stage keeps its histograms (histograms.npz, content digest in calibration.json); the range
+    search over the same graph and images reads them instead of another pass, with the same candidates."""
+    import json
+
+    import tasks.calibrate as calibrate
+    from tasks.recovery.calib_search import candidate_ranges
+    from vitq.config import CalibrationConfig
+
+    _tiny_onnx(tmp_path / "tiny.onnx")
+    x = (np.random.default_rng(3).standard_t(4, (40, 3, 4, 4))).astype(np.float32)
+    cfg = CalibrationConfig(num_bins=NUM_BINS, batch_size=16)
+    calibrate.calibrate_inputs(tmp_path / "tiny.onnx", x, cfg, tmp_path / "a")
+    calibrate.calibrate_inputs(tmp_path / "tiny.onnx", x, cfg.model_copy(update={"percentile": 99.9}), tmp_path / "b")
+    digests = [json.loads((tmp_path / d / "calibration.json").read_text())["histograms_sha256"] for d in "ab"]
+    assert digests[0] is not None and digests[0] == digests[1], "equal histograms, equal digest (the percentile is not in it)"
+    counted = candidate_ranges(tmp_path / "tiny.onnx", x, cfg, (99.9, 99.99))
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the search counted again instead of reading the saved histograms")
+
+    monkeypatch.setattr(calibrate, "collect_histograms", no_pass)
+    read = candidate_ranges(tmp_path / "tiny.onnx", x, cfg, (99.9, 99.99), saved=tmp_path / "a" / calibrate.HISTOGRAMS)
+    assert read == counted and len(read) == 4 and {"minmax", "mse", "entropy", "percentile-99.9"} <= set(read[next(iter(read))])
+    # Other bins than the saved ones: counted again, never a mismatched read.
+    with pytest.raises(AssertionError, match="counted again"):
+        candidate_ranges(tmp_path / "tiny.onnx", x, cfg.model_copy(update={"num_bins": 256}), (99.9,),
+                         saved=tmp_path / "a" / calibrate.HISTOGRAMS)

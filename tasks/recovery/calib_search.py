@@ -51,11 +51,21 @@ def mse_threshold(hist: np.ndarray, edges: np.ndarray, candidates: int = 256) ->
     return float(edges[idx][np.argmin((err * hist[None, :]).sum(1))])
 
 
-def candidate_ranges(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, percentiles, tensors=None) -> dict[str, dict[str, float]]:
-    """tensor -> {method: amax} for minmax, percentile-<p> for each p, entropy, mse (only `tensors`, if given)."""
+def candidate_ranges(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, percentiles, tensors=None,
+                     saved: Path | None = None) -> dict[str, dict[str, float]]:
+    """tensor -> {method: amax} for minmax, percentile-<p> for each p, entropy, mse (only `tensors`, if given).
+    `saved`: the histograms the calibrate stage kept for this same graph and these same images (`HISTOGRAMS`):
+    read instead of counting again, when they hold the signed histograms at `cfg`'s bins."""
+    from tasks._histograms import CalibrationHistograms
     from tasks.calibrate import collect_histograms
 
-    names, histograms = collect_histograms(prep_onnx, x, cfg, entropy=True)
+    histograms = CalibrationHistograms.load(saved) if saved is not None and Path(saved).is_file() else None
+    if histograms is not None and (histograms.signed and histograms.num_bins == cfg.num_bins
+                                   and histograms.num_quantized_bins == cfg.num_quantized_bins):
+        names = histograms.names()
+        log.info("calibration search: candidates from the calibrate stage's histograms (%s)", Path(saved).name)
+    else:
+        names, histograms = collect_histograms(prep_onnx, x, cfg, entropy=True)
     if tensors is not None:  # entropy (KL) is the slow part: only for the tensors that will be judged
         names = [n for n in names if n in set(tensors)]
         histograms.select(names)

@@ -235,15 +235,19 @@ def both_numbers(recipe: Recipe, inputs: Inputs, variant_onnx: Path, held: _Refe
 
 
 def _search_ranges(model: torch.nn.Module, prep: Path, layers: list[Layer], base_table: Path | None, inputs: Inputs,
-                   x_judge: np.ndarray, table_out: Path, csv_out: Path | None = None) -> dict:
+                   x_judge: np.ndarray, table_out: Path, csv_out: Path | None = None, exported: bool = False) -> dict:
     """The per-tensor range search on the graph `prep` (candidates from the calibration images, each judged by
     the error of the layer output it feeds on `x_judge`); writes the table (tensors no judged layer reads keep
-    `base_table`'s range) and returns what it chose."""
+    `base_table`'s range) and returns what it chose. `exported`: `prep` is the export stage's graph, whose
+    calibration histograms the calibrate stage kept."""
+    from tasks.calibrate import HISTOGRAMS
+
     rc = inputs.params.recovery
     x_cal, _ = _split(inputs, "calibration")
     reading = torch_layers(layers, model)
     ranges = calib_search.candidate_ranges(prep, x_cal, inputs.params.calibration, rc.search_percentiles,
-                                           {layer.input for layer in reading})
+                                           {layer.input for layer in reading},
+                                           saved=inputs.calibration_dir / HISTOGRAMS if exported else None)
     choices = calib_search.search_calibration(model, {layer.name: layer.input for layer in reading}, ranges, x_judge)
     amax = calib_search.read_amax(base_table) if base_table is not None and base_table.is_file() else {}
     amax.update({c.tensor: c.amax[c.chosen] for c in choices})
@@ -355,7 +359,7 @@ def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
     # The cheap fixes; `compose` judges each in full INT8 on the held-out images, then falls back if it must.
     starts = [_Start("plain", prep0, layers0, table_path(inputs.calibration_dir, *recipe.table()), model,
                      details={"table": table_path(inputs.calibration_dir, *recipe.table()).name})]
-    found = _search_ranges(model, prep0, layers0, minmax, inputs, x_judge, scratch / "search.json")
+    found = _search_ranges(model, prep0, layers0, minmax, inputs, x_judge, scratch / "search.json", exported=True)
     starts.append(_Start("search", prep0, layers0, scratch / "search.json", model, details={"chosen_counts": found["chosen_counts"]}))
     path: list[dict] = []
     if smoothing_pairs(model):
@@ -448,7 +452,7 @@ def _search(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decisio
     model, _ = load_model(inputs.model_dir)
     # tensors no layer reads (attention inputs) keep the min/max range
     found = _search_ranges(model, prep, layers, table_path(inputs.calibration_dir, "minmax"), inputs, x,
-                           out / "calibration.json", out / "calibration_search.csv")
+                           out / "calibration.json", out / "calibration_search.csv", exported=True)
     onnx_backend.quantize(recipe, prep, out / "model.onnx", out / "calibration.json")
     return Decision(layers, prep, {**found, "judged_split": split, "float_layers": [],
                                    **both_numbers(recipe, inputs, out / "model.onnx")})
