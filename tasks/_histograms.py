@@ -40,6 +40,7 @@ class CalibrationHistograms:
         self.abs: dict[str, tuple] = {}  # name -> (hist int64, edges float32, min, max): ORT's percentile collector
         self.value: dict[str, tuple] = {}  # name -> (hist, edges, min, max, threshold): ORT's entropy collector
         self._fold: dict[str, tuple] = {}  # name -> (grid key, fine -> |x| bin index): cached while grids stay
+        self._abs_buf = self._mask_buf = None  # scratch for |x| and |x| < e0, reused (see _abs)
 
     def collect(self, name: str, x: torch.Tensor) -> None:
         """Add one batch of tensor `name` (any shape, float32)."""
@@ -69,7 +70,7 @@ class CalibrationHistograms:
         counts = _histc(x, n_value * (1 if direct else fine), float(value_edges[0]), float(value_edges[-1]))
         if direct:
             value_hist = counts
-            abs_hist = _histc(x, len(abs_edges) - 1, e0, float(abs_edges[-1]), absolute=True)
+            abs_hist = _histc(self._abs(x), len(abs_edges) - 1, e0, float(abs_edges[-1]))
         else:
             value_hist = counts.reshape(n_value, fine).sum(1)
             half = len(counts) // 2
@@ -77,7 +78,7 @@ class CalibrationHistograms:
             if not abs_new and e0 > 0 and mn < e0 and mx > -e0:
                 # The |x| < e0 ORT drops lie in fine bin 0. Their count moves the total, hence a percentile's
                 # rank, which in a sparse tail moves the percentile many bins: count them exactly.
-                folded[0] -= int(torch.count_nonzero(x.abs() < e0))
+                folded[0] -= int(torch.count_nonzero(torch.lt(self._abs(x), e0, out=self._mask_buf[: x.numel()])))
             abs_hist = np.bincount(*self._fold_index(name, span / len(counts), half, abs_edges, folded),
                                    minlength=len(abs_edges) - 1).astype(np.int64)
         # Merge, as ORT: the |x| histogram grows at the end; the signed one by `offset` bins on both sides.
@@ -94,11 +95,20 @@ class CalibrationHistograms:
                 mn, mx = min(old_min, mn), max(old_max, mx)
             self.value[name] = (value_hist, value_edges, mn, mx, threshold)
 
+    def _abs(self, x: torch.Tensor) -> torch.Tensor:
+        """|x| (1-D) in a buffer reused from call to call: a fresh tensor each time costs more in page faults
+        than the op itself (a ViT-B batch's fc2 input is 78 MB; measured 1.7 vs 0.2 ns a value)."""
+        n = x.numel()
+        if self._abs_buf is None or self._abs_buf.numel() < n:
+            self._abs_buf = torch.empty(n, dtype=torch.float32)
+            self._mask_buf = torch.empty(n, dtype=torch.bool)
+        return torch.abs(x, out=self._abs_buf[:n])
+
     def _abs_edges(self, name: str, x: torch.Tensor, amax: np.float32) -> tuple[np.ndarray, bool]:
         """ORT's collect_absolute_value grid: the first batch spans [min |x|, max |x|] in num_bins bins; a later
         batch with a larger |x| appends bins of the same width. Returns (edges, first batch?)."""
         if name not in self.abs:
-            amin = np.float32(x.abs().min().item())  # first batch only
+            amin = np.float32(self._abs(x).min().item())  # first batch only
             return np.histogram(np.array([amin, amax], np.float32), bins=self.num_bins)[1].astype(np.float32), True
         edges = self.abs[name][1]
         if amax > edges[-1]:
@@ -219,12 +229,12 @@ class CalibrationHistograms:
         return entropy_threshold(hist, edges, mn, mx, self.num_quantized_bins)
 
 
-def _histc(x: torch.Tensor, bins: int, lo: float, hi: float, absolute: bool = False) -> np.ndarray:
+def _histc(x: torch.Tensor, bins: int, lo: float, hi: float) -> np.ndarray:
     """Counts (int64) of `x` (1-D) in `bins` equal bins over [lo, hi] (values outside ignored), in chunks
     small enough for torch.histc's float32 counters to stay exact."""
     total = torch.zeros(bins, dtype=torch.float64)
     for part in x.split(HISTC_CHUNK):
-        total += torch.histc(part.abs() if absolute else part, bins, lo, hi)
+        total += torch.histc(part, bins, lo, hi)
     return total.numpy().astype(np.int64)
 
 

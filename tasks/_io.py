@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,13 +17,36 @@ from pathlib import Path
 PARTIAL_MARK = ".tmp-"
 OUTPUT_ROOTS = ("data", "models", "artifacts", "reports")  # the workspace folders stages write to
 
+_closed = threading.Event()
+_creating = threading.RLock()  # reentrant: the interrupt handler runs on the main thread, maybe inside a write
+
+
+def close_writes() -> None:
+    """Stop new atomic writes from starting (the interrupt handler, before it sweeps the partial
+    entries and exits): a worker thread that would start one waits for the exit instead, so the
+    sweep cannot miss an entry created after it."""
+    with _creating:
+        _closed.set()
+
+
+def _temp_entry(final: Path, make_dir: bool) -> Path:
+    with _creating:
+        if not _closed.is_set():  # (the folder too: it may be a swept temporary one)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if make_dir:
+                return Path(tempfile.mkdtemp(prefix=f".{final.name}{PARTIAL_MARK}", dir=final.parent))
+            fd, name = tempfile.mkstemp(prefix=f".{final.name}{PARTIAL_MARK}", dir=final.parent)
+            os.close(fd)
+            return Path(name)
+    threading.Event().wait()  # interrupted: the process is exiting; never start a write it would leave half-done
+    raise AssertionError("unreachable")
+
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp directory beside `final`; on success it replaces `final`, on error it is removed."""
+    tmp = _temp_entry(Path(final), make_dir=True)
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{PARTIAL_MARK}", dir=final.parent))
     try:
         yield tmp
     except BaseException:
@@ -40,10 +64,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 def atomic_file(final: Path) -> Iterator[Path]:
     """Yield a temp file path beside `final`; on success it is renamed onto `final`."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}{PARTIAL_MARK}", dir=final.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _temp_entry(final, make_dir=False)
     try:
         yield tmp
     except BaseException:

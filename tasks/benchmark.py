@@ -124,6 +124,67 @@ def _time_onnx(models: dict[str, Path], x: np.ndarray, cfg: BenchmarkConfig) -> 
     return timings
 
 
+# Ops that only move between int8 and float: what a static graph adds (QuantizeLinear, DequantizeLinear) or a
+# dynamic one computes per run (DynamicQuantizeLinear), after ORT's fusions.
+QUANTIZE_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+
+
+def profile_onnx(models: dict[str, Path], x: np.ndarray, threads: int, runs: int = 10) -> dict[str, dict]:
+    """Where each model's time goes in ONNX Runtime (same session options as the timing: `threads` intra-op
+    threads, full graph optimisation), from ORT's profiler over `runs` runs on the batch `x` after one warm-up:
+    {name: {"ms_per_run": kernel time summed, "op_types": [{op, ms, share, nodes, provider}] slowest first,
+    "quantize_ms": the share of QUANTIZE_OPS, "graph_ops": op counts of the graph ORT ran (after fusion)}}."""
+    import json
+    import tempfile
+
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="vitq-profile-") as scratch:
+        for name, path in models.items():
+            sess = onnx_backend.session(path, threads=threads, profile_prefix=str(Path(scratch) / name))
+            feed = {sess.get_inputs()[0].name: x}
+            sess.run(None, feed)  # warm-up (profiled too: dropped below by run count)
+            for _ in range(runs):
+                sess.run(None, feed)
+            events = json.loads(Path(sess.end_profiling()).read_text())
+            out[name] = summarize_profile(events, runs + 1, skip_runs=1)
+    return out
+
+
+def summarize_profile(events: list[dict], total_runs: int, skip_runs: int = 0) -> dict:
+    """Per op type: mean kernel ms per run (runs after the first `skip_runs` of `total_runs`), share, node count."""
+    kernels = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    per_run = len(kernels) // total_runs if total_runs else 0
+    kept = kernels[per_run * skip_runs:] if per_run else []
+    runs = max(1, total_runs - skip_runs)
+    by_op: dict[str, dict] = {}
+    for e in kept:
+        args = e.get("args", {})
+        op = by_op.setdefault(args.get("op_name", "?"), {"us": 0.0, "nodes": set(), "provider": args.get("provider", "")})
+        op["us"] += float(e.get("dur", 0))
+        op["nodes"].add(e["name"].removesuffix("_kernel_time"))
+    total_us = sum(v["us"] for v in by_op.values()) or 1.0
+    op_types = sorted(({"op": k, "ms": round(v["us"] / runs / 1e3, 3), "share": round(v["us"] / total_us, 4),
+                        "nodes": len(v["nodes"]), "provider": v["provider"]} for k, v in by_op.items()),
+                      key=lambda r: -r["ms"])
+    return {
+        "ms_per_run": round(total_us / runs / 1e3, 3),
+        "op_types": op_types,
+        "quantize_share": round(sum(v["us"] for k, v in by_op.items() if k in QUANTIZE_OPS) / total_us, 4),
+        "graph_ops": {r["op"]: r["nodes"] for r in op_types},
+    }
+
+
+def profile_table(profiles: dict[str, dict], top: int = 8) -> str:
+    """The slowest op types of each model: ms per run and share."""
+    lines = []
+    for name, p in profiles.items():
+        lines.append(f"{name}: {p['ms_per_run']:.2f} ms of kernels per run, quantize/dequantize "
+                     f"{p['quantize_share']:.1%}")
+        for r in p["op_types"][:top]:
+            lines.append(f"  {r['op']:28s} {r['ms']:9.3f} ms {r['share']:6.1%}  x{r['nodes']}")
+    return "\n".join(lines)
+
+
 def save_benchmark(result: BenchmarkResult, path: Path) -> None:
     write_json(path, asdict(result))
 

@@ -1,6 +1,7 @@
 """Calibration stage: one pass over the calibration split, every calibration table at once.
 
-ONNX Runtime's `HistogramCalibrater` selects the tensors to measure and exposes them as graph outputs; ORT
+ONNX Runtime's `HistogramCalibrater`, narrowed to the activations the quantized op types read (their inputs:
+the only ranges the quantizer uses), exposes the tensors to measure as graph outputs; ORT
 runs that graph `batch_size` images at a time into buffers bound once (IOBinding), and
 `tasks._histograms.CalibrationHistograms` accumulates, per tensor, the two histograms of ORT's
 `HistogramCollector`s (|x| for min/max and percentile, signed for entropy/KL) on ORT's own bin grids, counted
@@ -44,6 +45,7 @@ class CalibrationResult:
     # Percentile tables beside `percentile.json` for recipes that override the percentile (`percentile-<p>.json`).
     extra_percentiles: list[float] = field(default_factory=list)
     histograms_sha256: str | None = None  # content digest of `histograms.npz` (None: minmax alone, none kept)
+    attention: bool = True  # the inputs of attention's activation-activation MatMuls measured too (quantize_attention)
 
 
 HISTOGRAMS = "histograms.npz"  # the merged histograms the tables came from (tasks/_histograms.py), kept for the range search
@@ -54,17 +56,43 @@ def table_path(calibration_dir: Path, method: str, percentile: float | None = No
     return Path(calibration_dir) / (f"{method}.json" if percentile is None else f"{method}-{float(percentile)!r}.json")
 
 
-def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, entropy: bool,
-                       op_types=CALIBRATED_OP_TYPES, counts: bool = True) -> tuple[list[str], CalibrationHistograms]:
-    """One pass of model inputs `x` (N, C, H, W) through the model, `cfg.batch_size` images a run, every
-    calibrated tensor into `CalibrationHistograms` (ORT's |x| histogram and, if `entropy`, its signed one;
-    with `counts=False`, min/max only). Returns (calibrated tensor names, histograms)."""
-    import onnxruntime as ort
-    import torch
+def _inputs_calibrater(attention: bool):
+    """ORT's `HistogramCalibrater`, selecting only the activations the `op_types` nodes read (their inputs),
+    and the inputs of attention's activation-activation MatMuls only if `attention`.
+    ORT's own selection adds the nodes' outputs, which no table user reads: the quantizer puts no Q/DQ on the
+    outputs of the op types it quantizes (OpTypesToExcludeOutputQuantization, tasks/backends/onnx.py), the
+    recovery recipes and the range search judge each layer's input; and the outputs are half the values a
+    ViT's calibration counts (qkv, attention scores, fc1). The attention MatMuls' inputs (q, k^T, the
+    softmax, v) are half of the rest, read only by a recipe with `quantize_attention`; tasks/backends/onnx.py
+    refuses a table that lacks a range the quantizer needs. tests/test_calibrate_histograms.py checks the
+    quantized graph is the same with and without the ranges left out."""
     from onnxruntime.quantization.calibrate import HistogramCalibrater
 
+    from tasks.backends.onnx import activation_matmuls
+
+    class InputsCalibrater(HistogramCalibrater):
+        def select_tensors_to_calibrate(self, model):
+            tensors, value_infos = super().select_tensors_to_calibrate(model)
+            skip = set() if attention else set(activation_matmuls(model))
+            read = {t for node in model.graph.node
+                    if node.op_type in self.op_types_to_calibrate and node.name not in skip for t in node.input}
+            return tensors & read, value_infos
+
+    return InputsCalibrater
+
+
+def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, entropy: bool,
+                       op_types=CALIBRATED_OP_TYPES, counts: bool = True,
+                       attention: bool = True) -> tuple[list[str], CalibrationHistograms]:
+    """One pass of model inputs `x` (N, C, H, W) through the model, `cfg.batch_size` images a run, every
+    calibrated tensor into `CalibrationHistograms` (ORT's |x| histogram and, if `entropy`, its signed one;
+    with `counts=False`, min/max only); `attention`: the attention MatMuls' inputs too.
+    Returns (calibrated tensor names, histograms)."""
+    import onnxruntime as ort
+    import torch
+
     with tempfile.TemporaryDirectory(prefix="vitq-calib-") as scratch:
-        calibrater = HistogramCalibrater(  # ORT's choice of tensors (inputs/outputs of `op_types`), as graph outputs
+        calibrater = _inputs_calibrater(attention)(  # ORT's calibrater, measuring the inputs of `op_types`, as outputs
             str(prep_onnx),
             op_types_to_calibrate=list(op_types),
             augmented_model_path=str(Path(scratch) / "augmented.onnx"),
@@ -114,20 +142,22 @@ def _entropy_ranges(histograms: CalibrationHistograms, names: list[str]) -> dict
 
 
 def calibrate(prep_onnx: Path, model_dir: Path, data_dir: Path, cfg: CalibrationConfig, out_dir: Path,
-              extra_percentiles: tuple[float, ...] = ()) -> CalibrationResult:
+              extra_percentiles: tuple[float, ...] = (), attention: bool = True) -> CalibrationResult:
     """The calibrate stage: the workspace's calibration split, preprocessed as the model expects."""
     spec = load_model_spec(model_dir)
     split = load_split(data_dir, "calibration")
     if len(split.images) == 0:
         raise DataError("the calibration split is empty; calibration needs at least one image")
-    return calibrate_inputs(prep_onnx, model_inputs(split.images, spec.mean, spec.std), cfg, out_dir, extra_percentiles)
+    return calibrate_inputs(prep_onnx, model_inputs(split.images, spec.mean, spec.std), cfg, out_dir, extra_percentiles,
+                            attention)
 
 
 def calibrate_inputs(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, out_dir: Path,
-                     extra_percentiles: tuple[float, ...] = ()) -> CalibrationResult:
+                     extra_percentiles: tuple[float, ...] = (), attention: bool = True) -> CalibrationResult:
     """Write the calibration tables `cfg.methods` of the model `prep_onnx` into `out_dir`, from model inputs
     `x` (N, C, H, W), one pass; and a percentile table at each of `extra_percentiles` (recipes' overrides),
-    from the same |x| histograms."""
+    from the same |x| histograms. `attention`: also the ranges of attention's activation-activation MatMul
+    inputs (recipes with `quantize_attention`)."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
 
     if len(x) == 0:
@@ -135,7 +165,7 @@ def calibrate_inputs(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, out
     start = time.perf_counter()
     n = len(x)
     counts = bool(set(cfg.methods) - {"minmax"}) or bool(extra_percentiles)  # minmax alone: no histogram to count
-    names, histograms = collect_histograms(prep_onnx, x, cfg, "entropy" in cfg.methods, counts=counts)
+    names, histograms = collect_histograms(prep_onnx, x, cfg, "entropy" in cfg.methods, counts=counts, attention=attention)
 
     enum = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
             "entropy": CalibrationMethod.Entropy}
@@ -166,6 +196,7 @@ def calibrate_inputs(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, out
             percentile=cfg.percentile,
             extra_percentiles=[float(x) for x in extra_percentiles],
             histograms_sha256=histograms.digest() if counts else None,
+            attention=attention,
         )
         write_json(tmp / "calibration.json", asdict(result))
     log.info(

@@ -39,7 +39,7 @@ def run_export(ws: Workspace, p: Params) -> export.ExportResult:
 
 def run_calibrate(ws: Workspace, p: Params) -> calibrate.CalibrationResult:
     return calibrate.calibrate(ws.export_dir / "model.prep.onnx", ws.model_dir, ws.data_dir, p.calibration, ws.calibration_dir,
-                               p.quantize.extra_percentiles)
+                               p.quantize.extra_percentiles, p.quantize.calibrates_attention)
 
 
 def missing_runtime(name: str) -> str | None:

@@ -105,7 +105,8 @@ class Target:
         if recipe.table():  # (method, percentile override)
             method, percentile = recipe.table()
             calibrate.calibrate_inputs(prep, ref.calibration, CalibrationConfig(methods=(method,)), tables,
-                                       extra_percentiles=(percentile,) if percentile is not None else ())
+                                       extra_percentiles=(percentile,) if percentile is not None else (),
+                                       attention=bool(getattr(recipe, "quantize_attention", False)))
         return quantize.quantize_variant(recipe.name, prep, tables, out_dir)
 
     def runtime_label(self) -> str:

@@ -5,7 +5,7 @@ from conftest import make_workspace, tiny_params, vitq
 
 def test_bench_writes_side_by_side_runs(tmp_path):
     ws = make_workspace(tmp_path / "ws", tiny_params(), dvc=False)
-    proc = vitq(["bench", "--models", "demo", "--batches", "1,2", "--repeats", "5"], ws)
+    proc = vitq(["bench", "--models", "demo", "--batches", "1,2", "--repeats", "5", "--profile"], ws)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((ws / "reports" / "bench.json").read_text())
     assert result["machine"]["cpu"] and "not_measured" in result["gpu"]
@@ -16,6 +16,17 @@ def test_bench_writes_side_by_side_runs(tmp_path):
     sizes = {r["variant"]: r["size_mb"] for r in result["runs"] if r["batch"] == 1}
     assert sizes["static"] < sizes["fp32"] / 2
     assert len(result["ratios"]) == 2 and "dyn/static" in proc.stdout
+    # --profile: ORT's profiler on the same three files, per batch: where the time goes, what kernels ran
+    assert [(p["model"], p["batch"]) for p in result["profiles"]] == [("demo", 1), ("demo", 2)]
+    for p in result["profiles"]:
+        fp32, dynamic, static = p["fp32"], p["dynamic"], p["static"]
+        for prof in (fp32, dynamic, static):
+            assert prof["ms_per_run"] > 0 and abs(sum(r["share"] for r in prof["op_types"]) - 1) < 0.01
+        assert fp32["quantize_share"] == 0 and not {"MatMulIntegerToFloat", "DynamicQuantizeLinear"} & set(fp32["graph_ops"])
+        assert {"DynamicQuantizeLinear", "DynamicQuantizeMatMul"} & set(dynamic["graph_ops"])
+        assert "MatMulIntegerToFloat" in static["graph_ops"] and static["quantize_share"] > 0
+        assert not {"DynamicQuantizeLinear", "DynamicQuantizeMatMul"} & set(static["graph_ops"])
+    assert "quantize/dequantize" in proc.stdout and "MatMulIntegerToFloat" in proc.stdout
 
 
 def test_bench_rejects_bad_arguments(tmp_path):

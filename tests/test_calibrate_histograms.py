@@ -5,6 +5,7 @@ tensors with dense and sparse tails, batches of unequal size, and end to end on 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 
 import numpy as np
@@ -85,7 +86,8 @@ def test_vectorised_divergences_equal_onnxruntime_per_candidate():
 
 
 def _tiny_onnx(path):
-    """input (N, 3, 4, 4) -> Flatten -> MatMul -> Relu -> MatMul: 4 calibrated tensors (MatMul inputs and outputs)."""
+    """input (N, 3, 4, 4) -> Flatten -> MatMul -> Relu -> MatMul: 2 calibrated tensors (the MatMuls' inputs; ORT's
+    own selection adds their 2 outputs)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -130,11 +132,11 @@ def test_calibrate_inputs_tables_equal_onnxruntime_within_one_bin(tmp_path):
     abs_ort, value_ort, pct_ort, ent_ort = _ort_collectors(batches, 99.9)
     want = {"minmax": {t: abs_ort.histogram_dict[t][2:4] for t in names}, "percentile": pct_ort, "entropy": ent_ort}
     bin_edges = {"minmax": abs_ort.histogram_dict, "percentile": abs_ort.histogram_dict, "entropy": value_ort.histogram_dict}
-    assert len(names) == 4
+    assert names == ["flat", "h", "logits", "r"]  # ORT's selection: the MatMuls' inputs and outputs
     for method in cfg.methods:
         table = load_tensors_data(tmp_path / "tables" / f"{method}.json").data
-        assert sorted(table) == names
-        for t in names:
+        assert sorted(table) == ["flat", "r"], "only the MatMuls' activation inputs: the ranges the quantizer reads"
+        for t in table:
             got = table[t].range_value
             edges = bin_edges[method][t][1]
             for g, w in zip(got, want[method][t][:2]):
@@ -161,7 +163,7 @@ def test_minmax_alone_counts_no_histogram_and_gives_the_same_table(tmp_path, mon
     assert counted == [], "a minmax-only calibration must not count histograms"
     full = load_tensors_data(tmp_path / "full" / "minmax.json").data
     alone = load_tensors_data(tmp_path / "minmax" / "minmax.json").data
-    assert sorted(alone) == sorted(full) and len(alone) == 4
+    assert sorted(alone) == sorted(full) and len(alone) == 2
     for t in full:
         assert np.array_equal(alone[t].range_value, full[t].range_value), t
 
@@ -189,8 +191,55 @@ def test_the_range_search_reads_the_calibrate_stages_histograms(tmp_path, monkey
 
     monkeypatch.setattr(calibrate, "collect_histograms", no_pass)
     read = candidate_ranges(tmp_path / "tiny.onnx", x, cfg, (99.9, 99.99), saved=tmp_path / "a" / calibrate.HISTOGRAMS)
-    assert read == counted and len(read) == 4 and {"minmax", "mse", "entropy", "percentile-99.9"} <= set(read[next(iter(read))])
+    assert read == counted and len(read) == 2 and {"minmax", "mse", "entropy", "percentile-99.9"} <= set(read[next(iter(read))])
     # Other bins than the saved ones: counted again, never a mismatched read.
     with pytest.raises(AssertionError, match="counted again"):
         candidate_ranges(tmp_path / "tiny.onnx", x, cfg.model_copy(update={"num_bins": 256}), (99.9,),
                          saved=tmp_path / "a" / calibrate.HISTOGRAMS)
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_ranges_left_out_are_never_read(staged_workspace, tmp_path, attention):
+    """Calibration measures only what the quantizer reads (tasks/calibrate.py): the inputs of the linear op
+    types, and the attention MatMuls' inputs only for `quantize_attention`. The Q/DQ graph from such a table
+    equals the one from that table plus a range for every tensor ORT's own selection adds (nonsense ranges:
+    any read of them would change the graph); a table without the attention inputs is refused by a recipe
+    that quantizes attention, never quantized with them left silently in float."""
+    import onnx
+    from onnxruntime.quantization.calibrate import CalibraterBase
+
+    from tasks.backends.onnx import activation_matmuls, quantize
+    from tasks.calibrate import calibrate_inputs
+    from tasks.layout import Workspace
+    from tasks.recovery.calib_search import read_amax, write_table
+    from vitq.config import CalibrationConfig
+    from vitq.errors import VitqError
+    from vitq.recipes import LINEAR_OP_TYPES, get_recipe
+
+    ws = Workspace(staged_workspace)
+    prep = ws.export_dir / "model.prep.onnx"
+    model = onnx.load(str(prep))
+    shape = [d.dim_value or 4 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    calibrate_inputs(prep, x, CalibrationConfig(methods=("minmax",)), tmp_path / "tables", attention=attention)
+    measured = read_amax(tmp_path / "tables" / "minmax.json")
+    selector = CalibraterBase.__new__(CalibraterBase)  # ORT's selection rule alone (no session, no augmented file)
+    selector.op_types_to_calibrate = list(LINEAR_OP_TYPES)
+    ort_selection, _ = selector.select_tensors_to_calibrate(model)
+    attention_nodes = set(activation_matmuls(model))
+    read = {t for n in model.graph.node if n.op_type in LINEAR_OP_TYPES and (attention or n.name not in attention_nodes)
+            for t in n.input}
+    assert attention_nodes and set(measured) == ort_selection & read and ort_selection - set(measured)
+    write_table(tmp_path / "measured.json", measured)
+    write_table(tmp_path / "everything.json", {**measured, **{t: 1e-3 for t in ort_selection - set(measured)}})
+    recipe = dataclasses.replace(get_recipe("onnx-w8a8-minmax"), quantize_attention=attention)
+    graphs = []
+    for name in ("measured", "everything"):
+        quantize(recipe, prep, tmp_path / f"{name}.onnx", tmp_path / f"{name}.json")
+        graphs.append(onnx.load(str(tmp_path / f"{name}.onnx")).graph.SerializeToString())
+    assert graphs[0] == graphs[1]
+    if not attention:
+        with pytest.raises(VitqError, match="no range for .* an input of .*quantize_attention"):
+            quantize(dataclasses.replace(recipe, quantize_attention=True), prep, tmp_path / "refused.onnx",
+                     tmp_path / "measured.json")
+        assert not (tmp_path / "refused.onnx").exists()

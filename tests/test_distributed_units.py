@@ -197,6 +197,17 @@ def test_plan_record_changes_exactly_where_a_variant_reads(tmp_path):
     # the seed: what trains, calibrates in torch or converts (recovery, Core ML), not plain ONNX PTQ
     sp = parse_params(tiny_params(seed=3))
     assert {n for n in base if rec(sp, n) != after[n]} == {"onnx-w8a8-auto", "onnx-w8a8-smoothquant", "coreml-w8a8"}
+    # the calibrate stage's histograms (the range search's candidates): their content digest reaches only the
+    # recovery recipes, which rerun when it changes
+    import json
+
+    (ws.calibration_dir / "calibration.json").write_text(json.dumps(
+        {"methods": ["minmax"], "images": 1, "tensors": 1, "op_types": [], "percentile": 99.9, "histograms_sha256": "a"}))
+    with_a = {n: rec(p, n) for n in base}
+    assert with_a["onnx-w8a8-auto"]["reads"]["calibration_histograms"] == "a"
+    (ws.calibration_dir / "calibration.json").write_text(json.dumps(
+        {"methods": ["minmax"], "images": 1, "tensors": 1, "op_types": [], "percentile": 99.9, "histograms_sha256": "b"}))
+    assert {n for n in base if rec(p, n) != with_a[n]} == {"onnx-w8a8-auto", "onnx-w8a8-smoothquant"}
 
 
 def _vitq(args, cwd: Path, **env):

@@ -104,6 +104,31 @@ def test_partial_outputs_are_found_and_removed(tmp_path):
     assert kept.is_file() and outside.exists() and not half.exists() and not stray.exists()
 
 
+def test_no_write_starts_after_the_interrupt_closes_writes(tmp_path, monkeypatch):
+    """A worker thread still running after the sweep must not leave a new partial entry (the race the
+    slow test above once lost: an error report's figure started after the interrupt's last sweep)."""
+    import threading
+
+    from tasks import _io
+
+    monkeypatch.setattr(_io, "_closed", threading.Event())
+    swept = tmp_path / "reports" / "validation" / f".v{PARTIAL_MARK}abc"  # a folder the sweep removed
+
+    def late_writer():
+        with _io.atomic_file(swept / "errors.png") as tmp:
+            tmp.write_text("half")
+
+    with _io.atomic_file(tmp_path / "reports" / "before.json") as tmp:  # open: allowed
+        tmp.write_text("{}")
+    _io.close_writes()
+    writer = threading.Thread(target=late_writer, daemon=True)
+    writer.start()
+    writer.join(1.0)
+    assert writer.is_alive(), "the late write should wait for the exit"
+    assert not swept.exists() and remove_partial_outputs(tmp_path) == []
+    assert (tmp_path / "reports" / "before.json").read_text() == "{}"
+
+
 def test_a_signal_inside_deferred_waits_for_the_block(monkeypatch):
     handled = []
     monkeypatch.setattr(interrupt.os, "_exit", lambda code: handled.append(code))

@@ -77,13 +77,11 @@ def test_variants_stay_close_to_fp32(ws):
         assert res.metrics.agreement > 0.9, f"{recipe}: agreement {res.metrics.agreement:.3f}"
 
 
-def test_attention_matmuls_stay_float_unless_asked(ws, tmp_path, monkeypatch):
-    from dataclasses import replace
-
+def test_attention_matmuls_stay_float_unless_asked(staged_workspace, tmp_path_factory):
     from tasks.backends.onnx import activation_matmuls
     from tasks.conformance import check_qdq
-    from vitq import recipes
 
+    ws = workspace_copy(staged_workspace, tmp_path_factory, "attention")  # recalibrates
     prep = onnx.load(str(ws.export_dir / "model.prep.onnx"))
     attn = set(activation_matmuls(prep))
     assert len(attn) == 2  # q @ k^T and attn @ v in the one block of the tiny model
@@ -93,9 +91,9 @@ def test_attention_matmuls_stay_float_unless_asked(ws, tmp_path, monkeypatch):
     for node in model.graph.node:
         if node.name in attn:
             assert not set(node.input) & dq_out, f"{node.name} should stay float by default"
-    attn_recipe = replace(recipes.RECIPES["onnx-w8a8-minmax"], name="attn-test", quantize_attention=True)
-    monkeypatch.setitem(recipes.RECIPES, "attn-test", attn_recipe)
-    art = stages.quantize_one(ws, "attn-test")
+    p = parse_params(tiny_params(quantize={"define": {"attn-test": {"preset": "onnx-w8a8-minmax", "quantize_attention": True}}}))
+    stages.run_calibrate(ws, p)  # a recipe quantizing attention: calibration measures those MatMuls' inputs too
+    art = stages.quantize_one(ws, "attn-test", p)
     model = onnx.load(str(ws.variants_dir / "attn-test" / "model.onnx"))
     dq_out = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     quantized_attn = [n.name for n in model.graph.node if n.name in attn and set(n.input[:2]) <= dq_out]

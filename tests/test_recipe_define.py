@@ -212,3 +212,25 @@ def test_defined_recipe_through_vitq_run_and_dvc_reruns_only_its_variant(tmp_pat
     assert ran == {"calibrate", "plan", "quantize@pct-attn-float", "validate@pct-attn-float", "benchmark", "report"}, ran
     assert "Stage 'quantize@onnx-w8a8-percentile' didn't change, skipping" in repro.stdout
     assert (ws / "artifacts/calibration/percentile-99.9.json").is_file()
+
+
+def test_a_recipe_quantizing_attention_makes_calibration_measure_its_inputs(staged_workspace, tmp_path_factory):
+    """No preset quantizes attention's activation MatMuls, so the calibrate stage leaves their inputs out
+    (about half a ViT's calibrated values); a defined recipe with quantize_attention brings them back (the
+    stage depends on quantize.define), and its variant gets Q/DQ on both inputs of each attention MatMul."""
+    from tasks.backends.onnx import activation_matmuls
+
+    define = {"attn-int8": {"preset": "onnx-w8a8-minmax", "quantize_attention": True}}
+    assert not parse_params(tiny_params()).quantize.calibrates_attention
+    assert json.loads((staged_workspace / "artifacts" / "calibration" / "calibration.json").read_text())["attention"] is False
+    ws, p = workspace_copy(staged_workspace, tmp_path_factory, "attn"), parse_params(_params(define, ["attn-int8"]))
+    assert p.quantize.calibrates_attention
+    stages.run_calibrate(ws, p)
+    assert json.loads((ws.calibration_dir / "calibration.json").read_text())["attention"] is True
+    stages.quantize_one(ws, "attn-int8", p)
+    prep = onnx.load(str(ws.export_dir / "model.prep.onnx"))
+    attention = [n for n in prep.graph.node if n.name in set(activation_matmuls(prep))]
+    q = onnx.load(str(ws.variants_dir / "attn-int8" / "model.onnx"))
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    matmuls = {n.name: n for n in q.graph.node if n.op_type == "MatMul"}
+    assert attention and all(producers.get(i) == "DequantizeLinear" for n in attention for i in matmuls[n.name].input[:2])

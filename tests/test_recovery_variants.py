@@ -85,11 +85,13 @@ def test_auto_tries_every_cheap_fix_then_the_fewest_layers_float_for_a_tight_bud
     assert float_layers(folder, include_attention=True) >= {"blocks.0.attn#qk", "blocks.0.attn#av"}
 
 
-def test_auto_ranks_the_attention_products_where_the_recipe_quantizes_them(ws):
+def test_auto_ranks_the_attention_products_where_the_recipe_quantizes_them(staged_workspace, tmp_path_factory):
     import csv
 
+    ws = workspace_copy(staged_workspace, tmp_path_factory, "attention")  # recalibrates
     p = parse_params(tiny_params(quantize={"define": {"auto-attn": {"preset": "onnx-w8a8-auto", "quantize_attention": True}}},
                                  recovery={"rank_layers": "always"}))
+    stages.run_calibrate(ws, p)  # the recipe quantizes attention: calibration measures those MatMuls' inputs too
     stages.quantize_one(ws, "auto-attn", p)
     folder = ws.variants_dir / "auto-attn"
     rows = {r["layer"]: r for r in csv.DictReader((folder / "sensitivity.csv").open())}

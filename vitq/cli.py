@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
         lat.add_argument("--static-recipe", default=None, help="static recipe to compare (default: the pipeline default)")
         lat.add_argument("--workdir", default=".")
         lat.add_argument("--out", default="reports/bench.json")
+        lat.add_argument("--profile", action="store_true",
+                         help="also ONNX Runtime's profile of each model (op types by time; bench.json 'profiles')")
     for rec in _experiment(sub, "recovery-accuracy", "recovery", _recovery_accuracy,
                            "plain INT8 vs the accuracy-recovery recipes per case (reports/recovery.json)"):
         rec.add_argument("--cases", default="digits,outliers,efficientvit_b0",
@@ -280,8 +282,10 @@ def _latency(args) -> int:
         raise VitqError(f"--static-recipe {static!r} is not a static ONNX recipe")
     models = [resolve_model(name.strip(), ws) for name in args.models.split(",") if name.strip()]
     cfg = BenchmarkConfig(threads=args.threads, repeats=args.repeats, warmup=5, rounds=5)
-    result = latency.run_bench(models, batches, cfg, ws.root / args.out, static)
+    result = latency.run_bench(models, batches, cfg, ws.root / args.out, static, profile=args.profile)
     print(latency.bench_table(result))
+    if args.profile:
+        print(latency.profiles_table(result))
     print(f"machine: {result['machine']['cpu']} ({result['machine']['cores']} cores); wrote {args.out}")
     return 0
 

@@ -240,6 +240,13 @@ class QuantizeConfig(_Strict):
         tables = (r.table() for r in self.defined_recipes().values())
         return tuple(sorted({t[1] for t in tables if t and t[1] is not None}))
 
+    @property
+    def calibrates_attention(self) -> bool:
+        """Whether the calibrate stage measures the inputs of attention's activation-activation MatMuls (q, k^T,
+        the softmax, v): only when a defined recipe quantizes them (`quantize_attention`; no preset does). They
+        are about half of a ViT's calibrated values, read by no other recipe. Every defined recipe, as above."""
+        return any(getattr(r, "quantize_attention", False) for r in self.defined_recipes().values())
+
 
 class TaskConfig(_Strict):
     """What the model's outputs are (tasks/task_kinds.py): the metrics and budget keys that apply."""

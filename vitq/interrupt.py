@@ -118,10 +118,11 @@ def _handle(signum: int, frame) -> None:
     for cleanup in list(_cleanups.values()):
         _bounded(cleanup, seconds=4.0)
     if _workspace:
-        from tasks._io import remove_partial_outputs
+        from tasks._io import close_writes, remove_partial_outputs
 
-        # Worker threads keep writing until the exit: sweep twice; what a thread still creates in
-        # between is swept by the next run before it starts (`vitq run` / `vitq stage`).
+        # Worker threads keep running until the exit, but start no new atomic write after
+        # close_writes; sweep twice for entries whose writer was between its check and its mkdtemp.
+        close_writes()
         for _ in range(2):
             _bounded(lambda: remove_partial_outputs(_workspace[0]), seconds=2.0)
             time.sleep(0.2)

@@ -18,11 +18,15 @@ _WEIGHT_INPUT = 1  # weight is input 1 of MatMul/Gemm/Conv
 EIGHT_BIT = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}  # the integer types an INT8 graph quantizes to
 
 
-def session(path: Path, threads: int = 0, optimize: bool = True):
-    """A CPU ONNX Runtime session; `threads` fixes intra-op threads (0: ORT's default)."""
+def session(path: Path, threads: int = 0, optimize: bool = True, profile_prefix: str | None = None):
+    """A CPU ONNX Runtime session; `threads` fixes intra-op threads (0: ORT's default); `profile_prefix`: ORT's
+    profiler on, its trace written at `<prefix>_<time>.json` by `end_profiling()`."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -155,12 +159,14 @@ def quantize(recipe: OnnxDynamicConfig | OnnxStaticConfig, prep_onnx: Path, out_
         )
         return
     exclude = ([] if recipe.quantize_attention else activation_matmuls(model)) + list(exclude_nodes)
+    tensors = load_tensors_data(table)
+    _check_ranges(model, recipe.op_types, set(exclude), set(tensors.data), Path(table))
     quantize_static(
         model,
         str(out_path),
         calibration_data_reader=None,
         calibration_cache_path=str(table),  # ranges from the calibration stage; no recalibration
-        calibrate_method=load_tensors_data(table).calibration_method,  # must match the table's
+        calibrate_method=tensors.calibration_method,  # must match the table's
         quant_format=QuantFormat.QDQ,
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
@@ -176,6 +182,23 @@ def quantize(recipe: OnnxDynamicConfig | OnnxStaticConfig, prep_onnx: Path, out_
             "OpTypesToExcludeOutputQuantization": list(recipe.op_types),
         },
     )
+
+
+def _check_ranges(model: onnx.ModelProto, op_types, exclude: set[str], ranged: set[str], table: Path) -> None:
+    """Every activation the quantizer will put a Q/DQ on (the inputs of the `op_types` nodes not in `exclude`)
+    has a range in the table: ORT's quantize_static leaves a tensor without one in float, with only an info log."""
+    from vitq.errors import VitqError
+
+    consts = {i.name for i in model.graph.initializer} | {
+        o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    for node in model.graph.node:
+        if node.op_type in op_types and node.name not in exclude:
+            missing = [t for t in node.input[:2] if t and t not in consts and t not in ranged]
+            if missing:
+                raise VitqError(
+                    f"calibration table {table} has no range for {missing[0]!r}, an input of {node.name!r}: it was "
+                    "calibrated for another graph or without the attention MatMuls' inputs (calibration measures "
+                    "them only when a recipe sets quantize_attention); rerun the calibrate stage")
 
 
 def linear_weight_elements(model: onnx.ModelProto) -> int:

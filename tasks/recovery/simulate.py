@@ -136,5 +136,8 @@ def input_amax(model: nn.Module, names, x, batch_size: int = 128, per_channel: b
 
 
 def quantizable_modules(model: nn.Module) -> list[str]:
-    """Qualified names of the model's Linear/Conv modules, in registration order."""
-    return [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE_MODULES)]
+    """Qualified names of the model's Linear/Conv modules that its forward calls, in registration order: what a
+    hook on a module's input sees. `nn.MultiheadAttention` never calls its `out_proj` (it hands the weight to
+    `F.multi_head_attention_forward`), so that one is left to ONNX Runtime."""
+    uncalled = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    return [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE_MODULES) and n not in uncalled]

@@ -144,15 +144,12 @@ def recovery_budget(inputs: Inputs):
 
 
 def torch_layers(layers: list[Layer], model: torch.nn.Module) -> list[Layer]:
-    """Linear/Conv layers that name a Linear/Conv module of `model` that its forward calls (what the torch-side
-    methods act on: they hook the module's input). `nn.MultiheadAttention` never calls its `out_proj` (it passes
-    the weight to `F.multi_head_attention_forward`), so that layer is judged in ONNX Runtime only."""
-    from tasks.recovery.simulate import QUANTIZABLE_MODULES
+    """Linear/Conv layers that name a Linear/Conv module `model`'s forward calls (what the torch-side methods act
+    on: they hook the module's input; see `simulate.quantizable_modules`)."""
+    from tasks.recovery.simulate import quantizable_modules
 
-    modules = dict(model.named_modules())
-    uncalled = {f"{n}.out_proj" if n else "out_proj" for n, m in modules.items() if isinstance(m, torch.nn.MultiheadAttention)}
-    return [layer for layer in layers if layer.weighted and layer.name not in uncalled
-            and isinstance(modules.get(layer.name), QUANTIZABLE_MODULES)]
+    called = set(quantizable_modules(model))
+    return [layer for layer in layers if layer.weighted and layer.name in called]
 
 
 def _layer_amax(layers: list[Layer], model: torch.nn.Module, table: Path) -> dict[str, float]:
@@ -272,7 +269,8 @@ def _smoothed(inputs: Inputs, model: torch.nn.Module, x_judge: np.ndarray, torch
     _save_torch(smoothed, inputs, torch_dir, {"smoothquant_alpha": sq.alpha})
     prep, layers = _export_and_prepare(torch_dir, inputs, scratch)
     cfg = inputs.params.calibration.model_copy(update={"methods": ("minmax",)})
-    calibrate(prep, torch_dir, inputs.data_dir, cfg, scratch / "calibration")
+    calibrate(prep, torch_dir, inputs.data_dir, cfg, scratch / "calibration",
+              attention=inputs.params.quantize.calibrates_attention)
     return smoothed, prep, layers, table_path(scratch / "calibration", "minmax"), sq
 
 

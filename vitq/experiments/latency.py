@@ -14,7 +14,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from tasks import data
+from tasks import benchmark, data
 from tasks.benchmark import machine_info
 from vitq.config import BenchmarkConfig, DataConfig
 from vitq.experiments._models import ExperimentModel
@@ -27,8 +27,9 @@ CALIBRATION_IMAGES = 16
 
 
 def bench_model(m: ExperimentModel, batches: list[int], cfg: BenchmarkConfig, static_recipe: str,
-                scratch: Path) -> list[dict]:
-    """Quantize `m` with the dynamic and the static recipe and time both beside FP32 at every batch size."""
+                scratch: Path, profiles: list[dict] | None = None) -> list[dict]:
+    """Quantize `m` with the dynamic and the static recipe and time both beside FP32 at every batch size;
+    with `profiles` (a list), ORT's profile of the three at every batch size is appended to it."""
     import torch
 
     import vitq
@@ -53,6 +54,11 @@ def bench_model(m: ExperimentModel, batches: list[int], cfg: BenchmarkConfig, st
         log.info("bench: %s: timing batch %d", m.name, batch)
         result = dynamic.benchmark(batch_size=batch, repeats=cfg.repeats, warmup=cfg.warmup, rounds=cfg.rounds,
                                    threads=cfg.threads, inputs=held_out, alongside=[static])
+        if profiles is not None:
+            log.info("bench: %s: profiling batch %d", m.name, batch)
+            served = {"fp32": dynamic.fp32_onnx, "dynamic": dynamic.served, "static": static.served}
+            profiles.append({"model": m.name, "batch": batch, "files": {k: v.name for k, v in served.items()},
+                             **benchmark.profile_onnx(served, held_out[:batch], cfg.threads)})
         for name, t in result.models.items():
             runs.append({
                 "model": m.name, "batch": batch, "variant": labels[name], "recipe": name,
@@ -89,19 +95,21 @@ def gpu_record() -> dict:
 
 
 def run_bench(models: list[ExperimentModel], batches: list[int], cfg: BenchmarkConfig, out: Path,
-              static_recipe: str = DEFAULT_STATIC) -> dict:
+              static_recipe: str = DEFAULT_STATIC, profile: bool = False) -> dict:
+    """Time every model at every batch size; `profile`: also ORT's profile of each (result["profiles"])."""
     from tasks._io import write_json
 
-    runs = []
+    runs, profiles = [], [] if profile else None
     with tempfile.TemporaryDirectory(prefix="vitq-bench-") as scratch:
         for m in models:
-            runs += bench_model(m, batches, cfg, static_recipe, Path(scratch))
+            runs += bench_model(m, batches, cfg, static_recipe, Path(scratch), profiles)
     result = {
         "machine": machine_info(),
         "settings": {**cfg.model_dump(exclude={"batch_size"}), "batches": batches, "graph_optimization": "all"},
         "runs": runs,
         "ratios": ratios(runs),
         "gpu": gpu_record(),
+        **({"profiles": profiles} if profile else {}),
     }
     write_json(out, result)
     return result
@@ -115,3 +123,12 @@ def bench_table(result: dict) -> str:
         lines.append(f"{r['model']:24s} {r['batch']:5d} {by['fp32']:9.2f} {by['dynamic']:10.2f} {by['static']:9.2f} "
                      f"{r['fp32_over_static']:11.2f} {r['dynamic_over_static']:10.2f}")
     return "\n".join(lines)
+
+
+def profiles_table(result: dict, top: int = 8) -> str:
+    """Per model and batch: the slowest op types of FP32, dynamic and static (ORT's profiler)."""
+    blocks = []
+    for p in result.get("profiles", []):
+        models = {k: v for k, v in p.items() if k in ("fp32", "dynamic", "static")}
+        blocks.append(f"{p['model']}, batch {p['batch']}:\n" + benchmark.profile_table(models, top))
+    return "\n".join(blocks)
