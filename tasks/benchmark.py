@@ -133,7 +133,7 @@ def profile_onnx(models: dict[str, Path], x: np.ndarray, threads: int, runs: int
     """Where each model's time goes in ONNX Runtime (same session options as the timing: `threads` intra-op
     threads, full graph optimisation), from ORT's profiler over `runs` runs on the batch `x` after one warm-up:
     {name: {"ms_per_run": kernel time summed, "op_types": [{op, ms, share, nodes, provider}] slowest first,
-    "quantize_ms": the share of QUANTIZE_OPS, "graph_ops": op counts of the graph ORT ran (after fusion)}}."""
+    "quantize_share": the share of QUANTIZE_OPS}} (op_types: the graph ORT ran, after its fusions)."""
     import json
     import tempfile
 
@@ -170,7 +170,6 @@ def summarize_profile(events: list[dict], total_runs: int, skip_runs: int = 0) -
         "ms_per_run": round(total_us / runs / 1e3, 3),
         "op_types": op_types,
         "quantize_share": round(sum(v["us"] for k, v in by_op.items() if k in QUANTIZE_OPS) / total_us, 4),
-        "graph_ops": {r["op"]: r["nodes"] for r in op_types},
     }
 
 
