@@ -127,6 +127,8 @@ def test_ort_serving_form_fuses_bias_and_keeps_outputs(ws):
     served = onnx.load(str(folder / art.artifact))
     fused = [n for n in served.graph.node if n.op_type == "MatMulIntegerToFloat"]
     assert len(fused) == 4 and all(len(n.input) == 7 for n in fused), "qkv, proj, fc1, fc2 with their biases"
+    ops = [n.op_type for n in served.graph.node]
+    assert ops.count("MultiHeadAttention") == 1 and "Softmax" not in ops and ops.count("Transpose") == 1, ops  # patch embedding's only
     from tasks.data import load_split, model_inputs
     from tasks.model import load_model_spec
 
@@ -135,3 +137,24 @@ def test_ort_serving_form_fuses_bias_and_keeps_outputs(ws):
     a = run_batched(session(folder / "model.onnx"), x, 8)
     b = run_batched(session(folder / art.artifact), x, 8)
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(a).max())
+
+
+def test_attention_fusion_serves_dynamic_too_and_its_guard_catches_miswiring(ws):
+    """The dynamic variant is served with the same attention kernel as the static one (a fair static-vs-dynamic
+    latency), and the guard fails a fused graph whose q and k are swapped."""
+    from tasks.backends.onnx import assert_same_attention, fuse_attention
+
+    art = stages.quantize_one(ws, "onnx-w8-dynamic")
+    folder = ws.variants_dir / art.name
+    assert art.artifact == "model.ort.onnx"
+    qdq = onnx.load(str(folder / "model.onnx"))
+    served = onnx.load(str(folder / art.artifact))
+    assert [n.op_type for n in served.graph.node].count("MultiHeadAttention") == 1
+    assert "MultiHeadAttention" not in {n.op_type for n in qdq.graph.node}, "the portable file keeps standard ops"
+    fused, n = fuse_attention(qdq)
+    assert n == 1
+    assert_same_attention(qdq, fused)
+    mha = next(x for x in fused.graph.node if x.op_type == "MultiHeadAttention")
+    mha.input[0], mha.input[1] = mha.input[1], mha.input[0]
+    with pytest.raises(RuntimeError, match="rewrite is wrong"):
+        assert_same_attention(qdq, fused)
