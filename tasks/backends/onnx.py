@@ -165,17 +165,24 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         return nodes
 
     def head(name: str):
-        """(qkv tensor, which of q/k/v, heads) of a Squeeze(Transpose[2,0,3,1,4](Slice(Reshape(qkv))))."""
-        nodes = chain(name, "Squeeze", "Transpose", "Slice", "Reshape")
-        if nodes is None or list(_attr(nodes[1], "perm") or []) != [2, 0, 3, 1, 4] or len(nodes[2].input) < 4:
-            return None
-        start, end, axis = (const(i) for i in nodes[2].input[1:4])
-        shape = const(nodes[3].input[1])
-        if start is None or end is None or axis is None or shape is None or len(shape) != 5 or shape[2] != 3:
-            return None
-        if int(axis[0]) != 2 or int(end[0]) - int(start[0]) != 1:
-            return None
-        return nodes[3].input[0], int(start[0]), int(shape[3])
+        """(qkv tensor, which of q/k/v, heads) of Squeeze(Slice(Transpose[2,0,3,1,4](Reshape(qkv)))), as exported,
+        or with the Slice above the Transpose, as ORT's transpose optimizer leaves it (model.prep.onnx)."""
+        for ops, slice_axis in ((("Squeeze", "Slice", "Transpose", "Reshape"), 0),
+                                (("Squeeze", "Transpose", "Slice", "Reshape"), 2)):
+            nodes = chain(name, *ops)
+            if nodes is None:
+                continue
+            transpose, slice_ = (nodes[2], nodes[1]) if slice_axis == 0 else (nodes[1], nodes[2])
+            if list(_attr(transpose, "perm") or []) != [2, 0, 3, 1, 4] or len(slice_.input) < 4:
+                continue
+            start, end, axis = (const(i) for i in slice_.input[1:4])
+            shape = const(nodes[3].input[1])
+            if start is None or end is None or axis is None or shape is None or len(shape) != 5 or shape[2] != 3:
+                continue
+            if int(axis[0]) != slice_axis or int(end[0]) - int(start[0]) != 1:
+                continue
+            return nodes[3].input[0], int(start[0]), int(shape[3])
+        return None
 
     def only_user(name: str, op: str):
         users = consumers.get(name, [])
