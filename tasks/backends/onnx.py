@@ -51,6 +51,31 @@ def activation_matmuls(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not set(n.input[:2]) & consts]
 
 
+def _indexed_copy(model: onnx.ModelProto):
+    """A copy of `model` to rewrite, with its graph, initializers by name, producer of each tensor, consumers."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    return model, g, {i.name: i for i in g.initializer}, producers, consumers
+
+
+def _set_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
+    """Give the rewritten graph `nodes`, drop initializers nothing reads, declare the com.microsoft opset."""
+    g = model.graph
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    if any(n.domain == "com.microsoft" for n in nodes) and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+
+
 def ort_serving_form(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """The same quantized computation in the form ONNX Runtime's CPU kernels run fastest.
 
@@ -62,14 +87,7 @@ def ort_serving_form(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     TensorRT-ready Q/DQ file stays the variant's portable artifact; this copy is what ORT serves.
     Returns the rewritten model (a copy) and the number of MatMuls fused.
     """
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n)
+    model, g, inits, producers, consumers = _indexed_copy(model)
     graph_outputs = {o.name for o in g.output}
     replaced: dict[int, list[onnx.NodeProto]] = {}  # id(MatMul) -> nodes emitted in its place
     dropped: set[int] = set()  # bias Adds folded into the fused kernel
@@ -116,14 +134,7 @@ def ort_serving_form(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if not dead:
             break
         nodes = [n for n in nodes if n not in dead]
-    del g.node[:]
-    g.node.extend(nodes)
-    used = {i for n in nodes for i in n.input}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    _set_nodes(model, nodes)
     return model, len(replaced)
 
 
@@ -138,14 +149,7 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     their (B, S, N*H) layout: no transposes, one fused scale/softmax/GEMM pass per head. Float ops only: the
     int8 projections around it are untouched. A block whose graph differs in any step is left as it is.
     Returns the rewritten model (a copy) and the number of attention blocks fused."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n)
+    model, g, inits, producers, consumers = _indexed_copy(model)
 
     def const(name: str):
         if name in inits:
@@ -231,14 +235,7 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if len(live) == len(nodes):
             break
         nodes = live
-    del g.node[:]
-    g.node.extend(nodes)
-    used = {i for n in nodes for i in n.input}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    _set_nodes(model, nodes)
     return model, len(replaced)
 
 
