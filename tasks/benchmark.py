@@ -90,7 +90,7 @@ def benchmark_onnx(models: dict[str, Path], x: np.ndarray, cfg: BenchmarkConfig)
     interleaved, with this machine's description."""
     timings = _time_onnx(models, x, cfg)
     settings = {**cfg.model_dump(), "graph_optimization": "all", "input_shape": list(x.shape),
-                "fp32_attention": "MultiHeadAttention where the INT8 serving forms fuse it (same float rewrite)"}
+                "fp32_attention": "onnx_backend.fuse_attention applied where it matches, as in the INT8 serving forms"}
     return BenchmarkResult(machine=machine_info(), settings=settings, models=timings)
 
 

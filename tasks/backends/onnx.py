@@ -19,8 +19,8 @@ EIGHT_BIT = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}  # the integer types
 
 
 def session(path: Path | bytes, threads: int = 0, optimize: bool = True, profile_prefix: str | None = None):
-    """A CPU ONNX Runtime session on a file (or a serialized model); `threads` fixes intra-op threads (0: ORT's default); `profile_prefix`: ORT's
-    profiler on, its trace written at `<prefix>_<time>.json` by `end_profiling()`."""
+    """A CPU ONNX Runtime session on a file or a serialized model; `threads` fixes intra-op threads (0: ORT's
+    default); `profile_prefix`: ORT's profiler on, its trace written at `<prefix>_<time>.json` by `end_profiling()`."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -248,26 +248,29 @@ def assert_same_attention(reference: onnx.ModelProto, fused: onnx.ModelProto, ba
         probe = onnx.ModelProto.FromString(model.SerializeToString())
         probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(first))
         sess = session(probe.SerializeToString())
-        shape = [batch if not isinstance(d, int) else d for d in sess.get_inputs()[0].shape]
-        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        outs.append(sess.run([first], {sess.get_inputs()[0].name: x})[0])
+        outs.append(sess.run([first], _random_feed(sess, batch))[0])
     err = float(np.max(np.abs(outs[0] - outs[1])))
     if err > rtol * max(float(np.max(np.abs(outs[0]))), 1e-6):
         raise RuntimeError(f"fused attention output {first!r} differs by {err:.3g} (max abs): rewrite is wrong")
 
 
-def assert_same_outputs(reference: Path, candidate: Path, batch: int = 2, rtol: float = 1e-4) -> None:
-    """Guard for graph rewrites: both models give the same outputs on the same random input, as
-    ONNX Runtime runs them (its optimised QDQ path uses the same integer kernels as the rewrite;
+def _random_feed(sess, batch: int) -> dict[str, np.ndarray]:
+    """The same seeded standard-normal input for any session of one model (dynamic dims set to `batch`)."""
+    inp = sess.get_inputs()[0]
+    shape = [batch if not isinstance(d, int) else d for d in inp.shape]
+    return {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+
+
+def assert_same_outputs(reference: Path | bytes, candidate: Path | bytes, batch: int = 2, rtol: float = 1e-4) -> None:
+    """Guard for graph rewrites: both models (files or serialized) give the same outputs on the same random input,
+    as ONNX Runtime runs them (its optimised QDQ path uses the same integer kernels as the rewrite;
     an unoptimised float emulation of Q/DQ rounds differently and is not the reference)."""
     ref, cand = session(reference), session(candidate)
-    shape = [batch if not isinstance(d, int) else d for d in ref.get_inputs()[0].shape]
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    a = ref.run(None, {ref.get_inputs()[0].name: x})[0]
-    b = cand.run(None, {cand.get_inputs()[0].name: x})[0]
+    a = ref.run(None, _random_feed(ref, batch))[0]
+    b = cand.run(None, _random_feed(cand, batch))[0]
     err = float(np.max(np.abs(a - b)))
     if err > rtol * max(float(np.max(np.abs(a))), 1e-6):
-        raise RuntimeError(f"{candidate.name} differs from {reference.name} by {err:.3g} (max abs): rewrite is wrong")
+        raise RuntimeError(f"the served form differs from the Q/DQ graph by {err:.3g} (max abs): rewrite is wrong")
 
 
 def quantize(recipe: OnnxDynamicConfig | OnnxStaticConfig, prep_onnx: Path, out_path: Path, table: Path | None,
@@ -359,17 +362,14 @@ def write_serving_form(recipe: Recipe, folder: Path, quantized: onnx.ModelProto)
     `model.onnx`): static variants with MatMulIntegerToFloat kernels, and every variant with attention as one
     MultiHeadAttention kernel where the graph's attention is recognised. Returns the served file's name."""
     serving, fused = ort_serving_form(quantized) if recipe.scheme == "static" else (quantized, 0)
+    if fused:  # exact: same integer kernels; checked before attention fusion reorders float sums downstream
+        assert_same_outputs(folder / "model.onnx", serving.SerializeToString())
     serving, heads = fuse_attention(serving)
+    if heads:
+        assert_same_attention(quantized, serving)
     if not fused and not heads:
         return "model.onnx"
     onnx.save(serving, str(folder / "model.ort.onnx"))
-    if fused:
-        # The rewrite is exact up to the attention kernel's float summation order; where attention was fused
-        # too, that reorder flips int8 roundings downstream, so the end-to-end check is loose and the
-        # attention rewrite is checked exactly on its first output (below).
-        assert_same_outputs(folder / "model.onnx", folder / "model.ort.onnx", rtol=0.1 if heads else 1e-4)
-    if heads:
-        assert_same_attention(quantized, serving)
     log.info("quantize: %s: %d MatMuls in ONNX Runtime's fused form, %d attention blocks as MultiHeadAttention",
              recipe.name, fused, heads)
     return "model.ort.onnx"
