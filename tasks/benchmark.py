@@ -125,6 +125,9 @@ def _time_onnx(models: dict[str, Path], x: np.ndarray, cfg: BenchmarkConfig) -> 
     for r in range(cfg.rounds):
         for name, sess in sessions.items():
             feed = {input_names[name]: x}
+            # One untimed run first: the model before it left the caches cold and its thread pool still
+            # spinning (on 2 cores that costs the next model's first run tens of ms at batch 1).
+            sess.run(None, feed)
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 sess.run(None, feed)

@@ -214,23 +214,23 @@ def test_defined_recipe_through_vitq_run_and_dvc_reruns_only_its_variant(tmp_pat
     assert (ws / "artifacts/calibration/percentile-99.9.json").is_file()
 
 
-def test_a_recipe_quantizing_attention_makes_calibration_measure_its_inputs(staged_workspace, tmp_path_factory):
-    """No preset quantizes attention's activation MatMuls, so the calibrate stage leaves their inputs out
-    (about half a ViT's calibrated values); a defined recipe with quantize_attention brings them back (the
-    stage depends on quantize.define), and its variant gets Q/DQ on both inputs of each attention MatMul."""
+def test_the_static_presets_quantize_attention_so_calibration_measures_its_inputs(staged_workspace, tmp_path_factory):
+    """The plain static presets quantize attention's activation MatMuls, so the calibrate stage measures their
+    inputs (about half a ViT's calibrated values); their variants get Q/DQ on both inputs of each attention
+    MatMul, and a defined recipe with quantize_attention: false leaves them float."""
     from tasks.backends.onnx import activation_matmuls
 
-    define = {"attn-int8": {"preset": "onnx-w8a8-minmax", "quantize_attention": True}}
-    assert not parse_params(tiny_params()).quantize.calibrates_attention
-    assert json.loads((staged_workspace / "artifacts" / "calibration" / "calibration.json").read_text())["attention"] is False
-    ws, p = workspace_copy(staged_workspace, tmp_path_factory, "attn"), parse_params(_params(define, ["attn-int8"]))
-    assert p.quantize.calibrates_attention
-    stages.run_calibrate(ws, p)
-    assert json.loads((ws.calibration_dir / "calibration.json").read_text())["attention"] is True
-    stages.quantize_one(ws, "attn-int8", p)
+    assert parse_params(tiny_params()).quantize.calibrates_attention
+    assert json.loads((staged_workspace / "artifacts" / "calibration" / "calibration.json").read_text())["attention"] is True
+    define = {"attn-float": {"preset": "onnx-w8a8-minmax", "quantize_attention": False}}
+    ws, p = workspace_copy(staged_workspace, tmp_path_factory, "attn"), parse_params(_params(define, ["attn-float"]))
     prep = onnx.load(str(ws.export_dir / "model.prep.onnx"))
     attention = [n for n in prep.graph.node if n.name in set(activation_matmuls(prep))]
-    q = onnx.load(str(ws.variants_dir / "attn-int8" / "model.onnx"))
-    producers = {o: n.op_type for n in q.graph.node for o in n.output}
-    matmuls = {n.name: n for n in q.graph.node if n.op_type == "MatMul"}
-    assert attention and all(producers.get(i) == "DequantizeLinear" for n in attention for i in matmuls[n.name].input[:2])
+    assert attention
+    for recipe, quantized in (("onnx-w8a8-minmax", True), ("attn-float", False)):
+        stages.quantize_one(ws, recipe, p)
+        q = onnx.load(str(ws.variants_dir / recipe / "model.onnx"))
+        producers = {o: n.op_type for n in q.graph.node for o in n.output}
+        matmuls = {n.name: n for n in q.graph.node if n.op_type == "MatMul"}
+        assert all((producers.get(i) == "DequantizeLinear") == quantized
+                   for n in attention for i in matmuls[n.name].input[:2]), recipe

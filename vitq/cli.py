@@ -281,7 +281,7 @@ def _latency(args) -> int:
     if get_recipe(static).scheme != "static" or get_recipe(static).target != "onnx":
         raise VitqError(f"--static-recipe {static!r} is not a static ONNX recipe")
     models = [resolve_model(name.strip(), ws) for name in args.models.split(",") if name.strip()]
-    cfg = BenchmarkConfig(threads=args.threads, repeats=args.repeats, warmup=5, rounds=5)
+    cfg = BenchmarkConfig(threads=args.threads, repeats=args.repeats, warmup=5, rounds=10)  # finer interleaving: a shared machine's slow spells spread over all
     result = latency.run_bench(models, batches, cfg, ws.root / args.out, static, profile=args.profile)
     print(latency.bench_table(result))
     if args.profile:

@@ -243,9 +243,11 @@ class QuantizeConfig(_Strict):
     @property
     def calibrates_attention(self) -> bool:
         """Whether the calibrate stage measures the inputs of attention's activation-activation MatMuls (q, k^T,
-        the softmax, v): only when a defined recipe quantizes them (`quantize_attention`; no preset does). They
-        are about half of a ViT's calibrated values, read by no other recipe. Every defined recipe, as above."""
-        return any(getattr(r, "quantize_attention", False) for r in self.defined_recipes().values())
+        the softmax, v): when a preset or a defined recipe quantizes them (`quantize_attention`; the plain static
+        presets do). Presets and every defined recipe, configured or not, as above: calibration depends on
+        `quantize.define` alone (dvc.yaml), not on which recipes are listed."""
+        recipes = (*presets().values(), *self.defined_recipes().values())
+        return any(getattr(r, "quantize_attention", False) for r in recipes)
 
 
 class TaskConfig(_Strict):

@@ -99,7 +99,8 @@ class OnnxStaticConfig(RecipeConfig):
     # ONNX op types whose inputs get Q/DQ. Linear algebra only: residual Add, LayerNorm, Softmax and
     # GELU stay in float, where ViT activation outliers live and where int8 buys little speed.
     op_types: tuple[str, ...] = LINEAR_OP_TYPES
-    # Also quantize the two activation-activation MatMuls of attention (q @ k^T, attn @ v).
+    # Also quantize the two activation-activation MatMuls of attention (q @ k^T, attn @ v); the plain static
+    # presets do (see _static_onnx), the recovery presets and TensorRT's do not.
     quantize_attention: bool = False
     # Accuracy recovery applied on the way to INT8 (tasks/recovery/): "auto" (sensitivity-driven
     # mixed precision under recovery.max_top1_drop / min_sqnr_db), "smoothquant", "search" (per-tensor calibration
@@ -176,12 +177,18 @@ Recipe = RecipeConfig  # the type every recipe is (annotations)
 
 
 def _static_onnx(method: str) -> OnnxStaticConfig:
+    # Attention's products too (as ONNX Runtime's quantize_static and Core ML W8A8 do): in ONNX Runtime they run
+    # on int8 kernels (tasks/backends/onnx.py: fuse_attention), where a static variant gains most over dynamic
+    # quantization; the attention probabilities keep their observed range (tasks/calibrate.py). The recovery
+    # presets keep them float (quantize_attention: false), and auto can return them to float.
     return OnnxStaticConfig(
         name=f"onnx-w8a8-{method}",
         calibration=method,
+        quantize_attention=True,
         description=(
-            f"W8A8 static Q/DQ: symmetric int8 activations from the {method} calibration table, "
-            "symmetric per-channel int8 weights; valid for ONNX Runtime and TensorRT explicit quantization"
+            f"W8A8 static Q/DQ: symmetric int8 activations from the {method} calibration table (attention's "
+            "q @ k^T and probs @ v included), symmetric per-channel int8 weights; valid for ONNX Runtime and "
+            "TensorRT explicit quantization"
         ),
     )
 
@@ -232,8 +239,9 @@ RECIPES: dict[str, RecipeConfig] = {
         name="tensorrt-w8a8-percentile",
         calibration="percentile",
         description=(
-            "TensorRT engine (explicit quantization) built from the onnx-w8a8-percentile Q/DQ graph; "
-            "layers outside Q/DQ in FP16, LayerNorm in FP32; needs a cuda worker with TensorRT"
+            "TensorRT engine (explicit quantization) built from a W8A8 Q/DQ graph as onnx-w8a8-percentile's, "
+            "attention's products outside Q/DQ (TensorRT's FP16 attention); layers outside Q/DQ in FP16, "
+            "LayerNorm in FP32; needs a cuda worker with TensorRT"
         ),
     ),
 }

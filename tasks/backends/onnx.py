@@ -76,6 +76,41 @@ def _set_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
 
 
+def _symmetric_int8_input(node: onnx.NodeProto, inits, producers):
+    """(the activation's QuantizeLinear, the weight's DequantizeLinear) when `node` reads DQ(Q(x)) with a symmetric
+    int8 range (zero point 0) and a constant DQ'd weight; else None."""
+    dq_a, dq_w = producers.get(node.input[0]), producers.get(node.input[1])
+    if not (dq_a and dq_w and dq_a.op_type == dq_w.op_type == "DequantizeLinear") or dq_w.input[0] not in inits:
+        return None
+    q = producers.get(dq_a.input[0])
+    if q is None or q.op_type != "QuantizeLinear" or len(q.input) < 3 or inits.get(q.input[2]) is None:
+        return None
+    if inits[q.input[2]].data_type != onnx.TensorProto.INT8 or np.any(numpy_helper.to_array(inits[q.input[2]])):
+        return None  # only symmetric int8 activations map exactly onto u8 with zero point 128
+    return q, dq_w
+
+
+def _unsigned(g, unsigned: dict, q: onnx.NodeProto, emitted: list) -> tuple[str, str, str]:
+    """(x_u8, scale, zero point 128): the u8 form of symmetric int8 Q(x), the same integers shifted by 128 (what
+    this CPU's int8 GEMM reads); its QuantizeLinear is appended to `emitted` the first time x is seen."""
+    x = q.input[0]
+    if x not in unsigned:
+        zp = f"{x}_zero_point_u8"
+        g.initializer.append(numpy_helper.from_array(np.array(128, np.uint8), zp))
+        unsigned[x] = (f"{x}_quantized_u8", q.input[1], zp)
+        emitted.append(onnx.helper.make_node("QuantizeLinear", [x, q.input[1], zp], [unsigned[x][0]], name=f"{x}_QuantizeLinear_u8"))
+    return unsigned[x]
+
+
+def _drop_dead_qdq(nodes: list[onnx.NodeProto], graph_outputs: set[str]) -> list[onnx.NodeProto]:
+    while True:  # drop Q/DQ nodes nothing reads any more
+        used = {i for n in nodes for i in n.input} | graph_outputs
+        dead = [n for n in nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in used]
+        if not dead:
+            return nodes
+        nodes = [n for n in nodes if n not in dead]
+
+
 def ort_serving_form(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """The same quantized computation in the form ONNX Runtime's CPU kernels run fastest.
 
@@ -93,24 +128,12 @@ def ort_serving_form(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     dropped: set[int] = set()  # bias Adds folded into the fused kernel
     unsigned: dict[str, tuple[str, str, str]] = {}  # x -> (x_q_u8, scale, zero point)
     for mm in g.node:
-        if mm.op_type != "MatMul":
+        operands = _symmetric_int8_input(mm, inits, producers) if mm.op_type == "MatMul" else None
+        if operands is None:
             continue
-        dq_a, dq_w = producers.get(mm.input[0]), producers.get(mm.input[1])
-        if not (dq_a and dq_w and dq_a.op_type == dq_w.op_type == "DequantizeLinear") or dq_w.input[0] not in inits:
-            continue
-        q = producers.get(dq_a.input[0])
-        if q is None or q.op_type != "QuantizeLinear" or inits.get(q.input[2]) is None:
-            continue
-        if inits[q.input[2]].data_type != onnx.TensorProto.INT8 or np.any(numpy_helper.to_array(inits[q.input[2]])):
-            continue  # only symmetric int8 activations map exactly onto u8 with zero point 128
-        emitted = []
-        x = q.input[0]
-        if x not in unsigned:
-            zp = f"{x}_zero_point_u8"
-            g.initializer.append(numpy_helper.from_array(np.array(128, np.uint8), zp))
-            unsigned[x] = (f"{x}_quantized_u8", q.input[1], zp)
-            emitted.append(onnx.helper.make_node("QuantizeLinear", [x, q.input[1], zp], [unsigned[x][0]], name=f"{x}_QuantizeLinear_u8"))
-        x_q, x_scale, x_zp = unsigned[x]
+        emitted: list[onnx.NodeProto] = []
+        x_q, x_scale, x_zp = _unsigned(g, unsigned, operands[0], emitted)
+        dq_w = operands[1]
         out, bias = mm.output[0], []
         users = consumers.get(out, [])
         if len(users) == 1 and users[0].op_type == "Add" and out not in graph_outputs:
@@ -125,30 +148,124 @@ def ort_serving_form(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         replaced[id(mm)] = emitted
     nodes = []
     for n in g.node:
-        if id(n) in dropped:
-            continue
-        nodes.extend(replaced.get(id(n), [n]))
-    while True:  # drop Q/DQ nodes nothing reads any more
-        used = {i for n in nodes for i in n.input} | graph_outputs
-        dead = [n for n in nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in used]
-        if not dead:
-            break
-        nodes = [n for n in nodes if n not in dead]
-    _set_nodes(model, nodes)
+        if id(n) not in dropped:
+            nodes.extend(replaced.get(id(n), [n]))
+    _set_nodes(model, _drop_dead_qdq(nodes, graph_outputs))
     return model, len(replaced)
+
+
+def int8_patch_embedding(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """A quantized patch embedding on the int8 GEMM: `Q(x) -> DQ -> Conv(DQ(W)) -> Reshape(B, D, P) ->
+    Transpose(0, 2, 1)` with kernel == stride and no padding, which ORT runs as a float Conv on the dequantized
+    values (it has no fusion for a Conv without a quantized output), becomes `Q_u8(x) -> Reshape/Transpose (the
+    patches, in int8) -> MatMulIntegerToFloat(W as (C*kh*kw, D), bias)`: the same integer products, accumulated
+    exactly; the tokens differ from the float Conv's only in float rounding.
+    Returns the rewritten model (a copy) and the token tensors it now computes (for `assert_same_at`)."""
+    model, g, inits, producers, consumers = _indexed_copy(model)
+    graph_outputs = {o.name for o in g.output}
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.input}
+    replaced: dict[int, list[onnx.NodeProto]] = {}
+    dropped: set[int] = set()
+    unsigned: dict[str, tuple[str, str, str]] = {}
+    outputs = []
+    for conv in g.node:
+        operands = _symmetric_int8_input(conv, inits, producers) if conv.op_type == "Conv" else None
+        patch = operands and _patch_embedding(conv, inits, producers, consumers, shapes, graph_outputs)
+        if not patch:
+            continue
+        emitted: list[onnx.NodeProto] = []
+        x_q, x_scale, x_zp = _unsigned(g, unsigned, operands[0], emitted)
+        (reshape, transpose, weight, bias, (c, h, kh, w, kw)), dq_w, name = patch, operands[1], conv.name
+        g.initializer.extend([
+            numpy_helper.from_array(np.array([-1, c, h, kh, w, kw], np.int64), f"{name}_patch_grid"),
+            numpy_helper.from_array(np.array([-1, h * w, c * kh * kw], np.int64), f"{name}_patch_rows"),
+            numpy_helper.from_array(np.ascontiguousarray(weight.reshape(weight.shape[0], -1).T), f"{name}_weight_columns"),
+            numpy_helper.from_array(bias, f"{name}_bias_float"),
+        ])
+        emitted += [
+            onnx.helper.make_node("Reshape", [x_q, f"{name}_patch_grid"], [f"{name}_patch_grid_u8"], name=f"{name}_patch_Reshape"),
+            onnx.helper.make_node("Transpose", [f"{name}_patch_grid_u8"], [f"{name}_patches_u8"], perm=[0, 2, 4, 1, 3, 5],
+                                  name=f"{name}_patch_Transpose"),
+            onnx.helper.make_node("Reshape", [f"{name}_patches_u8", f"{name}_patch_rows"], [f"{name}_patch_rows_u8"],
+                                  name=f"{name}_patch_rows_Reshape"),
+            onnx.helper.make_node(
+                "MatMulIntegerToFloat", [f"{name}_patch_rows_u8", f"{name}_weight_columns", x_scale, dq_w.input[1], x_zp,
+                                         dq_w.input[2], f"{name}_bias_float"], [transpose.output[0]],
+                name=f"{name}_MatMulIntegerToFloat", domain="com.microsoft"),
+        ]
+        replaced[id(transpose)] = emitted
+        dropped |= {id(conv), id(reshape)}
+        outputs.append(transpose.output[0])
+    if not outputs:
+        return model, []
+    nodes = []
+    for n in g.node:
+        if id(n) not in dropped:
+            nodes.extend(replaced.get(id(n), [n]))
+    _set_nodes(model, _drop_dead_qdq(nodes, graph_outputs))
+    return model, outputs
+
+
+def _patch_embedding(conv, inits, producers, consumers, shapes, graph_outputs):
+    """(Reshape, Transpose, int8 weight (D, C, kh, kw), float bias (D,), (C, H/kh, kh, W/kw, kw)) when `conv`
+    patchifies a graph input: kernel == stride, no padding, dilation 1, one group, its output flattened to
+    tokens by Reshape(B, D, P) -> Transpose(0, 2, 1) and read by nothing else; else None."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
+    kernel = list(attrs.get("kernel_shape", []))
+    if len(kernel) != 2 or list(attrs.get("strides", [])) != kernel or any(attrs.get("pads", [0] * 4)) \
+            or any(d != 1 for d in attrs.get("dilations", [1, 1])) or attrs.get("group", 1) != 1 \
+            or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return None
+    dq_x, dq_w = producers.get(conv.input[0]), producers.get(conv.input[1])
+    q = dq_x and producers.get(dq_x.input[0])
+    shape = shapes.get(q.input[0]) if q else None
+    if not shape or len(shape) != 4 or min(shape[1:]) < 1 or shape[2] % kernel[0] or shape[3] % kernel[1]:
+        return None
+    users = consumers.get(conv.output[0], [])
+    reshape = users[0] if len(users) == 1 and users[0].op_type == "Reshape" and conv.output[0] not in graph_outputs else None
+    after = consumers.get(reshape.output[0], []) if reshape else []
+    transpose = after[0] if len(after) == 1 and after[0].op_type == "Transpose" else None
+    target = numpy_helper.to_array(inits[reshape.input[1]]) if reshape and reshape.input[1] in inits else None
+    if transpose is None or _attr(transpose, "perm") != [0, 2, 1] or target is None or len(target) != 3:
+        return None
+    (c, h, w), (kh, kw) = shape[1:], kernel
+    if dq_w is None or dq_w.input[0] not in inits:
+        return None
+    weight = numpy_helper.to_array(inits[dq_w.input[0]])
+    if weight.ndim != 4 or weight.shape[1:] != (c, kh, kw) or list(target[1:]) != [weight.shape[0], (h // kh) * (w // kw)]:
+        return None
+    if len(conv.input) < 3 or not conv.input[2]:
+        bias = np.zeros(weight.shape[0], np.float32)
+    elif conv.input[2] in inits:
+        bias = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float32)
+    else:  # int32 bias behind a DequantizeLinear (the static quantizer's), as the Q/DQ graph computes it
+        dq_b = producers.get(conv.input[2])
+        if dq_b is None or dq_b.op_type != "DequantizeLinear" or any(i not in inits for i in dq_b.input[:3]):
+            return None
+        q_b, scale, zp = (numpy_helper.to_array(inits[i]) for i in dq_b.input[:3])
+        bias = ((q_b.astype(np.int64) - zp.astype(np.int64)).astype(np.float32) * scale.astype(np.float32)).astype(np.float32)
+    if bias.shape != (weight.shape[0],):
+        return None
+    return reshape, transpose, weight, bias, (c, h // kh, kh, w // kw, kw)
 
 
 def _attr(node: onnx.NodeProto, name: str):
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
 
 
-def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Attention as ONNX Runtime's `com.microsoft.MultiHeadAttention` kernel: the exported core
-    `qkv -> Reshape(B,S,3,N,H) -> 3x Slice/Transpose/Squeeze -> q*c, (k^T)*c -> MatMul -> Softmax -> MatMul(v)
-    -> Transpose -> Reshape(B,S,D)` becomes `Split(qkv) -> MultiHeadAttention(q, k, v)`, which reads q, k, v in
-    their (B, S, N*H) layout: no transposes, one fused scale/softmax/GEMM pass per head. Float ops only: the
-    int8 projections around it are untouched. A block whose graph differs in any step is left as it is.
-    Returns the rewritten model (a copy) and the number of attention blocks fused."""
+def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Attention as ONNX Runtime's fastest CPU kernels. The exported core `qkv -> Reshape(B,S,3,N,H) -> 3x
+    Slice/Transpose/Squeeze -> q*c, (k^T)*c -> MatMul -> Softmax -> MatMul(v) -> Transpose -> Reshape(B,S,D)`
+    becomes, in float, `Split(qkv) -> com.microsoft.MultiHeadAttention(q, k, v)` (q, k, v read in their (B, S, N*H)
+    layout: no transposes, one fused scale/softmax/GEMM pass per head).
+    Where the graph quantizes attention's products (Q/DQ on q*c, k^T*c, the softmax output and v: a recipe with
+    `quantize_attention`), both products run on int8 kernels with those ranges: q@k^T as MatMulIntegerToFloat
+    (u8 x s8) into the float Softmax, and probs@v as QLinearMatMul (u8 x s8), which writes the u8 input of the
+    output projection directly when the graph quantizes it next (the serving form does), skipping a float pass.
+    The same integers as the Q/DQ graph (u8 = s8 + 128; probs saturate where their s8 would).
+    A block whose graph differs in any step is left as it is.
+    Returns the rewritten model (a copy) and each rewritten block's output (the tensor after its heads merge, in
+    graph order; `assert_same_at` compares the first)."""
     model, g, inits, producers, consumers = _indexed_copy(model)
 
     def const(name: str):
@@ -169,8 +286,8 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         return nodes
 
     def head(name: str):
-        """(qkv tensor, which of q/k/v, heads) of Squeeze(Slice(Transpose[2,0,3,1,4](Reshape(qkv)))), as exported,
-        or with the Slice above the Transpose, as ORT's transpose optimizer leaves it (model.prep.onnx)."""
+        """(qkv tensor, which of q/k/v, heads, head size) of Squeeze(Slice(Transpose[2,0,3,1,4](Reshape(qkv)))), as
+        exported, or with the Slice above the Transpose, as ORT's transpose optimizer leaves it (model.prep.onnx)."""
         for ops, slice_axis in ((("Squeeze", "Slice", "Transpose", "Reshape"), 0),
                                 (("Squeeze", "Transpose", "Slice", "Reshape"), 2)):
             nodes = chain(name, *ops)
@@ -183,75 +300,225 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             shape = const(nodes[3].input[1])
             if start is None or end is None or axis is None or shape is None or len(shape) != 5 or shape[2] != 3:
                 continue
-            if int(axis[0]) != slice_axis or int(end[0]) - int(start[0]) != 1:
+            if int(axis[0]) != slice_axis or int(end[0]) - int(start[0]) != 1 or min(shape[3:]) < 1:
                 continue
-            return nodes[3].input[0], int(start[0]), int(shape[3])
+            return nodes[3].input[0], int(start[0]), int(shape[3]), int(shape[4])
         return None
 
     def only_user(name: str, op: str):
         users = consumers.get(name, [])
         return users[0] if len(users) == 1 and users[0].op_type == op else None
 
+    def symmetric_int8(q: onnx.NodeProto) -> bool:
+        """A per-tensor QuantizeLinear to int8 with zero point 0 (what the static recipes write)."""
+        scale, zp = const(q.input[1]), const(q.input[2]) if len(q.input) > 2 else None
+        return scale is not None and scale.size == 1 and zp is not None and zp.dtype == np.int8 and zp.size == 1 \
+            and int(zp.ravel()[0]) == 0
+
+    def dequantized(name: str):
+        """(the float tensor, its QuantizeLinear) when `name` is DQ(Q(x)) with one symmetric int8 range, else (name, None)."""
+        dq = producers.get(name)
+        q = dq and dq.op_type == "DequantizeLinear" and producers.get(dq.input[0])
+        if q and q.op_type == "QuantizeLinear" and symmetric_int8(q) and list(dq.input[1:3]) == list(q.input[1:3]):
+            return q.input[0], q
+        return name, None
+
+    def quantized_user(name: str):
+        """(the tensor to read, the QuantizeLinear) when `name`'s only user is Q -> DQ (as `dequantized`), else (name, None)."""
+        q = only_user(name, "QuantizeLinear")
+        dq = q and only_user(q.output[0], "DequantizeLinear")
+        return (dq.output[0], q) if dq and symmetric_int8(q) and list(dq.input[1:3]) == list(q.input[1:3]) else (name, None)
+
+    new_inits: list[onnx.TensorProto] = []
+
+    def init(name: str, value) -> str:
+        new_inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def int8_projections(qkv: str, heads: int, size: int, c: list, quants, zps, prefix: str):
+        """When `qkv` comes from an int8 projection (MatMulIntegerToFloat, constant weights and bias) read by nothing
+        but the head split: one int8 GEMM per part, the exported q/k scale folded into its weight scales, so no
+        float qkv, split or scale pass. q (the u8 side) comes quantized out of com.microsoft.QGemm's epilogue (bias
+        as int32 at the accumulator's scale); k and v (s8, which QGemm cannot write here) as float from
+        MatMulIntegerToFloat, then QuantizeLinear. Returns (nodes, the three int8 (B*S, D) outputs, S) or None."""
+        mm, users = producers.get(qkv), consumers.get(qkv, [])
+        if mm is None or mm.op_type != "MatMulIntegerToFloat" or len(mm.input) < 7 or len(users) != 1:
+            return None
+        shape = const(users[0].input[1]) if users[0].op_type == "Reshape" else None
+        x, w, x_scale, w_scale, x_zp, w_zp, bias = (const(i) for i in mm.input)
+        if shape is None or shape.size < 2 or shape[1] < 1 or x is not None or x_zp is None or x_zp.dtype != np.uint8 \
+                or any(t is None for t in (w, x_scale, w_scale, w_zp, bias)) or x_scale.size != 1 or w.ndim != 2 \
+                or w.shape[1] != 3 * heads * size or w_zp.dtype != np.int8:
+            return None
+        width = heads * size
+        w_scale, w_zp = np.broadcast_to(w_scale, (3 * width,)), np.broadcast_to(w_zp, (3 * width,))
+        rows = init(f"{prefix}_rows", np.array([-1, w.shape[0]], np.int64))
+        nodes = [onnx.helper.make_node("Reshape", [mm.input[0], rows], [f"{prefix}_x_rows"], name=f"{prefix}_x_Reshape")]
+        outs = []
+        for i, part in enumerate("qkv"):
+            cols, name = slice(i * width, (i + 1) * width), f"{prefix}_{part}"
+            weight = [init(f"{name}_weight", np.ascontiguousarray(w[:, cols])),
+                      init(f"{name}_weight_scale", (w_scale[cols] * (1.0 if c[i] is None else float(c[i].ravel()[0]))).astype(np.float32)),
+                      init(f"{name}_weight_zero_point", np.ascontiguousarray(w_zp[cols]))]
+            if part == "q":  # the u8 side: QGemm writes it
+                acc = np.round(bias[cols].astype(np.float64) / (float(x_scale.ravel()[0]) * w_scale[cols].astype(np.float64)))
+                if np.abs(acc).max(initial=0) >= 2 ** 31:
+                    return None
+                nodes.append(onnx.helper.make_node(
+                    "QGemm", [f"{prefix}_x_rows", mm.input[2], mm.input[4], *weight, init(f"{name}_bias", acc.astype(np.int32)),
+                              quants[i].input[1], zps[i]], [f"{name}_i8"], domain="com.microsoft", name=f"{mm.name}_{part}_QGemm"))
+            else:
+                scaled_bias = bias[cols] * (1.0 if c[i] is None else float(c[i].ravel()[0]))
+                nodes += [
+                    onnx.helper.make_node(
+                        "MatMulIntegerToFloat", [f"{prefix}_x_rows", weight[0], mm.input[2], weight[1], mm.input[4], weight[2],
+                                                 init(f"{name}_bias", scaled_bias.astype(np.float32))],
+                        [f"{name}_f32"], domain="com.microsoft", name=f"{mm.name}_{part}_MatMulIntegerToFloat"),
+                    onnx.helper.make_node("QuantizeLinear", [f"{name}_f32", quants[i].input[1], zps[i]], [f"{name}_i8"],
+                                          name=f"{name}_QuantizeLinear")]
+            outs.append(f"{name}_i8")
+        return nodes, outs, int(shape[1])
+
     replaced: dict[int, list[onnx.NodeProto]] = {}
     removed: set[int] = set()
+    outputs: list[str] = []
     for softmax in g.node:
         if softmax.op_type != "Softmax" or _attr(softmax, "axis") not in (None, -1, 3):
             continue
-        scores, probs_v = producers.get(softmax.input[0]), only_user(softmax.output[0], "MatMul")
-        if scores is None or scores.op_type != "MatMul" or probs_v is None or probs_v.input[0] != softmax.output[0]:
+        scores = producers.get(softmax.input[0])
+        probs, q_probs = quantized_user(softmax.output[0])
+        probs_v = only_user(probs, "MatMul")
+        if scores is None or scores.op_type != "MatMul" or probs_v is None or probs_v.input[0] != probs:
             continue
         transpose = only_user(probs_v.output[0], "Transpose")
         reshape = transpose and only_user(transpose.output[0], "Reshape")
         if reshape is None or list(_attr(transpose, "perm") or []) != [0, 2, 1, 3]:
             continue
-        q_scale, k_scale = chain(scores.input[0], "Mul"), chain(scores.input[1], "Mul", "Reshape", "Transpose", "Reshape")
+        (q_in, q_q), (k_in, k_q), (v_in, v_q) = (dequantized(i) for i in (*scores.input[:2], probs_v.input[1]))
+        q_scale, k_scale = chain(q_in, "Mul"), chain(k_in, "Mul", "Reshape", "Transpose", "Reshape")
         if q_scale is None or k_scale is None or list(_attr(k_scale[2], "perm") or []) != [0, 2, 1]:
             continue
         cq, ck = const(q_scale[0].input[1]), const(k_scale[0].input[1])
         if cq is None or ck is None or cq.size != 1 or ck.size != 1:
             continue
-        q, k, v = head(q_scale[0].input[0]), head(k_scale[3].input[0]), head(probs_v.input[1])
+        q, k, v = head(q_scale[0].input[0]), head(k_scale[3].input[0]), head(v_in)
         if not (q and k and v) or len({q[0], k[0], v[0]}) != 1 or (q[1], k[1], v[1]) != (0, 1, 2):
             continue
-        qkv, heads = q[0], q[2]
+        qkv, heads, size = q[0], q[2], q[3]
         parts = [f"{qkv}_{p}" for p in "qkv"]
-        replaced[id(reshape)] = [
-            onnx.helper.make_node("Split", [qkv], parts, axis=-1, num_outputs=3, name=f"{qkv}_Split_qkv"),
-            onnx.helper.make_node(
+        split = onnx.helper.make_node("Split", [qkv], parts, axis=-1, num_outputs=3, name=f"{qkv}_Split_qkv")
+        quantizers = (q_q, k_q, q_probs, v_q)
+        if all(n is None for n in quantizers):
+            replaced[id(reshape)] = [split, onnx.helper.make_node(
                 "MultiHeadAttention", parts, [reshape.output[0]], domain="com.microsoft", num_heads=heads,
-                scale=float(cq.ravel()[0] * ck.ravel()[0]), name=f"{softmax.name}_MultiHeadAttention"),
-        ]
-        removed |= {id(n) for n in (softmax, scores, probs_v, transpose, q_scale[0], k_scale[0])}
+                scale=float(cq.ravel()[0] * ck.ravel()[0]), name=f"{softmax.name}_MultiHeadAttention")]
+            removed |= {id(n) for n in (softmax, scores, probs_v, transpose, q_scale[0], k_scale[0])}
+            outputs.append(reshape.output[0])
+            continue
+        if any(n is None for n in quantizers):
+            continue  # partly quantized attention: left as the graph has it
+        p = f"{softmax.name}_int8"
+        zp_u8, zp_s8 = init(f"{p}_zero_point_u8", np.array(128, np.uint8)), init(f"{p}_zero_point_s8", np.array(0, np.int8))
+        scales = (q_scale[0].input[1], k_scale[0].input[1], None)  # the exported q and k scales; v has none
+        quants, zps = (q_q, k_q, v_q), (zp_u8, zp_s8, zp_s8)  # q is the u8 side of q @ k^T, k and v the s8 side
+        projected = int8_projections(qkv, heads, size, [const(c) if c else None for c in scales], quants, zps, p)
+        if projected is not None:  # q, k, v straight from the int8 projection, each already quantized
+            nodes, flat, seq = projected
+            heads_shape = init(f"{p}_heads_shape", np.array([-1, seq, heads, size], np.int64))
+        else:  # from the float projection: split, scale as the Q/DQ graph does (the same roundings), quantize
+            nodes, flat, heads_shape = [split], [], init(f"{p}_heads_shape", np.array([0, 0, heads, size], np.int64))
+            for part, c, quant, zp in zip(parts, scales, quants, zps):
+                if c is not None:
+                    nodes.append(onnx.helper.make_node("Mul", [part, c], [f"{part}_scaled"], name=f"{part}_Mul"))
+                nodes.append(onnx.helper.make_node("QuantizeLinear", [f"{part}_scaled" if c else part, quant.input[1], zp],
+                                                   [f"{part}_i8"], name=f"{part}_QuantizeLinear"))
+                flat.append(f"{part}_i8")
+        per_head = {}  # q, k, v: int8 (B, N, S, H); k as (B, N, H, S)
+        for part, x, perm in zip(parts, flat, ([0, 2, 1, 3], [0, 2, 3, 1], [0, 2, 1, 3])):
+            nodes += [onnx.helper.make_node("Reshape", [x, heads_shape], [f"{part}_i8_heads"], name=f"{part}_Reshape"),
+                      onnx.helper.make_node("Transpose", [f"{part}_i8_heads"], [f"{part}_i8_bnsh"], perm=perm, name=f"{part}_Transpose")]
+            per_head[part] = f"{part}_i8_bnsh"
+        q4, k4, v4 = (per_head[x] for x in parts)
+        nodes.append(onnx.helper.make_node(
+            "MatMulIntegerToFloat", [q4, k4, q_q.input[1], k_q.input[1], zp_u8, zp_s8], [scores.output[0]],
+            domain="com.microsoft", name=f"{scores.name}_MatMulIntegerToFloat"))
+        nodes.append(softmax)
+        p_scale = q_probs.input[1]
+        nodes.append(onnx.helper.make_node("QuantizeLinear", [softmax.output[0], p_scale, init(f"{p}_probs_zero_point", np.array(0, np.uint8))],
+                                           [f"{p}_probs_u8"], name=f"{p}_probs_QuantizeLinear"))
+        probs_u8 = f"{p}_probs_u8"
+        if float(const(p_scale).ravel()[0]) * 127 < 1.0:  # probs above the s8 range saturate there, as in the Q/DQ graph
+            nodes.append(onnx.helper.make_node("Clip", [probs_u8, "", init(f"{p}_probs_max", np.array(127, np.uint8))],
+                                               [f"{p}_probs_u8_clipped"], name=f"{p}_probs_Clip"))
+            probs_u8 = f"{p}_probs_u8_clipped"
+        removed |= {id(n) for n in (softmax, scores, probs_v, q_scale[0], k_scale[0], q_probs)}
+        out_q = only_user(reshape.output[0], "QuantizeLinear")
+        out_zp = const(out_q.input[2]) if out_q is not None and len(out_q.input) > 2 else None
+        out_scale = const(out_q.input[1]) if out_q is not None else None
+        if out_zp is not None and out_zp.dtype == np.uint8 and out_zp.size == 1 and out_scale is not None and out_scale.size == 1:
+            # o = probs @ v written straight as the projection's u8 input: no float output, no separate quantize
+            nodes += [
+                onnx.helper.make_node("QLinearMatMul", [probs_u8, p_scale, f"{p}_probs_zero_point", v4, v_q.input[1], zp_s8,
+                                                        out_q.input[1], out_q.input[2]], [f"{p}_o_u8"], name=f"{probs_v.name}_QLinearMatMul"),
+                onnx.helper.make_node("Transpose", [f"{p}_o_u8"], [f"{p}_o_u8_bsnh"], perm=[0, 2, 1, 3], name=f"{p}_o_Transpose"),
+                onnx.helper.make_node("Reshape", [f"{p}_o_u8_bsnh", reshape.input[1]], [out_q.output[0]], name=f"{p}_o_Reshape"),
+            ]
+            removed |= {id(transpose), id(out_q)}
+            replaced[id(reshape)] = nodes
+            outputs.append(out_q.output[0])
+        else:
+            nodes.append(onnx.helper.make_node(
+                "MatMulIntegerToFloat", [probs_u8, v4, p_scale, v_q.input[1], f"{p}_probs_zero_point", zp_s8],
+                [probs_v.output[0]], domain="com.microsoft", name=f"{probs_v.name}_MatMulIntegerToFloat"))
+            replaced[id(transpose)] = [*nodes, transpose]
+            outputs.append(reshape.output[0])
     if not replaced:
-        return model, 0
+        return model, []
+    g.initializer.extend(new_inits)
     nodes = []
     for n in g.node:
-        if id(n) not in removed:
-            nodes.extend(replaced.get(id(n), [n]))
+        if id(n) in replaced:
+            nodes.extend(replaced[id(n)])
+        elif id(n) not in removed:
+            nodes.append(n)
     graph_outputs = {o.name for o in g.output}
-    while True:  # drop the head split/transposes nothing reads any more
+    while True:  # drop the head split/transposes and Q/DQ nothing reads any more
         used = {i for n in nodes for i in n.input} | graph_outputs
         live = [n for n in nodes if any(o in used for o in n.output)]
         if len(live) == len(nodes):
             break
         nodes = live
     _set_nodes(model, nodes)
-    return model, len(replaced)
+    return model, outputs
 
 
-def assert_same_attention(reference: onnx.ModelProto, fused: onnx.ModelProto, batch: int = 2, rtol: float = 1e-4) -> None:
-    """Guard for `fuse_attention`: the first fused attention output (same tensor name in both graphs, upstream
-    of any rounding the fused kernel's float order can flip) is the same in both models, as ORT runs them."""
-    first = next(n.output[0] for n in fused.graph.node if n.op_type == "MultiHeadAttention")
+def assert_same_at(reference: onnx.ModelProto, rewritten: onnx.ModelProto, output: str, batch: int = 2,
+                   rtol: float = 1e-4) -> None:
+    """Guard for a local graph rewrite (attention, patch embedding): the tensor `output`, which both graphs compute
+    (the first rewritten block's, upstream of any rounding the rewrite's float order can flip later, which a
+    random-weight network amplifies), is the same in both models, as ORT runs them. Float: to `rtol` of its
+    largest value. Integer (the projection's u8 input written by the int8 attention): a rounding step at most,
+    in at most 1 in 1000 values (the exported q/k scale is folded into the int8 GEMM's scales, where the Q/DQ
+    graph scales in float, which can flip a rounding)."""
     outs = []
-    for model in (reference, fused):
+    for model in (reference, rewritten):
         probe = onnx.ModelProto.FromString(model.SerializeToString())
-        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(first))
+        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(output))
         sess = session(probe.SerializeToString())
-        outs.append(sess.run([first], _random_feed(sess, batch))[0])
-    err = float(np.max(np.abs(outs[0] - outs[1])))
-    if err > rtol * max(float(np.max(np.abs(outs[0]))), 1e-6):
-        raise RuntimeError(f"fused attention output {first!r} differs by {err:.3g} (max abs): rewrite is wrong")
+        outs.append(sess.run([output], _random_feed(sess, batch))[0])
+    ref, got = outs
+    if ref.dtype != got.dtype or ref.shape != got.shape:
+        raise RuntimeError(f"rewritten {output!r} is {got.dtype}{got.shape}, the reference's {ref.dtype}{ref.shape}: "
+                           "rewrite is wrong")
+    diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+    if np.issubdtype(ref.dtype, np.integer):
+        wrong = diff.max() > 1 or np.mean(diff > 0) > 1e-3
+        what = f"{np.mean(diff > 0):.3%} of its values differ, by up to {diff.max():.0f} steps"
+    else:
+        wrong = diff.max() > rtol * max(float(np.max(np.abs(ref))), 1e-6)
+        what = f"it differs by {diff.max():.3g} (max abs)"
+    if wrong:
+        raise RuntimeError(f"rewritten {output!r}: {what}: rewrite is wrong")
 
 
 def _random_feed(sess, batch: int) -> dict[str, np.ndarray]:
@@ -358,18 +625,28 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def write_serving_form(recipe: Recipe, folder: Path, quantized: onnx.ModelProto) -> str:
-    """A quantized variant is served in ONNX Runtime's fused form (`model.ort.onnx`, checked against the Q/DQ
-    `model.onnx`): static variants with MatMulIntegerToFloat kernels, and every variant with attention as one
-    MultiHeadAttention kernel where the graph's attention is recognised. Returns the served file's name."""
-    serving, fused = ort_serving_form(quantized) if recipe.scheme == "static" else (quantized, 0)
-    if fused:  # exact: same integer kernels; checked before attention fusion reorders float sums downstream
-        assert_same_outputs(folder / "model.onnx", serving.SerializeToString())
-    serving, heads = fuse_attention(serving)
-    if heads:
-        assert_same_attention(quantized, serving)
-    if not fused and not heads:
+    """A quantized variant is served in ONNX Runtime's fused form (`model.ort.onnx`), each rewrite checked against
+    the graph before it: static variants with MatMulIntegerToFloat kernels (exactly the Q/DQ `model.onnx`'s
+    outputs) and the patch embedding on the int8 GEMM; attention, where recognised, as one MultiHeadAttention
+    kernel (float attention) or on int8 kernels (a recipe quantizing attention's products; see
+    `fuse_attention`). The file is written only after every check passes. Returns the served file's name."""
+    serving, fused, patches = quantized, 0, []
+    if recipe.scheme == "static":
+        serving, fused = ort_serving_form(quantized)
+        if fused:  # exact: same integer kernels; checked before the rewrites below reorder float sums
+            assert_same_outputs(folder / "model.onnx", serving.SerializeToString())
+        patched, patches = int8_patch_embedding(serving)
+        if patches:
+            assert_same_at(serving, patched, patches[0])
+            serving = patched
+    fused_attention, blocks = fuse_attention(serving)
+    if blocks:
+        assert_same_at(serving, fused_attention, blocks[0])
+    if not fused and not patches and not blocks:
         return "model.onnx"
-    onnx.save(serving, str(folder / "model.ort.onnx"))
-    log.info("quantize: %s: %d MatMuls in ONNX Runtime's fused form, %d attention blocks as MultiHeadAttention",
-             recipe.name, fused, heads)
+    onnx.save(fused_attention, str(folder / "model.ort.onnx"))
+    mha = sum(n.op_type == "MultiHeadAttention" for n in fused_attention.graph.node)
+    log.info("quantize: %s: served form: %d MatMuls and %d patch embedding(s) on fused int8 kernels; attention: "
+             "%d blocks as MultiHeadAttention, %d with int8 products", recipe.name, fused, len(patches), mha,
+             len(blocks) - mha)
     return "model.ort.onnx"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitq.config import CalibrationConfig, ExportConfig
+from vitq.config import CalibrationConfig, ExportConfig, QuantizeConfig
 from vitq.experiments._models import ExperimentModel
 
 log = logging.getLogger("vitq.experiments.calibration_bench")
@@ -61,8 +61,9 @@ def run_calibration_bench(m: ExperimentModel, images: int, cfg: CalibrationConfi
         fp32_s = fp32_forward_seconds(prep, x, cfg.batch_size)
         log.info("calibration-bench: %s: calibrate (%s), %d images", m.name, ", ".join(cfg.methods), images)
         start = time.perf_counter()
-        # as the calibrate stage with the preset recipes: no recipe quantizes attention's activation MatMuls
-        result = calibrate_inputs(prep, x, cfg, Path(scratch) / "calibration", attention=False)
+        # as the calibrate stage with the preset recipes: the static presets quantize attention's products too
+        result = calibrate_inputs(prep, x, cfg, Path(scratch) / "calibration",
+                                  attention=QuantizeConfig().calibrates_attention)
         calibrate_s = time.perf_counter() - start
     record = {
         "model": m.name,
