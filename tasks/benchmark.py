@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,17 @@ class Timing:
     runs: int
     baseline: str = "fp32"  # the model this one's speedup is measured against (same runtime, same run)
     device: str = "cpu"
+    # p50 of each interleaved round (ONNX Runtime timings): rounds of different models are adjacent in time, so
+    # their per-round ratios cancel a shared machine's slow spells (see paired_ratio)
+    round_p50_ms: list[float] = field(default_factory=list)
+
+
+def paired_ratio(slow_rounds, fast_rounds) -> float | None:
+    """slow / fast latency from rounds timed back to back (`Timing.round_p50_ms` of each): the median over rounds
+    of the per-round p50 ratio. On a shared VM whose speed drifts by tens of percent within minutes, this pairs
+    samples taken within seconds of each other; a ratio of whole-run p50s mixes spells. None without rounds."""
+    a, b = np.asarray(slow_rounds or [], float), np.asarray(fast_rounds or [], float)
+    return float(np.median(a / b)) if len(a) and len(a) == len(b) else None
 
 
 @dataclass(frozen=True)
@@ -120,7 +131,7 @@ def _time_onnx(models: dict[str, Path], x: np.ndarray, cfg: BenchmarkConfig) -> 
     for name, sess in sessions.items():
         for _ in range(cfg.warmup):
             sess.run(None, {input_names[name]: x})
-    samples: dict[str, list[float]] = {name: [] for name in sessions}
+    samples: dict[str, list[list[float]]] = {name: [] for name in sessions}  # per round
     per_round = max(1, cfg.repeats // cfg.rounds)
     for r in range(cfg.rounds):
         for name, sess in sessions.items():
@@ -128,14 +139,16 @@ def _time_onnx(models: dict[str, Path], x: np.ndarray, cfg: BenchmarkConfig) -> 
             # One untimed run first: the model before it left the caches cold and its thread pool still
             # spinning (on 2 cores that costs the next model's first run tens of ms at batch 1).
             sess.run(None, feed)
+            samples[name].append([])
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 sess.run(None, feed)
-                samples[name].append((time.perf_counter() - t0) * 1e3)
+                samples[name][-1].append((time.perf_counter() - t0) * 1e3)
         log.info("benchmark: round %d/%d", r + 1, cfg.rounds)
     timings = {}
-    for name, ms in samples.items():
-        timings[name] = timing(np.asarray(ms), models[name], cfg.batch_size, "fp32", "cpu")
+    for name, rounds in samples.items():
+        timings[name] = replace(timing(np.concatenate(rounds), models[name], cfg.batch_size, "fp32", "cpu"),
+                                round_p50_ms=[float(np.median(r)) for r in rounds])
         log.info("benchmark: %s p50 %.3f ms", name, timings[name].latency_ms_p50)
     return timings
 

@@ -21,6 +21,15 @@ def test_bench_writes_side_by_side_runs(tmp_path):
     sizes = {r["variant"]: r["size_mb"] for r in result["runs"] if r["batch"] == 1}
     assert sizes["static"] < sizes["fp32"] / 2
     assert len(result["ratios"]) == 2 and "dyn/static" in proc.stdout
+    # ratios paired per interleaved round (10 rounds), the ratio of whole-run p50s beside them
+    from tasks.benchmark import paired_ratio
+
+    by = {(r["batch"], r["variant"]): r for r in result["runs"]}
+    for r in result["ratios"]:
+        dyn, static = by[(r["batch"], "dynamic")], by[(r["batch"], "static")]
+        assert len(dyn["round_p50_ms"]) == len(static["round_p50_ms"]) == 10
+        assert r["dynamic_over_static"] == paired_ratio(dyn["round_p50_ms"], static["round_p50_ms"])
+        assert r["dynamic_over_static_p50"] == dyn["latency_ms_p50"] / static["latency_ms_p50"]
     # --profile: ORT's profiler on the same three files, per batch: where the time goes, what kernels ran
     assert [(p["model"], p["batch"]) for p in result["profiles"]] == [("demo", 1), ("demo", 2)]
     for p in result["profiles"]:
@@ -76,3 +85,13 @@ def test_recovery_scale_table_and_params():
         {"recipe": "onnx-w8a8-search", "seconds": 100.0, "start": None, "budget_met": None}], "recipes_total_s": 400.0})
     assert "| quantize onnx-w8a8-auto (start smoothquant, budget met) | 300 |" in table
     assert "| the recipes together | 400 |" in table
+
+
+def test_paired_ratio_cancels_a_machine_slowing_down_between_rounds():
+    from tasks.benchmark import paired_ratio
+
+    # The machine runs at half speed in the last two rounds; in each round the first model takes 1.2x the second.
+    fast = [50.0, 50.0, 100.0, 100.0]
+    slow = [1.2 * t for t in fast]
+    assert paired_ratio(slow, fast) == 1.2
+    assert paired_ratio(slow, fast[:3]) is None and paired_ratio([], []) is None

@@ -5,7 +5,8 @@ Each model goes through the public API (`vitq.quantize` per recipe, `Variant.ben
 variant alongside: FP32, dynamic and static timed in interleaved rounds), calibrated on and timed with
 real digits images resized to the model's input (timm models with random weights are fine for latency).
 Writes `reports/bench.json`: {"machine": ..., "runs": [{model, batch, variant, latency_ms_p50,
-latency_ms_p95, size_mb, throughput_ips}], "ratios": [...], "gpu": ...}.
+latency_ms_p95, size_mb, throughput_ips, round_p50_ms}], "ratios": [...], "gpu": ...}; each ratio is paired
+per interleaved round (the models of a round run back to back), with the ratio of whole-run p50s beside it.
 """
 
 from __future__ import annotations
@@ -64,21 +65,26 @@ def bench_model(m: ExperimentModel, batches: list[int], cfg: BenchmarkConfig, st
                 "model": m.name, "batch": batch, "variant": labels[name], "recipe": name,
                 "latency_ms_p50": t.latency_ms_p50, "latency_ms_p95": t.latency_ms_p95,
                 "size_mb": t.size_mb, "throughput_ips": t.throughput_ips, "runs": t.runs,
+                "round_p50_ms": t.round_p50_ms,
             })
     return runs
 
 
 def ratios(runs: list[dict]) -> list[dict]:
-    """Per (model, batch): FP32/static and dynamic/static p50 latency (> 1 means static is faster)."""
+    """Per (model, batch): FP32/static, dynamic/static and FP32/dynamic latency (> 1: the second is faster),
+    each paired (tasks.benchmark.paired_ratio: the median over interleaved rounds of the per-round p50 ratio),
+    with the ratio of the whole-run p50s beside it (`*_p50`)."""
     out = []
     for key in sorted({(r["model"], r["batch"]) for r in runs}):
-        by = {r["variant"]: r["latency_ms_p50"] for r in runs if (r["model"], r["batch"]) == key}
-        out.append({
-            "model": key[0], "batch": key[1],
-            "fp32_over_static": by["fp32"] / by["static"],
-            "dynamic_over_static": by["dynamic"] / by["static"],
-            "fp32_over_dynamic": by["fp32"] / by["dynamic"],
-        })
+        by = {r["variant"]: r for r in runs if (r["model"], r["batch"]) == key}
+        row = {"model": key[0], "batch": key[1]}
+        for slow, fast in (("fp32", "static"), ("dynamic", "static"), ("fp32", "dynamic")):
+            a, b = by[slow], by[fast]
+            p50 = a["latency_ms_p50"] / b["latency_ms_p50"]
+            paired = benchmark.paired_ratio(a.get("round_p50_ms"), b.get("round_p50_ms"))
+            row[f"{slow}_over_{fast}"] = p50 if paired is None else paired
+            row[f"{slow}_over_{fast}_p50"] = p50
+        out.append(row)
     return out
 
 
@@ -117,11 +123,12 @@ def run_bench(models: list[ExperimentModel], batches: list[int], cfg: BenchmarkC
 
 def bench_table(result: dict) -> str:
     lines = [f"{'model':24s} {'batch':>5s} {'fp32 ms':>9s} {'dynamic ms':>10s} {'static ms':>9s} "
-             f"{'fp32/static':>11s} {'dyn/static':>10s}"]
+             f"{'fp32/static':>11s} {'dyn/static':>10s}   (paired per round; ratio of p50s)"]
     for r in result["ratios"]:
         by = {x["variant"]: x["latency_ms_p50"] for x in result["runs"] if (x["model"], x["batch"]) == (r["model"], r["batch"])}
         lines.append(f"{r['model']:24s} {r['batch']:5d} {by['fp32']:9.2f} {by['dynamic']:10.2f} {by['static']:9.2f} "
-                     f"{r['fp32_over_static']:11.2f} {r['dynamic_over_static']:10.2f}")
+                     f"{r['fp32_over_static']:11.2f} {r['dynamic_over_static']:10.2f}   "
+                     f"({r['fp32_over_static_p50']:.2f}, {r['dynamic_over_static_p50']:.2f})")
     return "\n".join(lines)
 
 
