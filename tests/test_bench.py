@@ -45,7 +45,8 @@ def test_bench_writes_side_by_side_runs(tmp_path):
 
 def test_bench_rejects_bad_arguments(tmp_path):
     for args, needle in ((["--batches", "1,x"], "--batches '1,x'"), (["--models", "vit_nope_9"], "unknown timm model"),
-                         (["--static-recipe", "onnx-w8-dynamic"], "is not a static ONNX recipe")):
+                         (["--static-recipe", "onnx-w8-dynamic"], "is not a static ONNX recipe"),
+                         (["--rounds", "0"], "--rounds 0 must be >= 1")):
         proc = vitq(["bench", *args], tmp_path)
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
         assert not (tmp_path / "reports").exists()

@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
         lat.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
         lat.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
         lat.add_argument("--repeats", type=int, default=50, help="timed runs per variant and batch")
+        lat.add_argument("--rounds", type=int, default=10,
+                         help="interleaved rounds the repeats are split into (more: finer pairing on a shared machine)")
         lat.add_argument("--static-recipe", default=None, help="static recipe to compare (default: the pipeline default)")
         lat.add_argument("--workdir", default=".")
         lat.add_argument("--out", default="reports/bench.json")
@@ -275,13 +277,13 @@ def _latency(args) -> int:
         raise VitqError(f"--batches {args.batches!r} must be comma-separated integers, e.g. 1,8") from None
     if not batches or min(batches) < 1:
         raise VitqError(f"--batches {args.batches!r} must be positive integers")
-    if args.threads < 1 or args.repeats < 1:
-        raise VitqError(f"--threads {args.threads} and --repeats {args.repeats} must be >= 1")
+    if args.threads < 1 or args.repeats < 1 or args.rounds < 1:
+        raise VitqError(f"--threads {args.threads}, --repeats {args.repeats} and --rounds {args.rounds} must be >= 1")
     static = args.static_recipe or latency.DEFAULT_STATIC
     if get_recipe(static).scheme != "static" or get_recipe(static).target != "onnx":
         raise VitqError(f"--static-recipe {static!r} is not a static ONNX recipe")
     models = [resolve_model(name.strip(), ws) for name in args.models.split(",") if name.strip()]
-    cfg = BenchmarkConfig(threads=args.threads, repeats=args.repeats, warmup=5, rounds=10)  # finer interleaving: a shared machine's slow spells spread over all
+    cfg = BenchmarkConfig(threads=args.threads, repeats=args.repeats, warmup=5, rounds=args.rounds)
     result = latency.run_bench(models, batches, cfg, ws.root / args.out, static, profile=args.profile)
     print(latency.bench_table(result))
     if args.profile:
