@@ -196,7 +196,7 @@ def test_attention_fusion_serves_dynamic_too_and_its_guard_catches_miswiring(ws)
 
 def test_quantized_attention_is_served_on_int8_kernels_with_the_qdq_graphs_numerics(staged_workspace, tmp_path_factory):
     """The static presets quantize attention's products (Q/DQ on q*c, k^T*c, the softmax output and v): the served form
-    computes them on int8 kernels (no float attention MatMul, no MultiHeadAttention, q/k/v straight from the int8
+    computes them on int8 kernels (no float attention MatMul, no MultiHeadAttention, q/k/v each from its own int8
     projection, probs @ v writing the output projection's u8 input), with the Q/DQ graph's integers: the same
     predictions and logits within a rounding step's effect. Its guard fails a graph whose q reads v's weights."""
     from tasks.backends.onnx import assert_same_at, fuse_attention, ort_serving_form, run_batched, session
@@ -210,9 +210,9 @@ def test_quantized_attention_is_served_on_int8_kernels_with_the_qdq_graphs_numer
     served = onnx.load(str(folder / art.artifact))
     ops = [n.op_type for n in served.graph.node]
     assert "MultiHeadAttention" not in ops and "MatMul" not in ops and "Split" not in ops, ops
-    assert ops.count("QGemm") == 1 and ops.count("QLinearMatMul") == 1 and ops.count("Softmax") == 1, ops
+    assert ops.count("QLinearMatMul") == 1 and ops.count("Softmax") == 1, ops
     # q @ k^T: MatMulIntegerToFloat on the two int8 head tensors; the projections and k, v: MatMulIntegerToFloat too
-    assert ops.count("MatMulIntegerToFloat") == 7, ops  # patches, k, v projections, q @ k^T, proj, fc1, fc2
+    assert ops.count("MatMulIntegerToFloat") == 8, ops  # patches, q, k, v projections, q @ k^T, proj, fc1, fc2
     spec = load_model_spec(ws.model_dir)
     x = model_inputs(load_split(ws.data_dir, "validation").images[:64], spec.mean, spec.std)
     a = run_batched(session(folder / "model.onnx"), x, 16)
@@ -225,8 +225,7 @@ def test_quantized_attention_is_served_on_int8_kernels_with_the_qdq_graphs_numer
     fused, blocks = fuse_attention(serving)
     assert len(blocks) == 1 and blocks[0].endswith("_quantized_u8"), blocks  # the projection's u8 input, as served
     assert_same_at(serving, fused, blocks[0])
-    q_gemm = next(n for n in fused.graph.node if n.op_type == "QGemm")
-    v_proj = next(n for n in fused.graph.node if n.op_type == "MatMulIntegerToFloat" and n.name.endswith("_v_MatMulIntegerToFloat"))
-    q_gemm.input[3], v_proj.input[1] = v_proj.input[1], q_gemm.input[3]
+    q_proj, v_proj = (next(n for n in fused.graph.node if n.name.endswith(f"_{p}_MatMulIntegerToFloat")) for p in "qv")
+    q_proj.input[1], v_proj.input[1] = v_proj.input[1], q_proj.input[1]
     with pytest.raises(RuntimeError, match="rewrite is wrong"):
         assert_same_at(serving, fused, blocks[0])
