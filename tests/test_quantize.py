@@ -229,3 +229,20 @@ def test_quantized_attention_is_served_on_int8_kernels_with_the_qdq_graphs_numer
     q_proj.input[1], v_proj.input[1] = v_proj.input[1], q_proj.input[1]
     with pytest.raises(RuntimeError, match="rewrite is wrong"):
         assert_same_at(serving, fused, blocks[0])
+
+
+def test_int8_attention_from_a_float_projection_splits_scales_and_quantizes_as_the_qdq_graph(ws):
+    """The Q/DQ graph itself (its qkv from a float MatMul + Add, its attention output quantized to s8): the int8
+    path splits qkv, scales and quantizes q, k, v as the graph does, and computes probs @ v as a float output
+    (MatMulIntegerToFloat) for the graph's own Transpose/Reshape; the output matches the Q/DQ graph's."""
+    from tasks.backends.onnx import assert_same_at, fuse_attention
+
+    art = stages.quantize_one(ws, "onnx-w8a8-percentile")
+    qdq = onnx.load(str(ws.variants_dir / art.name / "model.onnx"))
+    fused, blocks = fuse_attention(qdq)
+    ops = [n.op_type for n in fused.graph.node]
+    assert len(blocks) == 1 and ops.count("Split") == 1 and "QLinearMatMul" not in ops, ops
+    assert "MultiHeadAttention" not in ops
+    int8 = [n.input[0] for n in fused.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert sum(i.endswith("_i8_bnsh") for i in int8) == 1 and sum("_probs_u8" in i for i in int8) == 1, int8
+    assert_same_at(qdq, fused, blocks[0])

@@ -102,6 +102,15 @@ def _unsigned(g, unsigned: dict, q: onnx.NodeProto, emitted: list) -> tuple[str,
     return unsigned[x]
 
 
+def _splice(g, replaced: dict[int, list[onnx.NodeProto]], dropped: set[int]) -> list[onnx.NodeProto]:
+    """The graph's nodes in order, each `replaced` one (by id) swapped for its new nodes, the `dropped` ones left out."""
+    nodes = []
+    for n in g.node:
+        if id(n) not in dropped:
+            nodes.extend(replaced.get(id(n), [n]))
+    return nodes
+
+
 def _drop_dead_qdq(nodes: list[onnx.NodeProto], graph_outputs: set[str]) -> list[onnx.NodeProto]:
     while True:  # drop Q/DQ nodes nothing reads any more
         used = {i for n in nodes for i in n.input} | graph_outputs
@@ -146,11 +155,7 @@ def ort_serving_form(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             name=f"{mm.name}_MatMulIntegerToFloat", domain="com.microsoft",
         ))
         replaced[id(mm)] = emitted
-    nodes = []
-    for n in g.node:
-        if id(n) not in dropped:
-            nodes.extend(replaced.get(id(n), [n]))
-    _set_nodes(model, _drop_dead_qdq(nodes, graph_outputs))
+    _set_nodes(model, _drop_dead_qdq(_splice(g, replaced, dropped), graph_outputs))
     return model, len(replaced)
 
 
@@ -198,11 +203,7 @@ def int8_patch_embedding(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[
         outputs.append(transpose.output[0])
     if not outputs:
         return model, []
-    nodes = []
-    for n in g.node:
-        if id(n) not in dropped:
-            nodes.extend(replaced.get(id(n), [n]))
-    _set_nodes(model, _drop_dead_qdq(nodes, graph_outputs))
+    _set_nodes(model, _drop_dead_qdq(_splice(g, replaced, dropped), graph_outputs))
     return model, outputs
 
 
@@ -340,7 +341,8 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
         """When `qkv` comes from an int8 projection (MatMulIntegerToFloat, constant weights and bias) read by nothing
         but the head split: one int8 GEMM per part (`MatMulIntegerToFloat`, the exported q/k scale folded into its
         weight scales and bias), then its QuantizeLinear: no float qkv, split or scale pass. (A `QGemm` writing q
-        quantized in its epilogue measured ~8% slower than GEMM + QuantizeLinear here.)
+        quantized in its epilogue was slower than GEMM + QuantizeLinear on the AMD build machine, in a one-off
+        microbenchmark not kept in the repo.)
         Returns (nodes, the three int8 (B*S, D) outputs, S) or None."""
         mm, users = producers.get(qkv), consumers.get(qkv, [])
         if mm is None or mm.op_type != "MatMulIntegerToFloat" or len(mm.input) < 7 or len(users) != 1:
@@ -467,12 +469,7 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     if not replaced:
         return model, []
     g.initializer.extend(new_inits)
-    nodes = []
-    for n in g.node:
-        if id(n) in replaced:
-            nodes.extend(replaced[id(n)])
-        elif id(n) not in removed:
-            nodes.append(n)
+    nodes = _splice(g, replaced, removed)
     graph_outputs = {o.name for o in g.output}
     while True:  # drop the head split/transposes and Q/DQ nothing reads any more
         used = {i for n in nodes for i in n.input} | graph_outputs
