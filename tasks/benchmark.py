@@ -133,9 +133,11 @@ def _time_onnx(models: dict[str, Path], x: np.ndarray, cfg: BenchmarkConfig) -> 
             sess.run(None, {input_names[name]: x})
     samples: dict[str, list[list[float]]] = {name: [] for name in sessions}  # per round
     per_round = max(1, cfg.repeats // cfg.rounds)
+    names = list(sessions)
     for r in range(cfg.rounds):
-        for name, sess in sessions.items():
-            feed = {input_names[name]: x}
+        # Each round starts with the next model (a rotation), so that no model always follows the same one.
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            sess, feed = sessions[name], {input_names[name]: x}
             # One untimed run first: the model before it left the caches cold and its thread pool still
             # spinning (on 2 cores that costs the next model's first run tens of ms at batch 1).
             sess.run(None, feed)
@@ -162,35 +164,49 @@ def profile_onnx(models: dict[str, Path], x: np.ndarray, threads: int, runs: int
     """Where each model's time goes in ONNX Runtime (same session options as the timing: `threads` intra-op
     threads, full graph optimisation), from ORT's profiler over `runs` runs on the batch `x` after one warm-up:
     {name: {"ms_per_run": kernel time summed, "op_types": [{op, ms, share, nodes, provider}] slowest first,
-    "quantize_share": the share of QUANTIZE_OPS}} (op_types: the graph ORT ran, after its fusions)."""
+    "quantize_share": the share of QUANTIZE_OPS, "weight_gemm_ms"/"_share"/"_nodes": the kernels that multiply
+    by a constant weight (onnx_backend.weight_gemms of the graph ORT ran)}} (op_types: that graph, after its
+    fusions)."""
     import json
     import tempfile
+
+    import onnx
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="vitq-profile-") as scratch:
         for name, path in models.items():
-            sess = onnx_backend.session(_served(name, path), threads=threads, profile_prefix=str(Path(scratch) / name))
+            optimized = Path(scratch) / f"{name}.optimized.onnx"
+            sess = onnx_backend.session(_served(name, path), threads=threads, profile_prefix=str(Path(scratch) / name),
+                                        optimized_path=optimized)
             feed = {sess.get_inputs()[0].name: x}
             sess.run(None, feed)  # warm-up (profiled too: dropped below by run count)
             for _ in range(runs):
                 sess.run(None, feed)
             events = json.loads(Path(sess.end_profiling()).read_text())
-            out[name] = summarize_profile(events, runs + 1, skip_runs=1)
+            gemms = onnx_backend.weight_gemms(onnx.load(str(optimized), load_external_data=False))
+            out[name] = summarize_profile(events, runs + 1, skip_runs=1, weight_gemms=gemms)
     return out
 
 
-def summarize_profile(events: list[dict], total_runs: int, skip_runs: int = 0) -> dict:
-    """Per op type: mean kernel ms per run (runs after the first `skip_runs` of `total_runs`), share, node count."""
+def summarize_profile(events: list[dict], total_runs: int, skip_runs: int = 0,
+                      weight_gemms: set[str] = frozenset()) -> dict:
+    """Per op type: mean kernel ms per run (runs after the first `skip_runs` of `total_runs`), share, node count;
+    the same for the nodes named in `weight_gemms` together."""
     kernels = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
     per_run = len(kernels) // total_runs if total_runs else 0
     kept = kernels[per_run * skip_runs:] if per_run else []
     runs = max(1, total_runs - skip_runs)
     by_op: dict[str, dict] = {}
+    gemm_us, gemm_nodes = 0.0, set()
     for e in kept:
         args = e.get("args", {})
+        node = e["name"].removesuffix("_kernel_time")
         op = by_op.setdefault(args.get("op_name", "?"), {"us": 0.0, "nodes": set(), "provider": args.get("provider", "")})
         op["us"] += float(e.get("dur", 0))
-        op["nodes"].add(e["name"].removesuffix("_kernel_time"))
+        op["nodes"].add(node)
+        if node in weight_gemms:
+            gemm_us += float(e.get("dur", 0))
+            gemm_nodes.add(node)
     total_us = sum(v["us"] for v in by_op.values()) or 1.0
     op_types = sorted(({"op": k, "ms": round(v["us"] / runs / 1e3, 3), "share": round(v["us"] / total_us, 4),
                         "nodes": len(v["nodes"]), "provider": v["provider"]} for k, v in by_op.items()),
@@ -199,15 +215,19 @@ def summarize_profile(events: list[dict], total_runs: int, skip_runs: int = 0) -
         "ms_per_run": round(total_us / runs / 1e3, 3),
         "op_types": op_types,
         "quantize_share": round(sum(v["us"] for k, v in by_op.items() if k in QUANTIZE_OPS) / total_us, 4),
+        "weight_gemm_ms": round(gemm_us / runs / 1e3, 3),
+        "weight_gemm_share": round(gemm_us / total_us, 4),
+        "weight_gemm_nodes": len(gemm_nodes),
     }
 
 
 def profile_table(profiles: dict[str, dict], top: int = 8) -> str:
-    """The slowest op types of each model: ms per run and share."""
+    """The slowest op types of each model: ms per run and share; the weight GEMMs against everything else."""
     lines = []
     for name, p in profiles.items():
         lines.append(f"{name}: {p['ms_per_run']:.2f} ms of kernels per run, quantize/dequantize "
-                     f"{p['quantize_share']:.1%}")
+                     f"{p['quantize_share']:.1%}; weight GEMMs {p['weight_gemm_ms']:.2f} ms "
+                     f"(x{p['weight_gemm_nodes']}), everything else {p['ms_per_run'] - p['weight_gemm_ms']:.2f} ms")
         for r in p["op_types"][:top]:
             lines.append(f"  {r['op']:28s} {r['ms']:9.3f} ms {r['share']:6.1%}  x{r['nodes']}")
     return "\n".join(lines)

@@ -40,7 +40,33 @@ def test_bench_writes_side_by_side_runs(tmp_path):
         assert {"DynamicQuantizeLinear", "DynamicQuantizeMatMul"} & _ops(dynamic)
         assert "MatMulIntegerToFloat" in _ops(static) and static["quantize_share"] > 0
         assert not {"DynamicQuantizeLinear", "DynamicQuantizeMatMul"} & _ops(static)
+        # the weight GEMMs (linear layers, patch embedding, head) against everything else, in each form ORT ran
+        for prof in (fp32, dynamic, static):
+            assert 0 < prof["weight_gemm_ms"] < prof["ms_per_run"] and 0 < prof["weight_gemm_share"] < 1
+        assert fp32["weight_gemm_nodes"] == dynamic["weight_gemm_nodes"] > 0  # MatMul/Conv vs their quantized forms
+        assert static["weight_gemm_nodes"] > fp32["weight_gemm_nodes"]  # + q, k, v each its own GEMM
     assert "quantize/dequantize" in proc.stdout and "MatMulIntegerToFloat" in proc.stdout
+    assert "weight GEMMs" in proc.stdout and "everything else" in proc.stdout
+
+
+def test_weight_gemms_are_the_products_with_a_constant_weight():
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tasks.backends.onnx import weight_gemms
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    wq = numpy_helper.from_array(np.ones((4, 4), np.int8), "wq")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="linear"),
+             helper.make_node("MatMul", ["a", "x"], ["b"], name="activations"),  # like q @ k^T
+             helper.make_node("Constant", [], ["c"], name="const", value=numpy_helper.from_array(np.eye(4, dtype=np.float32))),
+             helper.make_node("Gemm", ["b", "c"], ["d"], name="from_constant_node"),
+             helper.make_node("MatMulIntegerToFloat", ["xq", "wq", "s", "s"], ["e"], name="int8", domain="com.microsoft"),
+             helper.make_node("MatMulIntegerToFloat", ["xq", "xq", "s", "s"], ["f"], name="int8_activations", domain="com.microsoft"),
+             helper.make_node("Add", ["x", "w"], ["g"], name="not_a_gemm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+                              [helper.make_tensor_value_info("d", TensorProto.FLOAT, [4, 4])], [w, wq])
+    assert weight_gemms(helper.make_model(graph)) == {"linear", "from_constant_node", "int8"}
 
 
 def test_bench_rejects_bad_arguments(tmp_path):

@@ -18,15 +18,19 @@ _WEIGHT_INPUT = 1  # weight is input 1 of MatMul/Gemm/Conv
 EIGHT_BIT = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}  # the integer types an INT8 graph quantizes to
 
 
-def session(path: Path | bytes, threads: int = 0, optimize: bool = True, profile_prefix: str | None = None):
+def session(path: Path | bytes, threads: int = 0, optimize: bool = True, profile_prefix: str | None = None,
+            optimized_path: Path | None = None):
     """A CPU ONNX Runtime session on a file or a serialized model; `threads` fixes intra-op threads (0: ORT's
-    default); `profile_prefix`: ORT's profiler on, its trace written at `<prefix>_<time>.json` by `end_profiling()`."""
+    default); `profile_prefix`: ORT's profiler on, its trace written at `<prefix>_<time>.json` by `end_profiling()`;
+    `optimized_path`: the graph ORT runs (after its fusions; the profile's node names) saved there."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if profile_prefix is not None:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -49,6 +53,23 @@ def activation_matmuls(model: onnx.ModelProto) -> list[str]:
         o for n in model.graph.node if n.op_type == "Constant" for o in n.output
     }
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not set(n.input[:2]) & consts]
+
+
+# Where each GEMM-like op (standard, ORT's contrib and fused forms) takes its weight.
+WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "FusedMatMul": 1, "FusedGemm": 1, "MatMulInteger": 1,
+                "MatMulIntegerToFloat": 1, "DynamicQuantizeMatMul": 1, "MatMulNBits": 1, "QGemm": 3,
+                "QLinearMatMul": 3, "Conv": 1, "FusedConv": 1, "NhwcFusedConv": 1, "ConvInteger": 1, "QLinearConv": 3}
+
+
+def weight_gemms(model: onnx.ModelProto) -> set[str]:
+    """Names of the nodes that multiply an activation by a constant weight (the linear layers, the patch
+    embedding's convolution or GEMM, the head), in any of WEIGHT_INPUT's forms; not attention's q @ k^T or probs @ v."""
+    consts = {i.name for i in model.graph.initializer} | {
+        o for n in model.graph.node if n.op_type == "Constant" for o in n.output
+    }
+    return {n.name for n in model.graph.node
+            if n.op_type in WEIGHT_INPUT and len(n.input) > WEIGHT_INPUT[n.op_type]
+            and n.input[WEIGHT_INPUT[n.op_type]] in consts}
 
 
 def _indexed_copy(model: onnx.ModelProto):
