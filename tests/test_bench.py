@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 from conftest import make_workspace, tiny_params, vitq
 
@@ -122,3 +123,36 @@ def test_paired_ratio_cancels_a_machine_slowing_down_between_rounds():
     slow = [1.2 * t for t in fast]
     assert paired_ratio(slow, fast) == 1.2
     assert paired_ratio(slow, fast[:3]) is None and paired_ratio([], []) is None
+
+
+def test_rounds_rotate_which_model_goes_first(tmp_path, monkeypatch):
+    """Each round starts with the next model, each model's round opened by one untimed run: no model always
+    follows the same one (on this VM the model after another pays for its caches and spinning threads)."""
+    import numpy as np
+
+    from tasks import benchmark
+    from vitq.config import BenchmarkConfig
+
+    calls: list[str] = []
+
+    class Session:
+        def __init__(self, name):
+            self.name = name
+
+        def get_inputs(self):
+            return [type("Input", (), {"name": "x"})]
+
+        def run(self, _outputs, _feed):
+            calls.append(self.name)
+
+    monkeypatch.setattr(benchmark.onnx_backend, "session", lambda path, threads: Session(Path(path).stem))
+    models = {}
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.onnx").write_bytes(b"0")
+        models[name] = tmp_path / f"{name}.onnx"
+    timings = benchmark._time_onnx(models, np.zeros((1, 3), np.float32),
+                                   BenchmarkConfig(warmup=0, repeats=6, rounds=3))
+    per_model_round = 1 + 2  # the untimed run, then repeats / rounds timed
+    firsts = calls[::per_model_round]
+    assert firsts == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(len(t.round_p50_ms) == 3 and t.runs == 6 for t in timings.values())
