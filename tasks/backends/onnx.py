@@ -14,7 +14,10 @@ from vitq.recipes import OnnxDynamicConfig, OnnxStaticConfig, Recipe
 log = logging.getLogger("vitq.onnx")
 
 LINEAR_OP_TYPES = ("MatMul", "Gemm", "Conv")
-_WEIGHT_INPUT = 1  # weight is input 1 of MatMul/Gemm/Conv
+# Where each GEMM-like op (standard, ORT's contrib and fused forms) takes its weight.
+WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "FusedMatMul": 1, "FusedGemm": 1, "MatMulInteger": 1,
+                "MatMulIntegerToFloat": 1, "DynamicQuantizeMatMul": 1, "MatMulNBits": 1, "QGemm": 3,
+                "QLinearMatMul": 3, "Conv": 1, "FusedConv": 1, "NhwcFusedConv": 1, "ConvInteger": 1, "QLinearConv": 3}
 EIGHT_BIT = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}  # the integer types an INT8 graph quantizes to
 
 
@@ -53,12 +56,6 @@ def activation_matmuls(model: onnx.ModelProto) -> list[str]:
         o for n in model.graph.node if n.op_type == "Constant" for o in n.output
     }
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not set(n.input[:2]) & consts]
-
-
-# Where each GEMM-like op (standard, ORT's contrib and fused forms) takes its weight.
-WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "FusedMatMul": 1, "FusedGemm": 1, "MatMulInteger": 1,
-                "MatMulIntegerToFloat": 1, "DynamicQuantizeMatMul": 1, "MatMulNBits": 1, "QGemm": 3,
-                "QLinearMatMul": 3, "Conv": 1, "FusedConv": 1, "NhwcFusedConv": 1, "ConvInteger": 1, "QLinearConv": 3}
 
 
 def weight_gemms(model: onnx.ModelProto) -> set[str]:
@@ -616,8 +613,9 @@ def linear_weight_elements(model: onnx.ModelProto) -> int:
     inits = {i.name: i for i in model.graph.initializer}
     total = 0
     for node in model.graph.node:
-        if node.op_type in LINEAR_OP_TYPES and len(node.input) > _WEIGHT_INPUT and node.input[_WEIGHT_INPUT] in inits:
-            total += int(np.prod(inits[node.input[_WEIGHT_INPUT]].dims))
+        w = WEIGHT_INPUT.get(node.op_type)
+        if node.op_type in LINEAR_OP_TYPES and len(node.input) > w and node.input[w] in inits:
+            total += int(np.prod(inits[node.input[w]].dims))
     return total
 
 
