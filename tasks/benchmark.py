@@ -55,10 +55,14 @@ class BenchmarkResult:
     not_measured: dict[str, str] = field(default_factory=dict)  # variant -> why it was not timed here
 
     def speedup(self, name: str) -> float | None:
-        """p50 latency of `name`'s baseline over its own (same runtime, same run); None if either was not timed."""
+        """Latency of `name`'s baseline over its own (same runtime, same run), paired per interleaved round
+        (paired_ratio) where both have rounds, else the ratio of p50s; None if either was not timed."""
         t = self.models.get(name)
         base = self.models.get(t.baseline) if t else None
-        return base.latency_ms_p50 / t.latency_ms_p50 if base else None
+        if base is None:
+            return None
+        paired = paired_ratio(base.round_p50_ms, t.round_p50_ms)
+        return base.latency_ms_p50 / t.latency_ms_p50 if paired is None else paired
 
 
 def machine_info() -> dict:

@@ -47,7 +47,7 @@ def build_summary(
         if t is None:
             why = bench.not_measured.get(art.name) if bench else None
             not_measured["latency_ms_p50"] = why or "not benchmarked in this run"
-        speedup = _speedup(bench, t)
+        speedup = bench.speedup(art.name) if bench else None
         out.append(
             {
                 "name": art.name,
@@ -100,12 +100,6 @@ def build_summary(
         "machine": bench.machine if bench else None,
         "benchmark_settings": bench.settings if bench else None,
     }
-
-
-def _speedup(bench: BenchmarkResult | None, t) -> float | None:
-    """Latency ratio against the variant's own baseline (same runtime, same run)."""
-    base = bench.models.get(t.baseline) if (bench and t) else None
-    return base.latency_ms_p50 / t.latency_ms_p50 if base else None
 
 
 def _speedup_cell(v: dict) -> str:

@@ -89,3 +89,17 @@ def test_a_variant_not_faster_than_its_baseline_never_takes_the_alias():
     # Not timed (null) is judged by accuracy and size as before: the untimed one wins once it is the smallest.
     by_name["onnx-untimed"]["size_mb"] = 0.1
     assert best_per_target(summary)["onnx"]["name"] == "onnx-untimed"
+
+
+def test_speedup_is_paired_per_round_where_the_timings_have_rounds():
+    """A slow spell of the machine in the variant's last round makes its whole-run p50 look slower than FP32's;
+    paired per round (each round's models run back to back) it is faster in 4 of 5 rounds, and so flagged."""
+    from dataclasses import replace
+
+    fp32 = replace(_timing(10.0, "fp32"), round_p50_ms=[10.0, 10.0, 30.0, 30.0, 30.0])
+    variant = replace(_timing(12.0, "fp32"), round_p50_ms=[9.0, 9.0, 27.0, 27.0, 40.0])
+    bench = BenchmarkResult(machine={"cpu": "test"}, settings={}, models={"fp32": fp32, "onnx-v": variant})
+    assert abs(bench.speedup("onnx-v") - 10 / 9) < 1e-9  # the median of 1.11, 1.11, 1.11, 1.11, 0.75
+    no_rounds = BenchmarkResult(machine={}, settings={}, models={"fp32": _timing(10.0, "fp32"),
+                                                                 "onnx-v": _timing(12.0, "fp32")})
+    assert abs(no_rounds.speedup("onnx-v") - 10 / 12) < 1e-9  # without rounds: the ratio of p50s

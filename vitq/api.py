@@ -181,7 +181,7 @@ class Variant:
         )
 
     def benchmark(
-        self, batch_size: int = 1, repeats: int = 200, *, warmup: int = 10, rounds: int = 5, threads: int = 2, inputs=None,
+        self, batch_size: int = 1, repeats: int = 200, *, warmup: int = 10, rounds: int = 20, threads: int = 2, inputs=None,
         alongside: Iterable[Variant] = (),
     ) -> BenchmarkResult:
         """Latency p50/p95 and throughput of the variant and its target's baseline, timed interleaved in one run,

@@ -321,7 +321,7 @@ class BenchmarkConfig(_Strict):
     batch_size: int = Field(1, ge=1)
     warmup: int = Field(10, ge=0)  # untimed runs per model
     repeats: int = Field(200, ge=1)  # timed runs per model, interleaved across models in rounds
-    rounds: int = Field(5, ge=1)
+    rounds: int = Field(20, ge=1)  # speedups: the median of per-round ratios (tasks.benchmark.paired_ratio)
     # Core ML (macOS workers): the compute units MLModel may use; recorded with every timing
     coreml_compute_units: Literal["ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY"] = "ALL"
 
