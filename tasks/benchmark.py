@@ -47,6 +47,12 @@ def paired_ratio(slow_rounds, fast_rounds) -> float | None:
     return float(np.median(a / b)) if len(a) and len(a) == len(b) else None
 
 
+def latency_ratio(slow_p50: float, fast_p50: float, slow_rounds=None, fast_rounds=None) -> float:
+    """slow / fast latency: paired per round (paired_ratio) where both have rounds, else the ratio of p50s."""
+    paired = paired_ratio(slow_rounds, fast_rounds)
+    return slow_p50 / fast_p50 if paired is None else paired
+
+
 @dataclass(frozen=True)
 class BenchmarkResult:
     machine: dict
@@ -61,8 +67,7 @@ class BenchmarkResult:
         base = self.models.get(t.baseline) if t else None
         if base is None:
             return None
-        paired = paired_ratio(base.round_p50_ms, t.round_p50_ms)
-        return base.latency_ms_p50 / t.latency_ms_p50 if paired is None else paired
+        return latency_ratio(base.latency_ms_p50, t.latency_ms_p50, base.round_p50_ms, t.round_p50_ms)
 
 
 def machine_info() -> dict:

@@ -50,20 +50,23 @@ def run_batched(sess, x: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)])
 
 
-def activation_matmuls(model: onnx.ModelProto) -> list[str]:
-    """MatMul nodes whose inputs are both activations: attention's q @ k^T and attn @ v."""
-    consts = {i.name for i in model.graph.initializer} | {
+def constant_names(model: onnx.ModelProto) -> set[str]:
+    """The tensors whose values the graph fixes: initializers and Constant nodes' outputs."""
+    return {i.name for i in model.graph.initializer} | {
         o for n in model.graph.node if n.op_type == "Constant" for o in n.output
     }
+
+
+def activation_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMul nodes whose inputs are both activations: attention's q @ k^T and attn @ v."""
+    consts = constant_names(model)
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not set(n.input[:2]) & consts]
 
 
 def weight_gemms(model: onnx.ModelProto) -> set[str]:
     """Names of the nodes that multiply an activation by a constant weight (the linear layers, the patch
     embedding's convolution or GEMM, the head), in any of WEIGHT_INPUT's forms; not attention's q @ k^T or probs @ v."""
-    consts = {i.name for i in model.graph.initializer} | {
-        o for n in model.graph.node if n.op_type == "Constant" for o in n.output
-    }
+    consts = constant_names(model)
     return {n.name for n in model.graph.node
             if n.op_type in WEIGHT_INPUT and len(n.input) > WEIGHT_INPUT[n.op_type]
             and n.input[WEIGHT_INPUT[n.op_type]] in consts}
@@ -596,8 +599,7 @@ def _check_ranges(model: onnx.ModelProto, op_types, exclude: set[str], ranged: s
     has a range in the table: ORT's quantize_static leaves a tensor without one in float, with only an info log."""
     from vitq.errors import VitqError
 
-    consts = {i.name for i in model.graph.initializer} | {
-        o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    consts = constant_names(model)
     for node in model.graph.node:
         if node.op_type in op_types and node.name not in exclude:
             missing = [t for t in node.input[:2] if t and t not in consts and t not in ranged]
@@ -613,8 +615,10 @@ def linear_weight_elements(model: onnx.ModelProto) -> int:
     inits = {i.name: i for i in model.graph.initializer}
     total = 0
     for node in model.graph.node:
-        w = WEIGHT_INPUT.get(node.op_type)
-        if node.op_type in LINEAR_OP_TYPES and len(node.input) > w and node.input[w] in inits:
+        if node.op_type not in LINEAR_OP_TYPES:
+            continue
+        w = WEIGHT_INPUT[node.op_type]
+        if len(node.input) > w and node.input[w] in inits:
             total += int(np.prod(inits[node.input[w]].dims))
     return total
 

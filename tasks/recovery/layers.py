@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-LINEAR_OPS = ("MatMul", "Gemm", "Conv")
+from tasks.backends.onnx import LINEAR_OP_TYPES as LINEAR_OPS, constant_names
+
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 
 
@@ -52,12 +53,6 @@ def node_scopes(fp32: onnx.ModelProto) -> dict[str, list[str]]:
             if prop.key == SCOPE_KEY:
                 out[node.name] = [s for s in ast.literal_eval(prop.value)[:-1] if s]
     return out
-
-
-def _constants(model: onnx.ModelProto) -> set[str]:
-    return {i.name for i in model.graph.initializer} | {
-        o for n in model.graph.node if n.op_type == "Constant" for o in n.output
-    }
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list]:
@@ -94,7 +89,7 @@ def quantizable_layers(fp32_onnx: onnx.ModelProto | Path | str, prep_onnx: onnx.
     # BatchNorm into it (the node's scope is then the norm's): the parameter names the module exactly.
     params = {n.name: n.input[1][: -len(".weight")] for n in fp32.graph.node
               if len(n.input) > 1 and n.input[1].endswith(".weight")}
-    consts = _constants(prep)
+    consts = constant_names(prep)
     shapes = _shapes(prep)
     layers: dict[str, dict] = {}
     attention_seen: dict[str, list[str]] = {}

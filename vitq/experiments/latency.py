@@ -80,10 +80,9 @@ def ratios(runs: list[dict]) -> list[dict]:
         row = {"model": key[0], "batch": key[1]}
         for slow, fast in (("fp32", "static"), ("dynamic", "static"), ("fp32", "dynamic")):
             a, b = by[slow], by[fast]
-            p50 = a["latency_ms_p50"] / b["latency_ms_p50"]
-            paired = benchmark.paired_ratio(a.get("round_p50_ms"), b.get("round_p50_ms"))
-            row[f"{slow}_over_{fast}"] = p50 if paired is None else paired
-            row[f"{slow}_over_{fast}_p50"] = p50
+            row[f"{slow}_over_{fast}"] = benchmark.latency_ratio(a["latency_ms_p50"], b["latency_ms_p50"],
+                                                                 a.get("round_p50_ms"), b.get("round_p50_ms"))
+            row[f"{slow}_over_{fast}_p50"] = a["latency_ms_p50"] / b["latency_ms_p50"]
         out.append(row)
     return out
 
