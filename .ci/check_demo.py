@@ -12,8 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.stages import plan_variants
-from vitq.config import load_params
+from vitq.tasks.stages import plan_variants
+from vitq.params import load_params
 
 
 def check_summary(root: Path) -> list[str]:

@@ -11,7 +11,7 @@ same set for `prefect deploy --all` (tests/test_deployments.py keeps the two in 
     vitq-nightly/<cpu>       cron: re-quantize every registered workspace
     vitq-watch-data/<cpu>    interval: emit the data-changed event when a calibration digest moves
 
-Entry points are module paths (`flows.distributed.variant_flow`): a worker runs the vitq package
+Entry points are module paths (`vitq.flows.distributed.variant_flow`): a worker runs the vitq package
 installed beside it, so no code is pulled at run time.
 """
 
@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from flows.routing import DEFAULT_POOLS, PREPARE, pool_map
+from vitq.flows.routing import DEFAULT_POOLS, PREPARE, pool_map
 
 log = logging.getLogger("vitq.flow")
 
@@ -59,18 +59,18 @@ def deployment_specs(pools: dict[str, str] | None = None, workspaces: list[str] 
     cpu = pools[PREPARE]
     target_pools = sorted({p for k, p in pools.items() if k != PREPARE})
     specs = [
-        DeploymentSpec("vitq-orchestrate", "flows.distributed.orchestrate_flow", cpu,
+        DeploymentSpec("vitq-orchestrate", "vitq.flows.distributed.orchestrate_flow", cpu,
                        {"pools": pools, "dvc_remote": dvc_remote}, data_trigger=True, concurrency_limit=1,
                        tags=("vitq", "orchestrator")),
-        DeploymentSpec("vitq-prepare", "flows.distributed.prepare_flow", cpu, {"pool": cpu}, tags=("vitq", "step")),
-        *[DeploymentSpec("vitq-variant", "flows.distributed.variant_flow", p, {"pool": p}, tags=("vitq", "step"))
+        DeploymentSpec("vitq-prepare", "vitq.flows.distributed.prepare_flow", cpu, {"pool": cpu}, tags=("vitq", "step")),
+        *[DeploymentSpec("vitq-variant", "vitq.flows.distributed.variant_flow", p, {"pool": p}, tags=("vitq", "step"))
           for p in target_pools],
-        *[DeploymentSpec("vitq-benchmark", "flows.distributed.benchmark_flow", p, {"pool": p}, tags=("vitq", "step"))
+        *[DeploymentSpec("vitq-benchmark", "vitq.flows.distributed.benchmark_flow", p, {"pool": p}, tags=("vitq", "step"))
           for p in target_pools],
-        DeploymentSpec("vitq-nightly", "flows.schedules.nightly_flow", cpu,
+        DeploymentSpec("vitq-nightly", "vitq.flows.schedules.nightly_flow", cpu,
                        {"workspaces": list(workspaces or []), "pools": pools, "dvc_remote": dvc_remote},
                        cron=NIGHTLY_CRON, tags=("vitq", "schedule")),
-        DeploymentSpec("vitq-watch-data", "flows.schedules.watch_data_flow", cpu,
+        DeploymentSpec("vitq-watch-data", "vitq.flows.schedules.watch_data_flow", cpu,
                        {"workspaces": list(workspaces or [])}, interval_s=WATCH_INTERVAL_S, tags=("vitq", "schedule")),
     ]
     return specs
@@ -134,7 +134,7 @@ def apply(specs: list[DeploymentSpec], schedules_active: bool = True) -> list[st
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
     from prefect.schedules import Cron, Interval
 
-    from flows.schedules import DATA_CHANGED
+    from vitq.flows.schedules import DATA_CHANGED
 
     names = []
     for spec in specs:

@@ -31,15 +31,16 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from flows import tracking
-from flows.dvc_state import DvcStages
-from flows.routing import PREPARE, NoLiveWorker, StepFailed, StepRun, pool_map, run_step
-from tasks import benchmark, stages
-from tasks.layout import Workspace
-from tasks.model import load_model_spec
-from tasks.targets import get_target
-from tasks.validate import REFERENCE
-from vitq.config import Params, load_params
+from vitq.flows import tracking
+from vitq.flows.dvc_state import DvcStages
+from vitq.flows.routing import PREPARE, NoLiveWorker, StepFailed, StepRun, pool_map, run_step
+from vitq.tasks import benchmark, stages
+from vitq.tasks.layout import Workspace
+from vitq.tasks.model import load_model_spec
+from vitq.tasks.targets.registry import get_target
+from vitq.tasks.validate import REFERENCE
+from vitq.config import Params
+from vitq.params import load_params
 from vitq.errors import VitqError
 from vitq.recipes import get_recipe
 
@@ -163,7 +164,7 @@ def benchmark_flow(workspace: str, recipes: list[str], pool: str = "cpu") -> Non
     (Prefect's event and log threads would otherwise land inside sub-millisecond timings)."""
     ws, _ = _ws(workspace)
     out = pool_benchmark_file(ws, pool)
-    cmd = [sys.executable, "-m", "flows.distributed", "benchmark", str(ws.root), str(out), *recipes]
+    cmd = [sys.executable, "-m", "vitq.flows.distributed", "benchmark", str(ws.root), str(out), *recipes]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout.splitlines():
         log.info("%s", line)
@@ -363,8 +364,8 @@ def _commit(ws: Workspace, names: list[str]) -> None:
         dvc.close()
 
 
-if __name__ == "__main__":  # the benchmark step's timing process: python -m flows.distributed benchmark ROOT OUT RECIPE...
+if __name__ == "__main__":  # the benchmark step's timing process: python -m vitq.flows.distributed benchmark ROOT OUT RECIPE...
     if len(sys.argv) < 4 or sys.argv[1] != "benchmark":
-        sys.exit("usage: python -m flows.distributed benchmark ROOT OUT [RECIPE ...]")
+        sys.exit("usage: python -m vitq.flows.distributed benchmark ROOT OUT [RECIPE ...]")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _benchmark_main(sys.argv[2], sys.argv[3], sys.argv[4:])

@@ -21,14 +21,14 @@ def up_to_date_summary(ws) -> dict | None:
     a run with nothing to do answers in about a second."""
     import json
 
-    from flows.recorded import is_recorded
+    from vitq.flows.recorded import is_recorded
 
     if not ws.summary_file.is_file() or not (ws.root / "dvc.lock").is_file():
         return None
     if not is_recorded(ws.root, ws.summary_file):
         return None  # e.g. `dvc repro` made it: the flow records it in MLflow
     summary = json.loads(ws.summary_file.read_text())
-    from tasks.targets import get_target
+    from vitq.tasks.targets.registry import get_target
     from vitq.errors import VitqError
     from vitq.recipes import get_recipe
 
@@ -55,7 +55,7 @@ class DvcStages:
     def __init__(self, root: Path):
         from dvc.repo import Repo
 
-        from tasks.stages import require_dvc_workspace
+        from vitq.tasks.stages import require_dvc_workspace
 
         require_dvc_workspace(Path(root))
         self.root = Path(root).resolve()

@@ -11,8 +11,8 @@ vs 62, 69, 59 s with threads; spawned workers without preloading: 123 s). Each w
 the imports and first-use warm-ups (torch.export, coremltools) this process has already paid,
 and two busy cores leave no idle core for separate processes to use. The cost of threads is the
 process-wide state they share, guarded where variants touch it: graph capture
-(`tasks.tracing.TRACE_LOCK`), `sys.stdout` (`tasks._io.quiet_stdout`) and the FP32 activation
-memo (`tasks.error_report`).
+(`vitq.tasks.tracing.TRACE_LOCK`), `sys.stdout` (`vitq.tasks._io.quiet_stdout`) and the FP32 activation
+memo (`vitq.tasks.error_report`).
 """
 
 from __future__ import annotations
@@ -29,15 +29,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import tracking
-from flows.dvc_state import DvcStages
-from flows.prefect_server import prefect_api
-from tasks import stages
-from tasks.layout import Workspace
-from tasks.model import load_model_spec
-from tasks.targets import worker_tags
+from vitq.flows import tracking
+from vitq.flows.dvc_state import DvcStages
+from vitq.flows.prefect_server import prefect_api
+from vitq.tasks import stages
+from vitq.tasks.layout import Workspace
+from vitq.tasks.model import load_model_spec
+from vitq.tasks.targets.registry import worker_tags
 from vitq import interrupt
-from vitq.config import Params, load_params
+from vitq.config import Params
+from vitq.params import load_params
 
 log = logging.getLogger("vitq.flow")
 

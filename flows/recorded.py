@@ -38,7 +38,7 @@ def is_recorded(root: Path, summary_file: Path) -> bool:
 
 
 def mark_recorded(root: Path, summary_file: Path, run_id: str) -> None:
-    from tasks._io import atomic_file
+    from vitq.tasks._io import atomic_file
 
     with atomic_file(Path(root) / MARKER) as tmp:
         tmp.write_text(json.dumps({"tracking_uri": tracking_uri(root), "run_id": run_id,

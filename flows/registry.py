@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-from tasks.task_kinds import accuracy_loss_pts
+from vitq.tasks.task_kinds import accuracy_loss_pts
 
 log = logging.getLogger("vitq.flow")
 
@@ -26,7 +26,7 @@ RANK_TAGS = ("top1_drop", "size_mb", "latency_ms_p50")
 
 
 def rank(metrics: dict) -> tuple[float, float, float]:
-    """Smaller is better: the accuracy lost in points (tasks.task_kinds.accuracy_loss_pts), size, latency."""
+    """Smaller is better: the accuracy lost in points (vitq.tasks.task_kinds.accuracy_loss_pts), size, latency."""
     drop = accuracy_loss_pts(metrics)
     size, latency = metrics.get("size_mb"), metrics.get("latency_ms_p50")
     return (

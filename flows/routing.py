@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from tasks.targets import TARGETS
+from vitq.tasks.targets.registry import TARGETS
 from vitq.errors import VitqError
 
 log = logging.getLogger("vitq.flow")

@@ -16,9 +16,10 @@ from pathlib import Path
 import yaml
 from prefect import flow
 
-from flows.distributed import orchestrate_flow
-from tasks.layout import Workspace
-from vitq.config import Params, load_params
+from vitq.flows.distributed import orchestrate_flow
+from vitq.tasks.layout import Workspace
+from vitq.config import Params
+from vitq.params import load_params
 
 log = logging.getLogger("vitq.flow")
 

@@ -30,15 +30,14 @@ from mlflow.entities import LoggedModelOutput
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
-from flows import recorded
-from tasks._io import file_digest
-from flows.registry import register_best
-from tasks.data import load_data_result, load_split, model_inputs
-from tasks.layout import Workspace
-from tasks.model import load_model_spec
-from tasks.quantize import load_variant, variant_dir
-from tasks.stages import error_report_paths
-from tasks.targets import get_target
+from vitq.flows import recorded
+from vitq.tasks._io import file_digest
+from vitq.flows.registry import register_best
+from vitq.tasks.data import load_data_result, load_split, model_inputs
+from vitq.tasks.layout import Workspace
+from vitq.tasks.model import load_model_spec
+from vitq.tasks.variant import load_variant, variant_dir
+from vitq.tasks.targets.registry import get_target
 from vitq.config import Params, params_hash
 
 log = logging.getLogger("vitq.flow")
@@ -188,7 +187,7 @@ def log_pipeline_run(
                 for f in ("recovery.json", "sensitivity.csv", "sensitivity.png", "calibration_search.csv"):
                     if (folder / f).is_file():
                         mlflow.log_artifact(str(folder / f), artifact_path="recovery")
-                for f in (ws.validation_for(v["name"]) / f"{v['name']}.json", *error_report_paths(ws, v["name"])):
+                for f in (ws.validation_for(v["name"]) / f"{v['name']}.json", *ws.error_report_for(v["name"])):
                     if f.is_file():
                         mlflow.log_artifact(str(f), artifact_path="reports")
         for nr in summary["not_run"]:

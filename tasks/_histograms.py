@@ -215,7 +215,7 @@ class CalibrationHistograms:
         """ORT's compute_percentile (symmetric) on the |x| histograms: (-edge, edge) at the percentile, clipped to min/max."""
         from onnxruntime.quantization.calibrate import HistogramCollector
 
-        from tasks._io import quiet_stdout
+        from vitq.tasks._io import quiet_stdout
 
         collector = HistogramCollector("percentile", True, self.num_bins, self.num_quantized_bins, percentile, "same")
         collector.histogram_dict = self.abs

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks._io import read_json, size_mb, write_json
-from tasks.backends import onnx as onnx_backend
-from tasks.data import load_split, model_inputs
-from tasks.model import load_model_spec
+from vitq.tasks._io import read_json, size_mb, write_json
+from vitq.tasks.targets.onnx import backend as onnx_backend
+from vitq.tasks.data import load_split, model_inputs
+from vitq.tasks.model import load_model_spec
 from vitq.config import BenchmarkConfig
 
 log = logging.getLogger("vitq.benchmark")

@@ -3,7 +3,7 @@
 ONNX Runtime's `HistogramCalibrater`, narrowed to the activations the quantized op types read (their inputs:
 the only ranges the quantizer uses), exposes the tensors to measure as graph outputs; ORT
 runs that graph `batch_size` images at a time into buffers bound once (IOBinding), and
-`tasks._histograms.CalibrationHistograms` accumulates, per tensor, the two histograms of ORT's
+`vitq.tasks._histograms.CalibrationHistograms` accumulates, per tensor, the two histograms of ORT's
 `HistogramCollector`s (|x| for min/max and percentile, signed for entropy/KL) on ORT's own bin grids, counted
 with one vectorised pass per tensor and batch; the entropy search scores all candidate thresholds at once.
 Tables equal ORT's collectors' within one histogram bin (tests/test_calibrate_histograms.py), written with
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks._histograms import CalibrationHistograms
-from tasks._progress import Progress
-from tasks._io import atomic_dir, read_json, write_json
-from tasks.data import load_split, model_inputs
-from tasks.export import INPUT_NAME
-from tasks.model import load_model_spec
+from vitq.tasks._histograms import CalibrationHistograms
+from vitq.tasks._progress import Progress
+from vitq.tasks._io import atomic_dir, read_json, write_json
+from vitq.tasks.data import load_split, model_inputs
+from vitq.tasks.export import INPUT_NAME
+from vitq.tasks.model import load_model_spec
 from vitq.config import CalibrationConfig
 from vitq.errors import DataError
 from vitq.recipes import CALIBRATED_OP_TYPES
@@ -60,15 +60,15 @@ def _inputs_calibrater(attention: bool):
     """ORT's `HistogramCalibrater`, selecting only the activations the `op_types` nodes read (their inputs),
     and the inputs of attention's activation-activation MatMuls only if `attention`.
     ORT's own selection adds the nodes' outputs, which no table user reads: the quantizer puts no Q/DQ on the
-    outputs of the op types it quantizes (OpTypesToExcludeOutputQuantization, tasks/backends/onnx.py), the
+    outputs of the op types it quantizes (OpTypesToExcludeOutputQuantization, tasks/targets/onnx/backend.py), the
     recovery recipes and the range search judge each layer's input; and the outputs are half the values a
     ViT's calibration counts (qkv, attention scores, fc1). The attention MatMuls' inputs (q, k^T, the
-    softmax, v) are half of the rest, read only by a recipe with `quantize_attention`; tasks/backends/onnx.py
+    softmax, v) are half of the rest, read only by a recipe with `quantize_attention`; tasks/targets/onnx/backend.py
     refuses a table that lacks a range the quantizer needs. tests/test_calibrate_histograms.py checks the
     quantized graph is the same with and without the ranges left out."""
     from onnxruntime.quantization.calibrate import HistogramCalibrater
 
-    from tasks.backends.onnx import activation_matmuls
+    from vitq.tasks.targets.onnx.backend import activation_matmuls
 
     class InputsCalibrater(HistogramCalibrater):
         def select_tensors_to_calibrate(self, model):

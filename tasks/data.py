@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks._io import atomic_dir, read_json, write_json
+from vitq.tasks._io import atomic_dir, read_json, write_json
 from vitq.config import DataConfig
 from vitq.errors import DataError
 

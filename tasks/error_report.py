@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from tasks.conformance import graph_constants, node_attr
-from tasks.export import INPUT_NAME
+from vitq.tasks.conformance import graph_constants, node_attr
+from vitq.tasks.export import INPUT_NAME
 
 WORST_PLOTTED = 30
 # FP32 activations kept in memory: the export's reference (shared by the plain static variants) and
@@ -175,7 +175,7 @@ def tensor_errors(float_onnx: Path, qdq_onnx: Path, images: np.ndarray, batch_si
     quantized from. `vs_fp32_sqnr_db` is None for weights (their row is the FP32 comparison)."""
     from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio as sqnr
 
-    from tasks.conformance import ORT_ONLY_QUANT_OPS
+    from vitq.tasks.conformance import ORT_ONLY_QUANT_OPS
 
     qdq_model, float_model = onnx.load(str(qdq_onnx)), onnx.load(str(float_onnx))
     fused = sorted({n.op_type for n in qdq_model.graph.node} & ORT_ONLY_QUANT_OPS)
@@ -206,7 +206,7 @@ def tensor_errors(float_onnx: Path, qdq_onnx: Path, images: np.ndarray, batch_si
 
 
 def write_error_report(rows: list[dict], csv_path: Path, png_path: Path, title: str) -> None:
-    from tasks._io import atomic_file
+    from vitq.tasks._io import atomic_file
 
     with atomic_file(csv_path) as tmp:
         with open(tmp, "w", newline="") as f:

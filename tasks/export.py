@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks._io import atomic_dir, read_json, write_json
-from tasks.data import load_split, model_inputs
-from tasks.model import ONNX_FILE, load_model, load_model_spec, predict
-from tasks.tracing import TRACE_LOCK
+from vitq.tasks._io import atomic_dir, read_json, write_json
+from vitq.tasks.data import load_split, model_inputs
+from vitq.tasks.model import ONNX_FILE, load_model, load_model_spec, predict
+from vitq.tasks.tracing import TRACE_LOCK
 from vitq.config import ExportConfig
 
 log = logging.getLogger("vitq.export")
@@ -111,7 +111,7 @@ def normalize_onnx(model, batch_dim: str = "batch"):
     """The graph the later stages read: its one input renamed `input`, its one output `logits`, the batch axis
     of both symbolic (`batch_dim`), every node named (`<op>_<i>` where unnamed), stale value_info dropped
     (shape inference redoes it). Changes `model` (an onnx.ModelProto) in place and returns it."""
-    from tasks.sources import onnx_input_output
+    from vitq.tasks.sources import onnx_input_output
 
     g = model.graph
     inp, out = onnx_input_output(model)
@@ -147,15 +147,15 @@ def normalize_onnx(model, batch_dim: str = "batch"):
 
 
 def export_onnx_file(path: Path, x: np.ndarray, cfg: ExportConfig, out_dir: Path) -> ExportResult:
-    """An ONNX source's export: `path` (an FP32 ONNX file) checked (`tasks.sources.check_onnx_file`), normalised
+    """An ONNX source's export: `path` (an FP32 ONNX file) checked (`vitq.tasks.sources.check_onnx_file`), normalised
     (`normalize_onnx`) into `out_dir/model.onnx` + `model.prep.onnx` (+ `export.json`), and verified by ONNX
     Runtime against the file as given on `x` (N, C, H, W)."""
     import onnx
     import onnxruntime as ort
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from tasks.model import predict_onnx
-    from tasks.sources import check_onnx_file
+    from vitq.tasks.model import predict_onnx
+    from vitq.tasks.sources import check_onnx_file
     from vitq.errors import ModelError
 
     shown = f"the model's ONNX file {str(path)!r}"

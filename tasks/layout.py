@@ -49,6 +49,11 @@ class Workspace:
         """`<variant>/<variant>.json` (+ .errors.csv/.png), `fp32/fp32.json` + `fp32.npy`."""
         return self.validation_dir / name
 
+    def error_report_for(self, name: str, folder: Path | None = None) -> tuple[Path, Path]:
+        """The per-tensor error report of variant `name` (csv, png), in `folder` (default: its validation folder)."""
+        folder = folder or self.validation_for(name)
+        return folder / f"{name}.errors.csv", folder / f"{name}.errors.png"
+
     @property
     def benchmark_file(self) -> Path:
         return self.root / "reports" / "benchmark.json"

@@ -1,55 +1,40 @@
-"""Quantize stage: one variant per recipe, each in its own folder that says where it came from."""
+"""Q/DQ ONNX variants: one per ONNX-graph recipe (onnx-*, tensorrt-*), each in its own folder that says where it
+came from. The target that serves the graph (vitq.tasks.targets.onnx / .tensorrt) passes how it serves it."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import onnx
 
-from tasks._io import atomic_dir, read_json, write_json
-from tasks.backends import onnx as onnx_backend
-from tasks.calibrate import table_path
-from tasks.conformance import assert_conforms, tensorrt_readiness
-from tasks.targets import get_target
+from vitq.tasks._io import atomic_dir, write_json
+from vitq.tasks.targets.onnx import backend as onnx_backend
+from vitq.tasks.calibrate import table_path
+from vitq.tasks.conformance import assert_conforms, tensorrt_readiness
+from vitq.tasks.variant import VariantArtifact, variant_dir
 from vitq.recipes import Recipe, get_recipe
 
 log = logging.getLogger("vitq.quantize")
 
 
-@dataclass(frozen=True)
-class VariantArtifact:
-    name: str
-    recipe: dict  # the Recipe, as a dict
-    artifact: str  # file the target's runtime serves, inside the variant folder
-    qdq_artifact: str  # the portable Q/DQ ONNX (what TensorRT builds from)
-    size_mb: float
-    int8_weight_fraction: float  # share of linear/conv/matmul weight elements stored as int8
-    op_counts: dict[str, int]
-    calibration_table: str | None
-    tensorrt_ready: bool  # valid for TensorRT explicit quantization (conformance-checked Q/DQ)
-    tensorrt_note: str | None  # why not, when it is not
-    # Torch module names of the Linear/Conv layers left in float (what the Core ML target skips too),
-    # the attention matmuls left in float (`<attn>#qk` / `#av`), and the share of Linear/Conv MACs in INT8.
-    float_layers: list[str] = field(default_factory=list)
-    float_attention: list[str] = field(default_factory=list)
-    int8_mac_fraction: float | None = None
-
-
-def variant_dir(variants_dir: Path, name: str) -> Path:
-    return Path(variants_dir) / name
+# How a target serves a checked Q/DQ graph: (recipe, variant folder, the graph loaded, variants dir) -> the
+# name of the file it serves, written into the folder (`Target.serve_graph`).
+ServeGraph = Callable[[Recipe, Path, onnx.ModelProto, Path], str]
 
 
 def quantize_variant(
-    recipe_name: str, prep_onnx: Path, calibration_dir: Path, variants_dir: Path, recovery_inputs=None
+    recipe_name: str, prep_onnx: Path, calibration_dir: Path, variants_dir: Path, serve: ServeGraph,
+    recovery_inputs=None,
 ) -> VariantArtifact:
     """Quantize the FP32 model with one ONNX-graph recipe (OnnxDynamicConfig, OnnxStaticConfig and
     TensorRTStaticConfig) into `variants_dir/<recipe>/`; the layers its `float_layers` globs name stay float.
     Recovery recipes (`recipe.recovery`) also read the model, data and params: `recovery_inputs`
-    (a `tasks.recovery.variants.Inputs`)."""
-    from tasks.recovery import layers as layer_map, variants as recovery
+    (a `vitq.tasks.recovery.variants.Inputs`)."""
+    from vitq.tasks.recovery import layers as layer_map, variants as recovery
 
     recipe: Recipe = get_recipe(recipe_name)
     if recipe.recovery and recovery_inputs is None:
@@ -74,7 +59,7 @@ def quantize_variant(
         quantized = onnx.load(str(tmp / "model.onnx"))
         assert_conforms(quantized)  # a violation fails the variant, naming the node
         trt_note = tensorrt_readiness(quantized)
-        artifact_name = get_target(recipe.target).serve_graph(recipe, tmp, quantized, variants_dir)
+        artifact_name = serve(recipe, tmp, quantized, variants_dir)
         fp32_weights = onnx_backend.linear_weight_elements(onnx.load(str(prep_onnx)))
         artifact = VariantArtifact(
             name=recipe.name,
@@ -96,7 +81,3 @@ def quantize_variant(
         len(artifact.float_layers), time.perf_counter() - start,
     )
     return artifact
-
-
-def load_variant(variants_dir: Path, name: str) -> VariantArtifact:
-    return VariantArtifact(**read_json(variant_dir(variants_dir, name) / "variant.json"))

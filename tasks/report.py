@@ -7,14 +7,14 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from tasks._io import atomic_file, write_json
+from vitq.tasks._io import atomic_file, write_json
 
 if TYPE_CHECKING:  # annotations only: `vitq run` with nothing to do prints the table without torch or ONNX
-    from tasks.benchmark import BenchmarkResult
-    from tasks.data import DataResult
-    from tasks.model import ModelSpec
-    from tasks.quantize import VariantArtifact
-    from tasks.validate import ValidationResult
+    from vitq.tasks.benchmark import BenchmarkResult
+    from vitq.tasks.data import DataResult
+    from vitq.tasks.model import ModelSpec
+    from vitq.tasks.variant import VariantArtifact
+    from vitq.tasks.validate import ValidationResult
 
 log = logging.getLogger("vitq.report")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks._io import file_digest
+from vitq.tasks._io import file_digest
 from vitq.errors import ModelError
 
 if TYPE_CHECKING:
@@ -97,11 +97,12 @@ class ModelSource:
         raise NotImplementedError
 
     def rebuild(self, spec) -> torch.nn.Module:
-        """The architecture of a saved `ModelSpec` (random weights: `tasks.model.load_model` loads model.pt)."""
+        """The architecture of a saved `ModelSpec` (random weights: `vitq.tasks.model.load_model` loads model.pt)."""
         raise ModelError(f"model.source {self.name!r} has no torch model to rebuild")
 
-    def refuses(self, recipe) -> str | None:
-        """Why a recipe cannot take this source's model (None: it can)."""
+    def refuses(self, recipe, from_torch: bool) -> str | None:
+        """Why a recipe cannot take this source's model (None: it can); `from_torch`: its target converts the
+        torch model (`Target.from_torch`)."""
         return None
 
     def default_name(self, raw: dict) -> str | None:
@@ -156,7 +157,7 @@ def _checkpoint(cfg: ModelConfig, root: Path) -> tuple[Path, str] | None:
 
 
 def _check_checkpoint(cfg: ModelConfig, root: Path) -> None:
-    from tasks.model import check_checkpoint_file
+    from vitq.tasks.checkpoints import check_checkpoint_file
 
     ckpt = _checkpoint(cfg, root)
     if ckpt is None:
@@ -168,8 +169,8 @@ def _check_checkpoint(cfg: ModelConfig, root: Path) -> None:
 
 
 def _load_checkpoint(model: torch.nn.Module, cfg: ModelConfig, root: Path, name: str) -> str:
-    """Load model.checkpoint strictly (tasks.model.load_strict); returns where the weights came from."""
-    from tasks.model import load_strict, read_state_dict
+    """Load model.checkpoint strictly (vitq.tasks.checkpoints.load_strict); returns where the weights came from."""
+    from vitq.tasks.checkpoints import load_strict, read_state_dict
 
     path, shown = _checkpoint(cfg, root)
     load_strict(model, read_state_dict(path, shown), shown, name)
@@ -187,7 +188,7 @@ class TimmSource(ModelSource):
     def check(self, cfg: ModelConfig, root: Path) -> None:
         import timm
 
-        from tasks import zoo  # noqa: F401  (registers vitq's models with timm)
+        from vitq.tasks import zoo  # noqa: F401  (registers vitq's models with timm)
 
         if not timm.is_model(cfg.name):
             close = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)
@@ -238,14 +239,14 @@ class TrainSource(TimmSource):
 
     def load(self, cfg: ModelConfig, inputs: Inputs) -> SourceModel:
         loaded = super().load(cfg, inputs)
-        loaded.build["weights"] = "trained here (tasks.model.train_classifier)"
+        loaded.build["weights"] = "trained here (vitq.tasks.model.train_classifier)"
         return loaded
 
 
 def _create_timm(name: str, **kwargs) -> torch.nn.Module:
     import timm
 
-    from tasks import zoo  # noqa: F401  (registers vitq's models with timm)
+    from vitq.tasks import zoo  # noqa: F401  (registers vitq's models with timm)
 
     try:
         return timm.create_model(name, **kwargs)
@@ -484,10 +485,8 @@ class OnnxSource(ModelSource):
         return SourceModel(None, contract, name, {}, build,
                            {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}, onnx_file=path)
 
-    def refuses(self, recipe) -> str | None:
-        from tasks.targets import get_target
-
-        if get_target(recipe.target).from_torch:
+    def refuses(self, recipe, from_torch: bool) -> str | None:
+        if from_torch:
             return (f"recipe {recipe.name!r} converts the torch model (target {recipe.target!r}), and model.source "
                     "'onnx' has none (an ONNX file takes onnx-* and tensorrt-* recipes)")
         if getattr(recipe, "recovery", None) in _RECOVERY_NEEDS_TORCH:
@@ -518,6 +517,15 @@ def source_names() -> tuple[str, ...]:
     return tuple(SOURCES)
 
 
-def default_name(source: str, raw: dict) -> str | None:
-    """model.name where params.yaml leaves it out (None where the source requires it, or for an unknown source)."""
-    return SOURCES[source].default_name(raw) if source in SOURCES else None
+def check_model_section(cfg: ModelConfig) -> ModelConfig:
+    """params.yaml's model section against its source: a known source, the keys it reads and needs (ValueError
+    naming the key); returns it with model.name filled in where the source has a default."""
+    if cfg.source not in SOURCES:
+        raise ValueError(f"model.source: unknown model source {cfg.source!r}; allowed: {', '.join(SOURCES)}")
+    source = SOURCES[cfg.source]
+    source.check_config(cfg)
+    if cfg.name is None:
+        name = source.default_name(cfg.model_dump(exclude_unset=True))
+        if name:
+            return cfg.model_copy(update={"name": name})
+    return cfg

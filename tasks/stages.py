@@ -15,11 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from tasks import benchmark, calibrate, data, error_report, export, model, quantize, report, tradeoff, validate
-from tasks._io import file_digest, read_json, write_json
-from tasks.layout import Workspace
-from tasks.targets import get_target
+from vitq.tasks import benchmark, calibrate, data, export, model, report, tradeoff, validate
+from vitq.tasks._io import file_digest, read_json, write_json
+from vitq.tasks.layout import Workspace
+from vitq.tasks.variant import VariantArtifact, load_variant, variant_dir
+from vitq.tasks.targets.registry import get_target
 from vitq.config import Params
+from vitq.params import load_params
 from vitq.recipes import get_recipe
 
 log = logging.getLogger("vitq.stages")
@@ -115,7 +117,7 @@ def plan_record(ws: Workspace, p: Params, name: str) -> dict:
 def run_plan(ws: Workspace, p: Params) -> dict[str, dict]:
     """Write `artifacts/plan/<variant>.json` for every configured variant; remove the outputs of
     variants no longer configured."""
-    from tasks._io import atomic_dir
+    from vitq.tasks._io import atomic_dir
 
     records = {name: plan_record(ws, p, name) for name in p.quantize.variants}
     with atomic_dir(ws.plan_dir) as tmp:
@@ -132,14 +134,15 @@ def run_plan(ws: Workspace, p: Params) -> dict[str, dict]:
 NOT_RUN = "not_run.json"  # in a variant's folders when this machine cannot make it: why
 
 
-def quantize_one(ws: Workspace, name: str, p: Params | None = None) -> quantize.VariantArtifact:
-    """One variant. Recovery recipes also read the model, data and params (from params.yaml when `p` is None)."""
-    return get_target(get_recipe(name).target).quantize(ws, name, p)
+def quantize_one(ws: Workspace, name: str, p: Params | None = None) -> VariantArtifact:
+    """One variant, by its recipe's target. Recovery recipes also read the model, data and params (from
+    params.yaml when `p` is None)."""
+    return get_target(get_recipe(name).target).quantize(ws, name, p or load_params(ws.params_file))
 
 
 def run_reference(ws: Workspace, p: Params) -> validate.ValidationResult:
     """FP32 outputs on the validation split, the reference every variant is judged against."""
-    from tasks._io import atomic_dir
+    from vitq.tasks._io import atomic_dir
 
     with atomic_dir(ws.validation_for(validate.REFERENCE)) as tmp:
         validate.reference_outputs(ws.export_dir / "model.onnx", ws.model_dir, ws.data_dir, p.validate_, tmp, p.task)
@@ -149,16 +152,16 @@ def run_reference(ws: Workspace, p: Params) -> validate.ValidationResult:
 def validate_one(ws: Workspace, p: Params, name: str) -> validate.ValidationResult:
     """Validate variant `name` into `reports/validation/<name>/`, replaced whole once it is complete (no stale
     error report; a failed validation leaves the previous folder as it was)."""
-    from tasks._io import atomic_dir
+    from vitq.tasks._io import atomic_dir
 
-    art = quantize.load_variant(ws.variants_dir, name)
+    art = load_variant(ws.variants_dir, name)
     with atomic_dir(ws.validation_for(name)) as tmp:
         return get_target(art.recipe["target"]).validate(ws, p, name, tmp)
 
 
 def not_run_reason(ws: Workspace, name: str) -> str | None:
     """Why variant `name` was recorded as not run (its target's runtime was missing), or None."""
-    marker = quantize.variant_dir(ws.variants_dir, name) / NOT_RUN
+    marker = variant_dir(ws.variants_dir, name) / NOT_RUN
     return read_json(marker)["reason"] if marker.is_file() else None
 
 
@@ -179,16 +182,16 @@ def _check_configured(p: Params, name: str) -> None:
     register_defined(p.quantize.defined_recipes())
 
 
-def run_quantize(ws: Workspace, p: Params, name: str) -> quantize.VariantArtifact | None:
+def run_quantize(ws: Workspace, p: Params, name: str) -> VariantArtifact | None:
     """Stage quantize@<name>: make the variant; where this machine lacks the target's runtime, its
     folder records why instead (None)."""
-    from tasks._io import atomic_dir
+    from vitq.tasks._io import atomic_dir
 
     _check_configured(p, name)
     reason = missing_runtime(name)
     if reason:
         log.warning("%s: not run: %s", name, reason)
-        with atomic_dir(quantize.variant_dir(ws.variants_dir, name)) as tmp:
+        with atomic_dir(variant_dir(ws.variants_dir, name)) as tmp:
             write_json(tmp / NOT_RUN, {"variant": name, "reason": reason})
         return None
     return quantize_one(ws, name, p)
@@ -196,7 +199,7 @@ def run_quantize(ws: Workspace, p: Params, name: str) -> quantize.VariantArtifac
 
 def run_validate(ws: Workspace, p: Params, name: str) -> validate.ValidationResult | None:
     """Stage validate@<name>: judge the variant against the FP32 reference (a variant not run: why)."""
-    from tasks._io import atomic_dir
+    from vitq.tasks._io import atomic_dir
 
     _check_configured(p, name)
     reason = not_run_reason(ws, name)
@@ -257,35 +260,6 @@ def run_all_variants(ws: Workspace, p: Params) -> list[str]:
     return run_variants(list(p.quantize.variants), stale=lambda n: True, submit=lambda n: run_variant(ws, p, n))
 
 
-def validate_onnx_graph(ws: Workspace, p: Params, name: str, out_dir: Path | None = None) -> validate.ValidationResult:
-    """Validation of a variant produced from the ONNX graph (onnx, tensorrt), with its per-tensor error report,
-    into `out_dir` (default: the variant's validation folder)."""
-    art = quantize.load_variant(ws.variants_dir, name)
-    folder = quantize.variant_dir(ws.variants_dir, name)
-    path = folder / art.artifact
-    out_dir = out_dir or ws.validation_for(name)
-    result = validate.validate_variant(name, path, ws.model_dir, ws.data_dir, p.validate_, out_dir,
-                                       get_target(art.recipe["target"]).predict,
-                                       reference_dir=ws.validation_for(validate.REFERENCE))
-    if art.recipe["scheme"] == "static" and p.validate_.error_report_images:
-        spec = model.load_model_spec(ws.model_dir)
-        images = data.load_split(ws.data_dir, "calibration").images[: p.validate_.error_report_images]
-        own_float = folder / "float.prep.onnx"  # smoothquant/qat weights
-        float_ref = own_float if own_float.is_file() else ws.export_dir / "model.prep.onnx"
-        # On the Q/DQ graph, not the served file: a fused form (model.ort.onnx) or an engine has no Q/DQ pairs left.
-        qdq = folder / art.qdq_artifact
-        rows = error_report.tensor_errors(float_ref, qdq, data.model_inputs(images, spec.mean, spec.std))
-        csv_path, png_path = error_report_paths(ws, name, out_dir)
-        error_report.write_error_report(rows, csv_path, png_path, name)
-    return result
-
-
-def error_report_paths(ws: Workspace, name: str, folder: Path | None = None) -> tuple[Path, Path]:
-    """The per-tensor error report of variant `name` (csv, png), in `folder` (default: its validation folder)."""
-    folder = folder or ws.validation_for(name)
-    return folder / f"{name}.errors.csv", folder / f"{name}.errors.png"
-
-
 def run_benchmark(ws: Workspace, p: Params, names: list[str] | None = None,
                   out: Path | None = None) -> benchmark.BenchmarkResult:
     """FP32 and the variants side by side. `names` (default: those this machine can run) and `out`
@@ -294,8 +268,8 @@ def run_benchmark(ws: Workspace, p: Params, names: list[str] | None = None,
     models = {"fp32": ws.export_dir / "model.onnx"}
     by_target: dict[str, dict[str, Path]] = {}
     for name in runnable:
-        art = quantize.load_variant(ws.variants_dir, name)
-        by_target.setdefault(art.recipe["target"], {})[name] = quantize.variant_dir(ws.variants_dir, name) / art.artifact
+        art = load_variant(ws.variants_dir, name)
+        by_target.setdefault(art.recipe["target"], {})[name] = variant_dir(ws.variants_dir, name) / art.artifact
     own_timings, own_not_measured = {}, {}  # targets timed by their own runtime, against their own baseline (Core ML)
     for target_name, paths in by_target.items():
         timed = get_target(target_name).benchmark(ws, p, paths)
@@ -335,7 +309,7 @@ def build_summary(ws: Workspace, p: Params, produced: list[str] | None = None) -
     data_result = data.load_data_result(ws.data_dir)
     md5 = dvc_data_digest(ws)
     variants = [
-        (quantize.load_variant(ws.variants_dir, n), validate.load_validation(ws.validation_for(n), n)) for n in runnable
+        (load_variant(ws.variants_dir, n), validate.load_validation(ws.validation_for(n), n)) for n in runnable
     ]
     bench = benchmark.load_benchmark(ws.benchmark_file) if ws.benchmark_file.is_file() else None
     return report.build_summary(

@@ -12,7 +12,7 @@ truth (labels, masks or None); what it returns is recorded beside the built-in m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -20,10 +20,23 @@ import numpy as np
 from vitq.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from tasks.validate import OutputMetrics
     from vitq.config import TaskConfig
 
 IGNORE_LABEL = 255  # mask pixels that no IoU counts
+
+
+@dataclass(frozen=True)
+class OutputMetrics:
+    top1: float | None
+    top1_drop: float | None  # percentage points
+    agreement: float
+    cosine: float
+    sqnr_db: float
+    psnr_db: float | None = None  # dense outputs only
+    mask_iou: float | None = None  # dense: IoU of the masks with FP32's masks
+    miou: float | None = None  # dense: mean IoU against ground-truth masks (None without masks)
+    miou_drop: float | None = None  # dense: FP32 mIoU minus the variant's, percentage points
+    extra: dict = field(default_factory=dict)  # task.metric: the user's metrics, by name
 
 
 @dataclass(frozen=True)
@@ -87,8 +100,7 @@ class Classification:
         return labels if len(labels) and (labels >= 0).all() else None
 
     def compare(self, ref, out, truth, reference):
-        from tasks.validate import OutputMetrics
-
+    
         if ref.ndim != 2:
             raise DataError(f"task.kind is 'classification' but the model's outputs have shape {tuple(ref.shape[1:])} "
                             "per image; classification needs (classes,): set task.kind: dense for output maps")
@@ -160,8 +172,7 @@ class Dense:
         return np.where(union > 0, inter / np.maximum(union, 1), np.nan)
 
     def compare(self, ref, out, truth, reference):
-        from tasks.validate import OutputMetrics
-
+    
         if ref.ndim != 4:
             raise DataError(f"task.kind is 'dense' but the model's outputs have shape {tuple(ref.shape[1:])} per image; "
                             "dense needs maps (K, H, W): set task.kind: classification for (classes,) outputs")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks._io import atomic_file
-from tasks.task_kinds import accuracy_loss_pts
+from vitq.tasks._io import atomic_file
+from vitq.tasks.task_kinds import accuracy_loss_pts
 
 SECTION = "## Trade-offs per target"
 

@@ -17,31 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks._io import read_json, write_json
-from tasks.backends import onnx as onnx_backend
-from tasks.data import load_split, model_inputs
-from tasks.model import load_model_spec
-from tasks.task_kinds import Budget, Classification, Dense, Task, extra_metrics, get_task, user_metric
+from vitq.tasks._io import read_json, write_json
+from vitq.tasks.targets.onnx import backend as onnx_backend
+from vitq.tasks.data import load_split, model_inputs
+from vitq.tasks.model import load_model_spec
+from vitq.tasks.task_kinds import (Budget, Classification, Dense, OutputMetrics, Task, extra_metrics, get_task,
+                                   user_metric)
 from vitq.config import TaskConfig, ValidateConfig
 
 log = logging.getLogger("vitq.validate")
 
 REFERENCE = "fp32"
 MASK_THRESHOLD = 0.0  # dense outputs: a pixel is "in the mask" where the map exceeds this (mask logits)
-
-
-@dataclass(frozen=True)
-class OutputMetrics:
-    top1: float | None
-    top1_drop: float | None  # percentage points
-    agreement: float
-    cosine: float
-    sqnr_db: float
-    psnr_db: float | None = None  # dense outputs only
-    mask_iou: float | None = None  # dense: IoU of the masks with FP32's masks
-    miou: float | None = None  # dense: mean IoU against ground-truth masks (None without masks)
-    miou_drop: float | None = None  # dense: FP32 mIoU minus the variant's, percentage points
-    extra: dict = field(default_factory=dict)  # task.metric: the user's metrics, by name
 
 
 @dataclass(frozen=True)
@@ -129,7 +116,7 @@ def reference_outputs(fp32_onnx: Path, model_dir: Path, data_dir: Path, cfg: Val
                       task: TaskConfig | None = None) -> ValidationResult:
     """FP32 ONNX Runtime outputs on the validation split, saved once for every variant to compare against, with
     FP32's own metrics (top-1, or mIoU against ground-truth masks) and the task that judges them."""
-    from tasks._io import atomic_file
+    from vitq.tasks._io import atomic_file
 
     task = task or TaskConfig()
     x, judge = validation_judge(model_dir, data_dir, task)

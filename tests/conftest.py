@@ -76,9 +76,9 @@ def staged_workspace(tmp_path_factory) -> Iterator[Path]:
     Read-only, shared by every module: a module that runs stages on it takes `workspace_copy(...)`,
     so what one module writes (variants, validation results) never reaches another and no test
     depends on the order modules run in. Teardown fails if anything in it changed."""
-    from tasks import stages
-    from tasks.layout import Workspace
-    from vitq.config import parse_params
+    from vitq.tasks import stages
+    from vitq.tasks.layout import Workspace
+    from vitq.params import parse_params
 
     root = make_workspace(tmp_path_factory.mktemp("staged"), tiny_params(), dvc=False)
     ws, p = Workspace(root), parse_params(tiny_params())
@@ -93,7 +93,7 @@ def staged_workspace(tmp_path_factory) -> Iterator[Path]:
 
 def workspace_copy(staged: Path, tmp_path_factory, name: str):
     """A private copy of the staged workspace (a `Workspace`) for a module that runs stages on it."""
-    from tasks.layout import Workspace
+    from vitq.tasks.layout import Workspace
 
     root = tmp_path_factory.mktemp(name) / "ws"
     shutil.copytree(staged, root)

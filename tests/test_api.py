@@ -85,7 +85,7 @@ def test_validate_compares_with_fp32_on_the_same_inputs(static):
     assert m.agreement >= 0.9 and m.cosine > 0.99, m
     assert m.sqnr_db > 20, f"SQNR vs FP32 {m.sqnr_db:.1f} dB"
     # With the FP32 model's own predictions as labels, FP32 top-1 is 1 and the drop is the disagreement.
-    from tasks.backends import onnx as onnx_backend
+    from vitq.tasks.targets.onnx import backend as onnx_backend
 
     fp32_labels = onnx_backend.run_batched(onnx_backend.session(static.fp32_onnx), x, 64).argmax(1)
     labelled = static.validate(torch.from_numpy(x), labels=fp32_labels)
@@ -122,7 +122,7 @@ def test_benchmark_times_fp32_and_the_variant_in_one_run(static):
     assert b.models[static.name].baseline == "fp32" and b.models[static.name].runs == 6
     assert b.settings["input_shape"] == [2, 3, 32, 32] and b.machine["cores"]
     # paired per interleaved round (ONNX Runtime timings have rounds), not the ratio of whole-run p50s
-    from tasks.benchmark import paired_ratio
+    from vitq.tasks.benchmark import paired_ratio
 
     assert len(b.models[static.name].round_p50_ms) == 2
     assert b.speedup(static.name) == pytest.approx(
@@ -253,18 +253,18 @@ def test_coreml_off_macos_says_why_in_one_line(coreml_variant):
 def test_coreml_on_macos_predicts_and_times_against_fp16(coreml_variant, monkeypatch):
     """macOS stood in for (Core ML itself cannot run here): predict and validate read Core ML's outputs,
     benchmark times the variant against a coreml-fp16 baseline converted from the same model."""
-    from tasks import coreml
+    from vitq.tasks.targets.coreml import variants as coreml
 
     v, _, _ = coreml_variant
     x = _inputs(8, 6)
-    from tasks.backends import onnx as onnx_backend
+    from vitq.tasks.targets.onnx import backend as onnx_backend
 
     ref = onnx_backend.run_batched(onnx_backend.session(v.fp32_onnx), x, 64)
     calls = []
     monkeypatch.setattr(sys, "platform", "darwin")
     monkeypatch.setattr(coreml, "predict_coreml", lambda package, x, units: calls.append(package) or ref.copy())
     timed = {}
-    monkeypatch.setattr(coreml, "benchmark_packages", lambda packages, x1, cfg: (timed.update(packages), ({}, {}))[1])
+    monkeypatch.setattr(coreml, "benchmark_packages", lambda packages, x1, cfg, why: (timed.update(packages), ({}, {}))[1])
     assert np.array_equal(v.predict(x), ref) and calls == [v.served]
     result = v.validate(x)
     assert result.runtime == "coreml (ALL)" and result.not_measured == {} and result.metrics.agreement == 1.0

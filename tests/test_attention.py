@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.attention import ExplicitMultiheadAttention, rewrite_attention
+from vitq.tasks.attention import ExplicitMultiheadAttention, rewrite_attention
 
 
 def _pair(**kw) -> tuple[nn.MultiheadAttention, ExplicitMultiheadAttention]:

@@ -23,7 +23,7 @@ def test_bench_writes_side_by_side_runs(tmp_path):
     assert sizes["static"] < sizes["fp32"] / 2
     assert len(result["ratios"]) == 2 and "dyn/static" in proc.stdout
     # ratios paired per interleaved round (10 rounds), the ratio of whole-run p50s beside them
-    from tasks.benchmark import paired_ratio
+    from vitq.tasks.benchmark import paired_ratio
 
     by = {(r["batch"], r["variant"]): r for r in result["runs"]}
     for r in result["ratios"]:
@@ -54,7 +54,7 @@ def test_weight_gemms_are_the_products_with_a_constant_weight():
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from tasks.backends.onnx import weight_gemms
+    from vitq.tasks.targets.onnx.backend import weight_gemms
 
     w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
     wq = numpy_helper.from_array(np.ones((4, 4), np.int8), "wq")
@@ -102,7 +102,7 @@ def test_recovery_scale_rejects_bad_arguments_before_any_work(tmp_path):
 def test_recovery_scale_table_and_params():
     from pathlib import Path
 
-    from vitq.config import parse_params
+    from vitq.params import parse_params
     from vitq.experiments.recovery_scale import scale_params, scale_table
 
     p = parse_params(scale_params("vit_base_patch16_224", Path("/w/ckpt.pth"), 256, 500, ["onnx-w8a8-auto"], 224))
@@ -116,7 +116,7 @@ def test_recovery_scale_table_and_params():
 
 
 def test_paired_ratio_cancels_a_machine_slowing_down_between_rounds():
-    from tasks.benchmark import paired_ratio
+    from vitq.tasks.benchmark import paired_ratio
 
     # The machine runs at half speed in the last two rounds; in each round the first model takes 1.2x the second.
     fast = [50.0, 50.0, 100.0, 100.0]
@@ -130,7 +130,7 @@ def test_rounds_rotate_which_model_goes_first(tmp_path, monkeypatch):
     follows the same one (on this VM the model after another pays for its caches and spinning threads)."""
     import numpy as np
 
-    from tasks import benchmark
+    from vitq.tasks import benchmark
     from vitq.config import BenchmarkConfig
 
     calls: list[str] = []

@@ -49,7 +49,7 @@ def _bins_apart(a, b, edges) -> float:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("percentile", [99.9, 99.99])
 def test_tables_equal_onnxruntime_collectors_within_one_bin(seed, percentile):
-    from tasks._histograms import CalibrationHistograms
+    from vitq.tasks._histograms import CalibrationHistograms
 
     batches = _batches(seed)
     abs_ort, value_ort, pct_ort, ent_ort = _ort_collectors(batches, percentile)
@@ -73,7 +73,7 @@ def test_tables_equal_onnxruntime_collectors_within_one_bin(seed, percentile):
 
 def test_vectorised_divergences_equal_onnxruntime_per_candidate():
     """The all-candidates KL equals ORT's per-candidate float32 KL to float32 precision, on every candidate."""
-    from tasks._histograms import _divergence_ort, _divergences
+    from vitq.tasks._histograms import _divergence_ort, _divergences
 
     rng = np.random.default_rng(0)
     for x in (rng.standard_t(3, 100_000), np.maximum(rng.standard_normal(50_000), 0), rng.standard_normal(3000)):
@@ -113,7 +113,7 @@ def test_calibrate_inputs_tables_equal_onnxruntime_within_one_bin(tmp_path):
     """End to end: calibrate_inputs' tables against ORT's HistogramCalibrater + collectors on the same batches."""
     from onnxruntime.quantization.calibrate import HistogramCalibrater, load_tensors_data
 
-    from tasks.calibrate import calibrate_inputs
+    from vitq.tasks.calibrate import calibrate_inputs
     from vitq.config import CalibrationConfig
 
     _tiny_onnx(tmp_path / "tiny.onnx")
@@ -149,8 +149,8 @@ def test_minmax_alone_counts_no_histogram_and_gives_the_same_table(tmp_path, mon
     minmax table of a full calibration exactly."""
     from onnxruntime.quantization.calibrate import load_tensors_data
 
-    import tasks._histograms as histograms
-    from tasks.calibrate import calibrate_inputs
+    import vitq.tasks._histograms as histograms
+    from vitq.tasks.calibrate import calibrate_inputs
     from vitq.config import CalibrationConfig
 
     _tiny_onnx(tmp_path / "tiny.onnx")
@@ -173,8 +173,8 @@ def test_the_range_search_reads_the_calibrate_stages_histograms(tmp_path, monkey
     search over the same graph and images reads them instead of another pass, with the same candidates."""
     import json
 
-    import tasks.calibrate as calibrate
-    from tasks.recovery.calib_search import candidate_ranges
+    import vitq.tasks.calibrate as calibrate
+    from vitq.tasks.recovery.calib_search import candidate_ranges
     from vitq.config import CalibrationConfig
 
     _tiny_onnx(tmp_path / "tiny.onnx")
@@ -208,10 +208,10 @@ def test_ranges_left_out_are_never_read(staged_workspace, tmp_path, attention):
     import onnx
     from onnxruntime.quantization.calibrate import CalibraterBase
 
-    from tasks.backends.onnx import activation_matmuls, quantize
-    from tasks.calibrate import calibrate_inputs
-    from tasks.layout import Workspace
-    from tasks.recovery.calib_search import read_amax, write_table
+    from vitq.tasks.targets.onnx.backend import activation_matmuls, quantize
+    from vitq.tasks.calibrate import calibrate_inputs
+    from vitq.tasks.layout import Workspace
+    from vitq.tasks.recovery.calib_search import read_amax, write_table
     from vitq.config import CalibrationConfig
     from vitq.errors import VitqError
     from vitq.recipes import LINEAR_OP_TYPES, get_recipe

@@ -2,12 +2,14 @@ import pytest
 import yaml
 
 from conftest import REPO
-from vitq.config import Params, load_params, parse_params, params_hash
+from vitq.config import Params, params_hash
+from vitq.params import load_params, parse_params
 from vitq.errors import ConfigError
 
 
 def test_shipped_params_are_the_defaults():
-    assert load_params(REPO / "params.yaml") == Params()
+    assert load_params(REPO / "params.yaml") == parse_params({})
+    assert parse_params({}).model.model_copy(update={"name": None}) == Params().model  # the schema's own defaults
 
 
 @pytest.mark.parametrize(

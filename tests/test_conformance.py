@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tasks.conformance import QdqConformanceError, assert_conforms, check_qdq, tensorrt_readiness
+from vitq.tasks.conformance import QdqConformanceError, assert_conforms, check_qdq, tensorrt_readiness
 
 K, N = 8, 4
 

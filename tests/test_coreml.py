@@ -14,10 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks import coreml, stages
-from tasks.backends import coreml as backend
-from tasks.layout import Workspace
-from vitq.config import parse_params
+from vitq.tasks import stages
+from vitq.tasks.targets.coreml import variants as coreml
+from vitq.tasks.targets.coreml.target import COREML
+from vitq.tasks.variant import load_variant
+from vitq.tasks.targets.coreml import backend
+from vitq.tasks.layout import Workspace
+from vitq.params import parse_params
 from vitq.recipes import get_recipe
 
 from conftest import tiny_params, vitq, workspace_copy
@@ -47,7 +50,7 @@ def test_every_linear_conv_and_attention_matmul_is_int8_in_w8a8(coreml_ws):
     assert all(r["int8_weight"] == "True" for r in rows if r["op_type"] != "matmul")
     names = {r["layer"] for r in rows}
     assert {"patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.attn#qk", "blocks.0.attn#av", "blocks.0.mlp.fc2", "head"} <= names
-    art = stages.quantize.load_variant(coreml_ws.variants_dir, "coreml-w8a8")
+    art = load_variant(coreml_ws.variants_dir, "coreml-w8a8")
     assert art.int8_weight_fraction == 1.0 and art.artifact == "model.mlpackage"
     assert art.op_counts["quantize"] == art.op_counts["dequantize"] == len(rows) + sum(r["op_type"] == "matmul" for r in rows)
 
@@ -57,12 +60,12 @@ def test_fp16_and_w8_coverage_and_sizes(coreml_ws):
     assert not any(r["int8_weight"] == "True" or r["activation_quantized"] == "True" for r in fp16)
     assert all(r["int8_weight"] == "True" for r in w8 if r["op_type"] != "matmul")
     assert not any(r["activation_quantized"] == "True" for r in w8)
-    load = stages.quantize.load_variant
+    load = load_variant
     assert load(coreml_ws.variants_dir, "coreml-w8").size_mb < load(coreml_ws.variants_dir, "coreml-fp16").size_mb
 
 
 def test_validation_on_linux_uses_the_torch_counterpart_and_says_so(coreml_ws):
-    from tasks.validate import load_validation
+    from vitq.tasks.validate import load_validation
 
     for name in ("coreml-fp16", "coreml-w8", "coreml-w8a8"):
         v = load_validation(coreml_ws.validation_for(name), name)
@@ -73,7 +76,7 @@ def test_validation_on_linux_uses_the_torch_counterpart_and_says_so(coreml_ws):
 
 
 def test_summary_reports_coreml_latency_as_not_measured_with_reason(coreml_ws):
-    from tasks import benchmark, report
+    from vitq.tasks import benchmark, report
 
     p = parse_params(tiny_params(quantize={"recipes": ["onnx-w8a8-minmax", "coreml-w8a8"], "carry": {}}))
     stages.quantize_one(coreml_ws, "onnx-w8a8-minmax")
@@ -172,7 +175,7 @@ def test_timing_interleaves_models_and_records_compute_units(monkeypatch, tmp_pa
         (tmp_path / name / "weight.bin").write_bytes(b"0" * 1024)
         packages[name] = tmp_path / name
     monkeypatch.setattr(sys, "platform", "linux")
-    timings, why = coreml.benchmark_packages(packages, np.zeros((1, 1, 2, 2), np.float32), cfg)
+    timings, why = coreml.benchmark_packages(packages, np.zeros((1, 1, 2, 2), np.float32), cfg, COREML.missing_executor())
     assert timings == {} and set(why) == set(packages) and "macos" in why["coreml-w8a8"]
 
     calls: list[str] = []
@@ -185,7 +188,7 @@ def test_timing_interleaves_models_and_records_compute_units(monkeypatch, tmp_pa
 
     monkeypatch.setattr(sys, "platform", "darwin")
     monkeypatch.setattr(backend, "load_for_prediction", load)
-    timings, why = coreml.benchmark_packages(packages, np.zeros((1, 1, 2, 2), np.float32), cfg)
+    timings, why = coreml.benchmark_packages(packages, np.zeros((1, 1, 2, 2), np.float32), cfg, COREML.missing_executor())
     assert why == {} and set(timings) == set(packages)
     assert sorted(loaded) == [(name, cfg.coreml_compute_units) for name in sorted(packages)]
     t = timings["coreml-w8a8"]
@@ -205,8 +208,8 @@ def test_validation_on_macos_compares_core_ml_outputs(coreml_ws, monkeypatch):
     image: the metrics must be exactly those of that perturbation, not the torch counterpart's."""
     import json
 
-    from tasks.data import load_split
-    from tasks.validate import load_validation
+    from vitq.tasks.data import load_split
+    from vitq.tasks.validate import load_validation
 
     p = parse_params(tiny_params())
     ref = np.load(coreml_ws.validation_for("fp32") / "fp32.npy")
@@ -242,7 +245,8 @@ def test_validation_on_macos_compares_core_ml_outputs(coreml_ws, monkeypatch):
         shutil.copy(coreml_ws.validation_for("fp32") / f, out / f)
     folder = coreml_ws.variants_dir / "coreml-w8a8"
     v = coreml.validate_variant(
-        "coreml-w8a8", folder, coreml_ws.model_dir, coreml_ws.data_dir, p.validate_, out, "CPU_ONLY",
+        "coreml-w8a8", folder, coreml_ws.model_dir, coreml_ws.data_dir, p.validate_, out, COREML.missing_executor(),
+        "CPU_ONLY",
     )
     assert seen == [(folder / "model.mlpackage", (n, 1, 32, 32), "CPU_ONLY")]
     assert v.runtime == "coreml (CPU_ONLY)" and v.not_measured == {} and v.images == n
@@ -274,12 +278,12 @@ def _layer_norm_gammas(package: Path) -> list[np.ndarray]:
 def test_recipe_reusing_a_recovery_decision_applies_it_to_core_ml(coreml_ws):
     """coreml-w8a8-auto leaves in FP16 exactly what onnx-w8a8-auto left in float; -smoothquant converts
     the smoothed weights that variant saved."""
-    from tasks import quantize
-    from tasks._io import write_json
-    from tasks.data import load_split, model_inputs
-    from tasks.model import load_model
-    from tasks.recovery.simulate import input_amax
-    from tasks.recovery.smoothquant import smooth, smoothing_pairs
+    from vitq.tasks import quantize
+    from vitq.tasks._io import write_json
+    from vitq.tasks.data import load_split, model_inputs
+    from vitq.tasks.model import load_model
+    from vitq.tasks.recovery.simulate import input_amax
+    from vitq.tasks.recovery.smoothquant import smooth, smoothing_pairs
     from vitq.errors import VitqError
 
     vdir = coreml_ws.variants_dir
@@ -296,7 +300,7 @@ def test_recipe_reusing_a_recovery_decision_applies_it_to_core_ml(coreml_ws):
     assert rows["blocks.0.attn#qk"]["activation_quantized"] == "False"
     assert rows["blocks.0.mlp.fc2"]["int8_weight"] == "True" == rows["blocks.0.mlp.fc2"]["activation_quantized"]
     assert 0.5 < art.int8_mac_fraction < 1.0 and art.int8_weight_fraction < 1.0
-    assert quantize.load_variant(vdir, "coreml-w8a8").int8_mac_fraction == 1.0
+    assert load_variant(vdir, "coreml-w8a8").int8_mac_fraction == 1.0
 
     # What onnx-w8a8-smoothquant saves: the FP32 model smoothed (alpha 0.5, per-channel input ranges
     # from the calibration images), so the norms' scales and the Linears' columns differ from FP32's.

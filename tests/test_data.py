@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.data import load_data_result, load_split, model_inputs, prepare_data
+from vitq.tasks.data import load_data_result, load_split, model_inputs, prepare_data
 from vitq.config import DataConfig
 from vitq.errors import DataError
 
@@ -37,7 +37,7 @@ def _digits_source(cfg: DataConfig) -> Counter:
     """(image bytes, label) of every digits image, through the data stage's own resize."""
     from sklearn.datasets import load_digits
 
-    from tasks.data import _resize
+    from vitq.tasks.data import _resize
 
     digits = load_digits()
     pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)

@@ -67,9 +67,9 @@ def _scenes(root: Path, rng: np.random.Generator) -> None:
 
 @pytest.fixture(scope="module")
 def dense_ws(tmp_path_factory):
-    from tasks import stages
-    from tasks.layout import Workspace
-    from vitq.config import parse_params
+    from vitq.tasks import stages
+    from vitq.tasks.layout import Workspace
+    from vitq.params import parse_params
 
     root = tmp_path_factory.mktemp("dense") / "ws"
     _scenes(root / "scenes", np.random.default_rng(0))
@@ -107,7 +107,7 @@ def dense_ws(tmp_path_factory):
 
 
 def test_reference_is_judged_as_dense_with_ground_truth(dense_ws):
-    from tasks import validate
+    from vitq.tasks import validate
 
     ws, _, _ = dense_ws
     ref = validate.load_validation(ws.validation_for(validate.REFERENCE), validate.REFERENCE)

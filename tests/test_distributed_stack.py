@@ -46,7 +46,7 @@ def stack(tmp_path_factory):
         st.start_mlflow()
         st.start_prefect()
         with temporary_settings({PREFECT_API_URL: st.env["PREFECT_API_URL"], PREFECT_SERVER_ANALYTICS_ENABLED: False}):
-            from flows.deployments import deploy
+            from vitq.flows.deployments import deploy
 
             deploy(POOLS, schedules_active=False)
             st.start_worker("cpu", "cpu-1")
@@ -168,7 +168,7 @@ def test_mlflow_server_holds_runs_artifacts_in_s3_and_the_alias(stack, workspace
     assert parent["orchestration"] == "distributed" and parent["data_digest"].startswith("md5:")
     assert parent["dvc_remote"] == "s3" and parent["step.variant[onnx-w8a8-minmax]"].startswith("pool=ort worker=ort-1")
     summary = json.loads((workspace / "reports" / "summary.json").read_text())
-    from flows.registry import best_per_target
+    from vitq.flows.registry import best_per_target
 
     if "onnx" not in best_per_target(summary):  # the speed gate: no passing variant timed faster than FP32 here
         assert "registry.onnx" not in parent
@@ -192,7 +192,7 @@ def test_mlflow_server_holds_runs_artifacts_in_s3_and_the_alias(stack, workspace
     alias = _mlflow(stack, "GET", "registered-models/alias", name=EXPERIMENT, alias="onnx")["model_version"]
     vtags = {t["key"]: t["value"] for t in alias["tags"]}
     summary = json.loads(Path(vtags["workspace"], "reports", "summary.json").read_text())
-    from flows.registry import best_per_target
+    from vitq.flows.registry import best_per_target
 
     best = best_per_target(summary)["onnx"]  # the best passing variant that is faster than FP32 (the speed gate)
     assert vtags["variant"] == best["name"] and vtags["data_digest"] == parent["data_digest"]
@@ -207,7 +207,7 @@ def test_vitq_compare_reads_the_server(stack, workspace, first_run):
     for r in RECIPES:
         assert r in proc.stdout
     assert "distributed" in proc.stdout
-    from flows.registry import best_per_target
+    from vitq.flows.registry import best_per_target
 
     summary = json.loads((workspace / "reports" / "summary.json").read_text())
     # the speed gate: the alias only where a passing variant timed faster than FP32 in this run (timing on a loaded
@@ -263,7 +263,7 @@ def test_rerun_with_nothing_changed_reuses_and_says_so(stack, workspace, first_r
 def test_pool_without_a_live_worker_times_out_naming_the_pool(stack, workspace, first_run):
     from prefect import get_client
 
-    from flows.routing import NoLiveWorker, run_step
+    from vitq.flows.routing import NoLiveWorker, run_step
 
     started = time.monotonic()
     with pytest.raises(NoLiveWorker) as err:
@@ -283,7 +283,7 @@ def test_one_engine_build_per_gpu_host_at_a_time(stack):
 
     from prefect.concurrency.sync import concurrency
 
-    from flows.distributed import _engine_build_slot
+    from vitq.flows.distributed import _engine_build_slot
 
     with _engine_build_slot("cuda"):  # held by one build: a second one on this host must wait
         with pytest.raises(TimeoutError):
@@ -349,7 +349,7 @@ def test_worker_killed_mid_run_is_retried_and_nothing_is_lost_or_duplicated(stac
                    if not any(x["key"] == "mlflow.parentRunId" for x in r["data"]["tags"])}
     assert {k.removeprefix("vitq.kept.") for k in parent_tags if k.startswith("vitq.kept.")} == set(RECIPES)
     # ... and DVC agrees everything is recorded.
-    from flows.dvc_state import DvcStages
+    from vitq.flows.dvc_state import DvcStages
 
     dvc = DvcStages(workspace)
     try:
@@ -361,7 +361,7 @@ def test_worker_killed_mid_run_is_retried_and_nothing_is_lost_or_duplicated(stac
 
 
 def test_calibration_data_change_triggers_the_orchestrator(stack, tmp_path):
-    from flows.schedules import watch_data_flow
+    from vitq.flows.schedules import watch_data_flow
 
     ws = tmp_path / "watched"  # params only: the triggered run fails fast, the trigger is what is checked
     ws.mkdir()

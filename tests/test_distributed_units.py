@@ -13,8 +13,8 @@ from conftest import REPO, VITQ, run_env
 
 
 def test_pool_map_defaults_follow_the_targets_and_reject_unknown_keys():
-    from flows.routing import DEFAULT_POOLS, parse_pool_overrides, pool_map
-    from tasks.targets import TARGETS
+    from vitq.flows.routing import DEFAULT_POOLS, parse_pool_overrides, pool_map
+    from vitq.tasks.targets.registry import TARGETS
     from vitq.errors import VitqError
 
     assert DEFAULT_POOLS == {"prepare": "cpu", "onnx": "cpu", "coreml": "macos", "tensorrt": "cuda"}
@@ -38,7 +38,7 @@ def _yaml_deployments() -> dict[str, dict]:
 
 
 def test_prefect_yaml_declares_the_same_deployments_as_vitq_deploy():
-    from flows.deployments import JOB_VARIABLES, NIGHTLY_CRON, WATCH_INTERVAL_S, deployment_specs
+    from vitq.flows.deployments import JOB_VARIABLES, NIGHTLY_CRON, WATCH_INTERVAL_S, deployment_specs
 
     specs = {s.full_name: s for s in deployment_specs()}
     declared = _yaml_deployments()
@@ -61,7 +61,7 @@ def test_prefect_yaml_declares_the_same_deployments_as_vitq_deploy():
 
 
 def test_every_target_pool_gets_variant_and_benchmark_deployments():
-    from flows.deployments import deployment_specs
+    from vitq.flows.deployments import deployment_specs
 
     names = {s.full_name for s in deployment_specs({"onnx": "ort", "tensorrt": "h100"})}
     for pool in ("ort", "h100", "macos"):
@@ -79,7 +79,7 @@ def _v(name, drop, size, lat=0.1, passed=True, target="onnx"):
 
 
 def test_best_variant_is_the_smallest_drop_then_size_among_those_passing():
-    from flows.registry import best_per_target, rank
+    from vitq.flows.registry import best_per_target, rank
 
     s = _summary([_v("a", 0.5, 1.0), _v("b", 0.2, 2.0), _v("c", 0.2, 1.5), _v("d", 0.0, 0.1, passed=False),
                   _v("t", 1.0, 1.0, target="tensorrt")])
@@ -93,7 +93,7 @@ def test_a_worse_run_never_steals_the_alias(tmp_path):
     import mlflow
     from mlflow import MlflowClient
 
-    from flows.registry import register_best
+    from vitq.flows.registry import register_best
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("m", artifact_location=(tmp_path / "art").as_uri())
@@ -128,8 +128,8 @@ def test_a_worse_run_never_steals_the_alias(tmp_path):
 
 
 def test_merged_benchmark_keeps_each_pools_baseline():
-    from flows.distributed import merge_benchmarks
-    from tasks.benchmark import BenchmarkResult, Timing
+    from vitq.flows.distributed import merge_benchmarks
+    from vitq.tasks.benchmark import BenchmarkResult, Timing
 
     def t(p50, baseline="fp32", device="cpu"):
         return Timing(1.0, p50, p50, p50, 1000 / p50, 10, baseline, device)
@@ -146,7 +146,7 @@ def test_merged_benchmark_keeps_each_pools_baseline():
 
 
 def test_tradeoff_plots_per_target_and_one_report_section(tmp_path):
-    from tasks.tradeoff import SECTION, append_plot_section, write_tradeoff_plots
+    from vitq.tasks.tradeoff import SECTION, append_plot_section, write_tradeoff_plots
 
     s = {"model": "m", "baseline": {"size_mb": 4.0},
          "variants": [_v("a", 0.5, 1.0), _v("b", None, 1.2, lat=None), _v("t", 1.0, 1.0, target="tensorrt", passed=False)]}
@@ -164,10 +164,10 @@ def test_tradeoff_plots_per_target_and_one_report_section(tmp_path):
 def test_plan_record_changes_exactly_where_a_variant_reads(tmp_path):
     """The per-variant plan file is all a quantize@<recipe> stage declares about params and tables: it
     must change when (and only when) something that variant reads changes."""
-    from tasks.calibrate import table_path
-    from tasks.layout import Workspace
-    from tasks.stages import plan_record
-    from vitq.config import parse_params
+    from vitq.tasks.calibrate import table_path
+    from vitq.tasks.layout import Workspace
+    from vitq.tasks.stages import plan_record
+    from vitq.params import parse_params
     from conftest import tiny_params
 
     ws = Workspace(tmp_path)
@@ -237,7 +237,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 def test_compare_rejects_bad_run_count_and_unknown_experiment(tmp_path):
     from mlflow import MlflowClient
 
-    from flows.compare import compare_table
+    from vitq.flows.compare import compare_table
     from vitq.errors import VitqError
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

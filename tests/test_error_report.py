@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import tiny_params, workspace_copy
-from tasks import error_report, stages
-from vitq.config import parse_params
+from vitq.tasks import error_report, stages
+from vitq.params import parse_params
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_report_covers_every_qdq_tensor_of_the_variant(ws):
     art = stages.quantize_one(ws, "onnx-w8a8-minmax")
     assert art.artifact == "model.ort.onnx", "the served form differs from the Q/DQ graph the report reads"
     stages.validate_one(ws, p, "onnx-w8a8-minmax")
-    rows = list(csv.DictReader(stages.error_report_paths(ws, "onnx-w8a8-minmax")[0].open()))
+    rows = list(csv.DictReader(ws.error_report_for("onnx-w8a8-minmax")[0].open()))
     folder = ws.variants_dir / "onnx-w8a8-minmax"
     expected = _qdq_tensors_by_position(onnx.load(str(folder / art.qdq_artifact)),
                                         onnx.load(str(ws.export_dir / "model.prep.onnx")))

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 
-from tasks import report
-from tasks.benchmark import BenchmarkResult, Timing
-from tasks.data import DataResult
-from tasks.model import ModelSpec
-from tasks.quantize import VariantArtifact
-from tasks.validate import OutputMetrics, ValidationResult
+from vitq.tasks import report
+from vitq.tasks.benchmark import BenchmarkResult, Timing
+from vitq.tasks.data import DataResult
+from vitq.tasks.model import ModelSpec
+from vitq.tasks.variant import VariantArtifact
+from vitq.tasks.task_kinds import OutputMetrics
+from vitq.tasks.validate import ValidationResult
 
 
 def _timing(p50: float, baseline: str) -> Timing:
@@ -74,7 +75,7 @@ def test_table_and_notes_say_which_variants_are_not_faster(tmp_path):
 
 
 def test_a_variant_not_faster_than_its_baseline_never_takes_the_alias():
-    from flows.registry import best_per_target
+    from vitq.flows.registry import best_per_target
 
     summary = _summary()
     by_name = {v["name"]: v for v in summary["variants"]}

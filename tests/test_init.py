@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from conftest import REPO, VITQ, run_env
-from vitq.config import load_params
+from vitq.params import load_params
 from vitq.init_workspace import set_value, template
 
 TINY_ARCH = "{depth: 1, img_size: 32, patch_size: 8, embed_dim: 32, num_heads: 2}"

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from conftest import VITQ, make_workspace, run_env, tiny_params
-from tasks._io import PARTIAL_MARK, remove_partial_outputs
+from vitq.tasks._io import PARTIAL_MARK, remove_partial_outputs
 from vitq import interrupt
 
 
@@ -109,7 +109,7 @@ def test_no_write_starts_after_the_interrupt_closes_writes(tmp_path, monkeypatch
     slow test above once lost: an error report's figure started after the interrupt's last sweep)."""
     import threading
 
-    from tasks import _io
+    from vitq.tasks import _io
 
     monkeypatch.setattr(_io, "_closed", threading.Event())
     swept = tmp_path / "reports" / "validation" / f".v{PARTIAL_MARK}abc"  # a folder the sweep removed

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from conftest import make_workspace, tiny_params, vitq
-from tasks.data import load_split, model_inputs
-from tasks.model import load_model, predict, read_state_dict, resolve_model
-from tasks.export import load_export_result
-from tasks.layout import Workspace
+from vitq.tasks.data import load_split, model_inputs
+from vitq.tasks.checkpoints import read_state_dict
+from vitq.tasks.model import load_model, predict, resolve_model
+from vitq.tasks.export import load_export_result
+from vitq.tasks.layout import Workspace
 from vitq.config import ModelConfig
 from vitq.errors import ModelError
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import tiny_params, workspace_copy
 from vitq import cli
-from vitq.config import parse_params
+from vitq.params import parse_params
 from vitq.experiments import peers
 
 FIELDS = ("case", "variant", "top1", "top1_drop", "sqnr_db", "int8_mac_fraction", "quantize_seconds", "passed")

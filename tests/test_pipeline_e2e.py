@@ -119,9 +119,9 @@ def test_rerun_with_nothing_changed_runs_nothing(ran):
         cwd=ws, env=run_env(ws), capture_output=True, text=True, timeout=300)
     assert light.stdout.strip().splitlines()[-1] == "0 []", light.stdout[-2000:] + light.stderr[-2000:]
     # The flow itself (a scheduled deployment run that finds every stage up to date) records nothing either.
-    from flows import tracking
-    from tasks.layout import Workspace
-    from vitq.config import load_params
+    from vitq.flows import tracking
+    from vitq.tasks.layout import Workspace
+    from vitq.params import load_params
 
     summary = json.loads((ws / "reports" / "summary.json").read_text())
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{ws / 'mlflow.db'}"

@@ -9,7 +9,7 @@ import numpy as np
 
 
 def test_progress_lines_count_up_with_eta_and_end_with_the_total(caplog):
-    from tasks._progress import Progress
+    from vitq.tasks._progress import Progress
 
     log = logging.getLogger("vitq.test.progress")
     with caplog.at_level(logging.INFO, logger="vitq.test.progress"):
@@ -31,8 +31,8 @@ def test_entropy_search_with_progress_equals_onnxruntime_collector():
     import torch
     from onnxruntime.quantization.calibrate import HistogramCollector
 
-    from tasks._histograms import CalibrationHistograms
-    from tasks.calibrate import _entropy_ranges
+    from vitq.tasks._histograms import CalibrationHistograms
+    from vitq.tasks.calibrate import _entropy_ranges
 
     rng = np.random.default_rng(0)
     batch = {f"t{i}": rng.standard_normal((8, 64)).astype(np.float32) * (i + 1) for i in range(20)}

@@ -6,9 +6,9 @@ import pytest
 from onnx import numpy_helper
 
 from conftest import tiny_params, workspace_copy
-from tasks import stages
-from tasks.calibrate import table_path
-from vitq.config import parse_params
+from vitq.tasks import stages
+from vitq.tasks.calibrate import table_path
+from vitq.params import parse_params
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,8 @@ def test_variants_stay_close_to_fp32(ws):
 
 
 def test_attention_matmuls_are_quantized_by_the_static_presets_and_float_when_a_recipe_says(staged_workspace, tmp_path_factory):
-    from tasks.backends.onnx import activation_matmuls
-    from tasks.conformance import check_qdq
+    from vitq.tasks.targets.onnx.backend import activation_matmuls
+    from vitq.tasks.conformance import check_qdq
 
     ws = workspace_copy(staged_workspace, tmp_path_factory, "attention")  # recalibrates
     prep = onnx.load(str(ws.export_dir / "model.prep.onnx"))
@@ -103,7 +103,7 @@ def test_attention_matmuls_are_quantized_by_the_static_presets_and_float_when_a_
 def test_attention_probabilities_keep_their_observed_range_in_every_table(ws):
     """Softmax outputs (attention probabilities) get the minmax range in the percentile and entropy tables too:
     clipping the few large probabilities cuts the attention itself."""
-    from tasks.calibrate import attention_probabilities
+    from vitq.tasks.calibrate import attention_probabilities
 
     tables = {m: json.loads(table_path(ws.calibration_dir, m).read_text())["data"] for m in ("minmax", "percentile", "entropy")}
     probs = attention_probabilities(ws.export_dir / "model.prep.onnx", tables["minmax"])
@@ -121,7 +121,7 @@ def test_error_report_ranks_every_quantized_tensor(ws):
     stages.run_reference(ws, p)
     stages.quantize_one(ws, "onnx-w8a8-percentile")
     stages.validate_one(ws, p, "onnx-w8a8-percentile")
-    csv_path, png_path = stages.error_report_paths(ws, "onnx-w8a8-percentile")
+    csv_path, png_path = ws.error_report_for("onnx-w8a8-percentile")
     rows = list(csv.DictReader(csv_path.open()))
     assert png_path.stat().st_size > 1000
     kinds = {r["kind"] for r in rows}
@@ -135,7 +135,7 @@ def test_ort_serving_form_fuses_bias_and_keeps_outputs(ws):
     """A static variant with float attention (a recipe's quantize_attention: false): every linear on
     MatMulIntegerToFloat with its bias, the patch embedding too, attention as one MultiHeadAttention; the same
     outputs as the Q/DQ graph (the patch embedding's tokens differ only in float rounding)."""
-    from tasks.backends.onnx import run_batched, session
+    from vitq.tasks.targets.onnx.backend import run_batched, session
 
     p = parse_params(tiny_params(quantize={"define": {"pct-float-attn": {"preset": "onnx-w8a8-percentile", "quantize_attention": False}}}))
     art = stages.quantize_one(ws, "pct-float-attn", p)
@@ -147,8 +147,8 @@ def test_ort_serving_form_fuses_bias_and_keeps_outputs(ws):
     ops = [n.op_type for n in served.graph.node]
     assert ops.count("MultiHeadAttention") == 1 and "Softmax" not in ops and "Conv" not in ops, ops
     assert ops.count("Transpose") == 1, ops  # the int8 patches' only
-    from tasks.data import load_split, model_inputs
-    from tasks.model import load_model_spec
+    from vitq.tasks.data import load_split, model_inputs
+    from vitq.tasks.model import load_model_spec
 
     spec = load_model_spec(ws.model_dir)
     x = model_inputs(load_split(ws.data_dir, "validation").images[:32], spec.mean, spec.std)
@@ -158,7 +158,7 @@ def test_ort_serving_form_fuses_bias_and_keeps_outputs(ws):
 
 
 def test_patch_embedding_rewrite_is_the_same_gemm_and_its_guard_catches_a_wrong_patch_order(ws):
-    from tasks.backends.onnx import assert_same_at, int8_patch_embedding, ort_serving_form
+    from vitq.tasks.targets.onnx.backend import assert_same_at, int8_patch_embedding, ort_serving_form
 
     art = stages.quantize_one(ws, "onnx-w8a8-percentile")
     serving, _ = ort_serving_form(onnx.load(str(ws.variants_dir / art.name / "model.onnx")))
@@ -176,7 +176,7 @@ def test_patch_embedding_rewrite_is_the_same_gemm_and_its_guard_catches_a_wrong_
 def test_attention_fusion_serves_dynamic_too_and_its_guard_catches_miswiring(ws):
     """The dynamic variant is served with the same attention kernel as the static one (a fair static-vs-dynamic
     latency), and the guard fails a fused graph whose q and k are swapped."""
-    from tasks.backends.onnx import assert_same_at, fuse_attention
+    from vitq.tasks.targets.onnx.backend import assert_same_at, fuse_attention
 
     art = stages.quantize_one(ws, "onnx-w8-dynamic")
     folder = ws.variants_dir / art.name
@@ -199,9 +199,9 @@ def test_quantized_attention_is_served_on_int8_kernels_with_the_qdq_graphs_numer
     computes them on int8 kernels (no float attention MatMul, no MultiHeadAttention, q/k/v each from its own int8
     projection, probs @ v writing the output projection's u8 input), with the Q/DQ graph's integers: the same
     predictions and logits within a rounding step's effect. Its guard fails a graph whose q reads v's weights."""
-    from tasks.backends.onnx import assert_same_at, fuse_attention, ort_serving_form, run_batched, session
-    from tasks.data import load_split, model_inputs
-    from tasks.model import load_model_spec
+    from vitq.tasks.targets.onnx.backend import assert_same_at, fuse_attention, ort_serving_form, run_batched, session
+    from vitq.tasks.data import load_split, model_inputs
+    from vitq.tasks.model import load_model_spec
 
     ws = workspace_copy(staged_workspace, tmp_path_factory, "int8-attention")
     art = stages.quantize_one(ws, "onnx-w8a8-percentile")  # the default static recipe quantizes attention
@@ -235,7 +235,7 @@ def test_int8_attention_from_a_float_projection_splits_scales_and_quantizes_as_t
     """The Q/DQ graph itself (its qkv from a float MatMul + Add, its attention output quantized to s8): the int8
     path splits qkv, scales and quantizes q, k, v as the graph does, and computes probs @ v as a float output
     (MatMulIntegerToFloat) for the graph's own Transpose/Reshape; the output matches the Q/DQ graph's."""
-    from tasks.backends.onnx import assert_same_at, fuse_attention
+    from vitq.tasks.targets.onnx.backend import assert_same_at, fuse_attention
 
     art = stages.quantize_one(ws, "onnx-w8a8-percentile")
     qdq = onnx.load(str(ws.variants_dir / art.name / "model.onnx"))

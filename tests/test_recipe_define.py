@@ -10,10 +10,11 @@ import onnx
 import pytest
 
 from conftest import REPO, tiny_params, vitq, workspace_copy
-from tasks import quantize, stages
-from tasks.calibrate import table_path
+from vitq.tasks import stages
+from vitq.tasks.variant import load_variant
+from vitq.tasks.calibrate import table_path
 from vitq import recipes
-from vitq.config import parse_params
+from vitq.params import parse_params
 from vitq.errors import ConfigError
 
 # The tiny model (1 block): the glob names both Linear layers of its attention, not the MLP.
@@ -99,11 +100,11 @@ def test_calibration_writes_the_override_table_from_the_same_histograms(defined_
 
 
 def test_defined_recipe_keeps_exactly_its_glob_layers_float_and_reads_its_own_table(defined_ws):
-    from tasks.recovery import layers as layer_map
+    from vitq.tasks.recovery import layers as layer_map
 
     ws, art = defined_ws
     assert art.calibration_table == "percentile-99.99.json" and art.float_layers == ATTN_LINEARS
-    saved = quantize.load_variant(ws.variants_dir, "pct-attn-float")  # variant.json
+    saved = load_variant(ws.variants_dir, "pct-attn-float")  # variant.json
     assert saved.float_layers == ATTN_LINEARS and saved.calibration_table == "percentile-99.99.json"
     assert saved.recipe["percentile"] == 99.99 and saved.recipe["float_layers"] == ["blocks.0.attn.*"]
     model = onnx.load(str(ws.variants_dir / "pct-attn-float" / "model.onnx"))
@@ -136,8 +137,8 @@ def test_a_glob_matching_nothing_names_the_pattern_and_writes_no_variant(defined
 
 
 def test_plan_record_follows_the_defined_variants_override_and_no_other(tmp_path):
-    from tasks.layout import Workspace
-    from tasks.stages import plan_record
+    from vitq.tasks.layout import Workspace
+    from vitq.tasks.stages import plan_record
 
     ws = Workspace(tmp_path)
     ws.calibration_dir.mkdir(parents=True)
@@ -176,7 +177,7 @@ def test_coreml_recipe_keeps_its_glob_layers_in_fp16(defined_ws):
                              ["coreml-attn-float"]))
     art = stages.quantize_one(ws, "coreml-attn-float", p)
     assert sorted(art.float_layers) == sorted(ATTN_LINEARS)  # Core ML records them sorted
-    assert quantize.load_variant(ws.variants_dir, "coreml-attn-float").float_layers == art.float_layers
+    assert load_variant(ws.variants_dir, "coreml-attn-float").float_layers == art.float_layers
     with open(ws.variants_dir / "coreml-attn-float" / "coverage.csv") as f:
         rows = {r["layer"]: r for r in csv.DictReader(f)}
     for name, row in rows.items():
@@ -218,7 +219,7 @@ def test_the_static_presets_quantize_attention_so_calibration_measures_its_input
     """The plain static presets quantize attention's activation MatMuls, so the calibrate stage measures their
     inputs (about half a ViT's calibrated values); their variants get Q/DQ on both inputs of each attention
     MatMul, and a defined recipe with quantize_attention: false leaves them float."""
-    from tasks.backends.onnx import activation_matmuls
+    from vitq.tasks.targets.onnx.backend import activation_matmuls
 
     assert parse_params(tiny_params()).quantize.calibrates_attention
     assert json.loads((staged_workspace / "artifacts" / "calibration" / "calibration.json").read_text())["attention"] is True

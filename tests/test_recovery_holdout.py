@@ -4,7 +4,7 @@ searches judge on it, and validate reports on the rest; the two never overlap.""
 import numpy as np
 import pytest
 
-from tasks.data import HOLDOUT_MAX_FRACTION, load_split, prepare_data, split_index
+from vitq.tasks.data import HOLDOUT_MAX_FRACTION, load_split, prepare_data, split_index
 from vitq.config import DataConfig
 
 
@@ -46,16 +46,16 @@ def test_holdout_is_at_most_a_third_of_the_validation_images(tmp_path):
 
 @pytest.fixture(scope="module")
 def staged(staged_workspace):
-    from tasks.layout import Workspace
+    from vitq.tasks.layout import Workspace
 
     return Workspace(staged_workspace)
 
 
 def test_searches_judge_on_the_holdout_and_validate_reports_on_the_rest(staged):
     from conftest import tiny_params
-    from tasks.recovery.variants import Inputs, _judged, judging_split
-    from tasks.validate import validation_judge
-    from vitq.config import parse_params
+    from vitq.tasks.recovery.variants import Inputs, _judged, judging_split
+    from vitq.tasks.validate import validation_judge
+    from vitq.params import parse_params
 
     p = parse_params(tiny_params())
     inputs = Inputs(staged.model_dir, staged.data_dir, staged.export_dir, staged.calibration_dir, p)

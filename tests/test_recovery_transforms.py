@@ -7,10 +7,10 @@ import pytest
 import timm
 import torch
 
-from tasks import zoo  # noqa: F401  (registers vit_digits_patch4_32)
-from tasks.recovery.mixed_precision import Budget, search_float_layers
-from tasks.recovery.simulate import QuantSim, input_amax, quantizable_modules
-from tasks.validate import OutputMetrics
+from vitq.tasks import zoo  # noqa: F401  (registers vit_digits_patch4_32)
+from vitq.tasks.recovery.mixed_precision import Budget, search_float_layers
+from vitq.tasks.recovery.simulate import QuantSim, input_amax, quantizable_modules
+from vitq.tasks.task_kinds import OutputMetrics
 
 
 def _vit(seed=0):
@@ -38,7 +38,7 @@ def _perturb_norms(model):
 
 
 def test_smoothquant_preserves_fp32_outputs():
-    from tasks.recovery.smoothquant import search_alpha, smoothing_pairs, smooth
+    from vitq.tasks.recovery.smoothquant import search_alpha, smoothing_pairs, smooth
 
     model, x = _vit(), _x()
     _perturb_norms(model)
@@ -60,7 +60,7 @@ def test_smoothquant_preserves_fp32_outputs():
 def test_smoothquant_alpha_search_derives_the_smoothed_ranges_exactly():
     """search_alpha scores each alpha without a calibration pass over the smoothed model: the paired Linears'
     input ranges are max_j(max|X_j| / s_j) and every other layer's input is unchanged. Measured ranges agree."""
-    from tasks.recovery.smoothquant import smoothed_ranges, smoothing_pairs, smooth
+    from vitq.tasks.recovery.smoothquant import smoothed_ranges, smoothing_pairs, smooth
 
     model, x = _vit(), _x()
     _perturb_norms(model)
@@ -78,7 +78,7 @@ def test_smoothquant_alpha_search_derives_the_smoothed_ranges_exactly():
 
 
 def test_outlier_transform_preserves_fp32_and_creates_outliers():
-    from tasks.recovery.outliers import OutlierSpec, inject_outliers
+    from vitq.tasks.recovery.outliers import OutlierSpec, inject_outliers
 
     model, x = _vit(), _x()
     ref = _logits(model, x)
@@ -107,7 +107,7 @@ def test_quant_sim_is_removable_and_quantizes_when_asked():
 
 
 def test_sensitivity_ranking_is_deterministic():
-    from tasks.recovery.sensitivity import layer_sensitivity
+    from vitq.tasks.recovery.sensitivity import layer_sensitivity
 
     x = _x(64)
     labels = np.random.default_rng(0).integers(0, 10, 64)
@@ -125,7 +125,7 @@ def test_sensitivity_ranking_is_deterministic():
 
 
 def test_block_cache_gives_the_same_logits_as_a_full_forward():
-    from tasks.recovery.sensitivity import _Forward
+    from vitq.tasks.recovery.sensitivity import _Forward
 
     model, x = _vit(), _x(40)
     names = quantizable_modules(model)
@@ -171,7 +171,7 @@ def test_mixed_precision_prunes_biggest_layers_back_to_int8_first():
 
 
 def test_calibration_search_picks_per_tensor_by_output_error():
-    from tasks.recovery.calib_search import mse_threshold, search_calibration
+    from vitq.tasks.recovery.calib_search import mse_threshold, search_calibration
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8)).eval()
@@ -194,7 +194,7 @@ def test_calibration_search_picks_per_tensor_by_output_error():
 
 
 def test_dense_outputs_get_sqnr_psnr_and_mask_iou():
-    from tasks.validate import compare_outputs
+    from vitq.tasks.validate import compare_outputs
 
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((8, 4, 16, 16))  # power 1
@@ -218,7 +218,7 @@ STARTS = ["plain", "search", "smoothquant", "smoothquant+search"]
 
 
 def test_auto_composition_stops_at_the_cheap_fix_within_budget_without_float_layers():
-    from tasks.recovery.variants import compose
+    from vitq.tasks.recovery.variants import compose
 
     judged = []
     full_int8 = {"plain": _m(30.0, 2.0), "search": _m(2.0, 10.0), "smoothquant": _m(0.0, 34.0),
@@ -236,8 +236,8 @@ def test_auto_composition_stops_at_the_cheap_fix_within_budget_without_float_lay
 
 
 def test_auto_composition_falls_back_to_float_only_after_every_cheap_fix_from_the_best_one():
-    from tasks.recovery.mixed_precision import MixedPrecisionResult
-    from tasks.recovery.variants import compose
+    from vitq.tasks.recovery.mixed_precision import MixedPrecisionResult
+    from vitq.tasks.recovery.variants import compose
 
     calls = []
     full_int8 = {"plain": _m(30.0, 2.0), "search": _m(2.0, 12.0), "smoothquant": _m(1.0, 20.0),
@@ -257,7 +257,7 @@ def test_auto_composition_falls_back_to_float_only_after_every_cheap_fix_from_th
 
 
 def test_attention_sensitivity_rows_quantize_only_or_float_only_that_product():
-    from tasks.recovery.sensitivity import LayerSensitivity, attention_sensitivity, rank
+    from vitq.tasks.recovery.sensitivity import LayerSensitivity, attention_sensitivity, rank
 
     layers = ["blocks.0.attn.qkv", "blocks.0.attn#qk", "blocks.0.attn#av", "head"]
     seen = []

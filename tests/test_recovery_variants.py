@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import tiny_params, workspace_copy
-from tasks import stages
-from tasks.conformance import check_qdq
-from tasks.recovery import float_layers
-from tasks.recovery.layers import quantizable_layers
-from vitq.config import parse_params
+from vitq.tasks import stages
+from vitq.tasks.conformance import check_qdq
+from vitq.tasks.recovery import float_layers
+from vitq.tasks.recovery.layers import quantizable_layers
+from vitq.params import parse_params
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def _dq_fed(model: onnx.ModelProto) -> set[str]:
 
 
 def test_onnx_layers_carry_torch_module_names(ws):
-    from tasks.model import load_model
+    from vitq.tasks.model import load_model
 
     layers = quantizable_layers(ws.export_dir / "model.onnx", ws.export_dir / "model.prep.onnx")
     names = [layer.name for layer in layers]
@@ -124,7 +124,7 @@ def test_calibration_search_writes_one_table_chosen_per_tensor(ws):
 
 
 def test_qat_exports_conforming_qdq_and_torch_weights(ws):
-    from tasks.model import load_model
+    from vitq.tasks.model import load_model
 
     p = parse_params(tiny_params(recovery={"qat_epochs": 1, "smoothquant_alphas": [0.5]}))
     art = stages.quantize_one(ws, "onnx-w8a8-qat", p)

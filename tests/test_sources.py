@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from conftest import REPO, make_workspace, tiny_params, vitq
-from tasks.data import load_split, model_inputs, prepare_data
-from tasks.layout import Workspace
-from tasks.model import load_model, load_model_spec, predict, resolve_model
-from vitq.config import DataConfig, ModelConfig, parse_params
+from vitq.tasks.data import load_split, model_inputs, prepare_data
+from vitq.tasks.layout import Workspace
+from vitq.tasks.model import load_model, load_model_spec, predict, resolve_model
+from vitq.config import DataConfig, ModelConfig
+from vitq.params import parse_params
 from vitq.errors import ConfigError, ModelError, VitqError
 
 # A user's model file: a tiny conv net for the digits (1 x 32 x 32), and factories that go wrong.
@@ -85,7 +86,7 @@ def test_python_factory_with_a_checkpoint_rebuilds_in_another_process(staged_wor
     x = _x(ws.data_dir, spec)
     np.save(tmp_path / "x.npy", x)
     # Another process, another working directory: model.json alone says how to rebuild it.
-    code = ("import sys, numpy as np; from tasks.model import load_model, predict; "
+    code = ("import sys, numpy as np; from vitq.tasks.model import load_model, predict; "
             "m, _ = load_model(sys.argv[1]); np.save(sys.argv[2], predict(m, np.load(sys.argv[3])))")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "model"), str(tmp_path / "y.npy"), str(tmp_path / "x.npy")],
                    cwd="/", check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -118,7 +119,7 @@ def test_tiny_torchvision_vit_from_a_factory_goes_through_core_ml_w8a8_with_ever
     pytest.importorskip("coremltools")
     import csv
 
-    from tasks.coreml import quantize_variant
+    from vitq.tasks.targets.coreml.variants import quantize_variant
     from vitq.recipes import get_recipe
 
     data_dir = tmp_path / "data"
@@ -244,9 +245,10 @@ def test_onnx_file_goes_through_export_calibration_and_quantization(staged_works
     import onnx
     import onnxruntime as ort
 
-    from tasks.calibrate import calibrate
-    from tasks.export import export_onnx
-    from tasks.quantize import quantize_variant
+    from vitq.tasks.calibrate import calibrate
+    from vitq.tasks.export import export_onnx
+    from vitq.tasks.quantize import quantize_variant
+    from vitq.tasks.targets.onnx.target import ONNX
     from vitq.config import CalibrationConfig, ExportConfig
 
     ws = Workspace(staged_workspace)
@@ -268,7 +270,7 @@ def test_onnx_file_goes_through_export_calibration_and_quantization(staged_works
     calibrate(tmp_path / "export" / "model.prep.onnx", tmp_path / "model", ws.data_dir,
               CalibrationConfig(methods=("minmax",)), tmp_path / "calibration")
     art = quantize_variant("onnx-w8a8-minmax", tmp_path / "export" / "model.prep.onnx", tmp_path / "calibration",
-                           tmp_path / "variants")
+                           tmp_path / "variants", ONNX.serve_graph)
     assert art.int8_weight_fraction == 1.0 and art.op_counts.get("QuantizeLinear", 0) > 0, art
 
 

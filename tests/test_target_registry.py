@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from conftest import make_workspace, run_env, tiny_params, vitq, workspace_copy
 
-from tasks import stages, targets
-from tasks.targets import get_target
+from vitq.tasks import stages
+from vitq.tasks.targets import registry as targets
+from vitq.tasks.targets.registry import get_target
 from vitq import recipes
-from vitq.config import parse_params
+from vitq.params import parse_params
 from vitq.errors import ConfigError
 
 PLUGINS = Path(__file__).parent / "plugins"  # tests/plugins/vitq_identity.py: the toy target

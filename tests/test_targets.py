@@ -1,9 +1,11 @@
 import subprocess
 import sys
 
-from tasks import stages, targets
-from tasks.targets import Target
-from vitq.config import parse_params
+from vitq.tasks import stages
+from vitq.tasks.targets import registry as targets
+from vitq.tasks.targets.base import Target
+from vitq.tasks.targets.onnx.target import OnnxTarget
+from vitq.params import parse_params
 
 
 def test_variant_whose_runtime_is_absent_is_not_run_with_its_reason(monkeypatch):
@@ -30,7 +32,7 @@ def test_variant_tasks_carry_their_worker_tag():
 
 def test_stage_code_imports_without_prefect_or_mlflow():
     code = (
-        "import sys, tasks.stages, vitq.cli; "
+        "import sys, vitq.tasks.stages, vitq.cli; "
         "bad = [m for m in ('prefect', 'mlflow', 'coremltools', 'tensorrt') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -58,7 +60,7 @@ def test_failed_validation_leaves_the_previous_results_whole(staged_workspace, t
         (out_dir / f"{name}.json").write_text("{")  # cut short
         raise RuntimeError("validation died")
 
-    monkeypatch.setattr(targets.OnnxTarget, "validate", half_written)
+    monkeypatch.setattr(OnnxTarget, "validate", half_written)
     with pytest.raises(RuntimeError, match="validation died"):
         stages.validate_one(ws, p, "onnx-w8-dynamic")
     assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
@@ -66,7 +68,7 @@ def test_failed_validation_leaves_the_previous_results_whole(staged_workspace, t
 
 
 def test_api_and_experiments_name_no_target():
-    """What differs per target lives on the Target (tasks/targets.py): the Python API and the experiment
+    """What differs per target lives on the Target (tasks/targets/registry.py): the Python API and the experiment
     commands built on it dispatch on no target name or file suffix."""
     import re
     from pathlib import Path

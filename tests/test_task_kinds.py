@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import data, task_kinds, validate
-from tasks.task_kinds import Budget, Classification, Dense
-from vitq.config import DataConfig, TaskConfig, parse_params
+from vitq.tasks import data, task_kinds, validate
+from vitq.tasks.task_kinds import Budget, Classification, Dense
+from vitq.config import DataConfig, TaskConfig
+from vitq.params import parse_params
 from vitq.errors import ConfigError, DataError
 
 
@@ -180,7 +181,7 @@ def test_reference_records_the_task_and_variants_are_judged_by_it(tmp_path):
     )
     from dataclasses import asdict
 
-    from tasks._io import write_json
+    from vitq.tasks._io import write_json
 
     write_json(tmp_path / "ref" / "fp32.json", asdict(result))
     assert validate.load_task(tmp_path / "ref") == TaskConfig(kind="dense", masks="argmax")

@@ -16,10 +16,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tasks.backends import tensorrt as trt_backend
-from tasks.stages import plan_variants
-from tasks.targets import get_target
-from vitq.config import parse_params
+from vitq.tasks.targets.tensorrt import backend as trt_backend
+from vitq.tasks.stages import plan_variants
+from vitq.tasks.targets.registry import get_target
+from vitq.params import parse_params
 
 
 def _fake_trt(parse_ok=True, build_ok=True, weakly_typed=True):
@@ -167,7 +167,7 @@ def test_weakly_typed_build_pins_layernorm_to_fp32_and_reuses_the_timing_cache(m
 
 
 def test_tensorrt_11_builds_strongly_typed_from_an_fp16_graph_and_refuses_an_fp32_one(monkeypatch, tmp_path):
-    from tasks.backends import tensorrt_fp16
+    from vitq.tasks.targets.tensorrt import fp16 as tensorrt_fp16
 
     with pytest.raises(ValueError, match="m.onnx is an FP32 graph: TensorRT 10.13.0 builds it strongly typed, in FP32"):
         _build(monkeypatch, tmp_path, weakly_typed=False)  # the Q/DQ graph as exported: FP32 outside Q/DQ

@@ -17,10 +17,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import workspace_copy
-from tasks import data, model, quantize, stages
-from tasks.backends import tensorrt as trt_backend
-from tasks.backends import tensorrt_fp16
-from vitq.config import parse_params
+from vitq.tasks import data, model, stages
+from vitq.tasks.variant import variant_dir
+from vitq.tasks.targets.tensorrt import backend as trt_backend
+from vitq.tasks.targets.tensorrt import fp16 as tensorrt_fp16
+from vitq.params import parse_params
 
 FLOAT = {TensorProto.FLOAT, TensorProto.FLOAT16}
 KEPT_FP32 = {"LayerNormalization", "Softmax", "ReduceMean"}
@@ -33,7 +34,7 @@ def variant(staged_workspace, tmp_path_factory):
 
     ws = workspace_copy(staged_workspace, tmp_path_factory, "trt_fp16")
     stages.quantize_one(ws, "onnx-w8a8-percentile", parse_params(tiny_params()))
-    folder = quantize.variant_dir(ws.variants_dir, "onnx-w8a8-percentile")
+    folder = variant_dir(ws.variants_dir, "onnx-w8a8-percentile")
     record = trt_backend.write_variant_fp16_graph(folder)
     return ws, folder, record
 

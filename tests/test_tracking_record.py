@@ -23,9 +23,9 @@ def recorded(staged_workspace, tmp_path_factory):
     second record remakes nothing: every variant kept)."""
     import mlflow
 
-    from flows import tracking
-    from tasks import stages
-    from vitq.config import parse_params
+    from vitq.flows import tracking
+    from vitq.tasks import stages
+    from vitq.params import parse_params
 
     ws = workspace_copy(staged_workspace, tmp_path_factory, "tracking")
     p = parse_params(tiny_params(quantize={"recipes": RECIPES, "carry": {}}))
@@ -113,7 +113,7 @@ def _check_logged_models(client, summary, children):
 
 
 def test_registered_versions_come_from_the_logged_models(recorded):
-    from flows.registry import best_per_target
+    from vitq.flows.registry import best_per_target
 
     _, summary, client, first, _, _ = recorded
     exp = client.get_experiment_by_name(summary["model"])
@@ -128,7 +128,7 @@ def test_registered_versions_come_from_the_logged_models(recorded):
 
 
 def test_compare_shows_the_variants_a_later_run_kept(recorded):
-    from flows.compare import compare_rows
+    from vitq.flows.compare import compare_rows
 
     ws, summary, client, first, second, _ = recorded
     exp = client.get_experiment_by_name(summary["model"])

@@ -222,7 +222,7 @@ def test_each_child_run_shows_its_metrics_datasets_and_model(store, browser):
 def test_registered_model_shows_the_aliases_and_links_each_version_to_its_model(store, browser):
     from selenium.webdriver.common.by import By
 
-    from flows.registry import best_per_target
+    from vitq.flows.registry import best_per_target
 
     ws, summary, base = store
     driver, _ = browser

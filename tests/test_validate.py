@@ -1,6 +1,6 @@
 import numpy as np
 
-from tasks.validate import compare_outputs
+from vitq.tasks.validate import compare_outputs
 
 
 def test_identical_outputs_are_perfect():

@@ -6,7 +6,7 @@
     variant.save("vit-int8")            # variant.json, model.onnx, the served form
 
 What differs per target (how a variant is produced, run, stood in for, timed) is the target's own
-(`tasks/targets.py`: `produce`, `predict`, `outputs`, `time_against_baseline`); this module names no target.
+(`tasks/targets/registry.py`: `produce`, `predict`, `outputs`, `time_against_baseline`); this module names no target.
 The stages adapt workspace paths to the same pieces (export, calibrate, quantize, the Core ML conversion,
 validate.compare_outputs, benchmark's timing).
 """
@@ -25,17 +25,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tasks._io import file_digest
+from vitq.tasks._io import file_digest
 from vitq.errors import ConfigError, DataError, ModelError, VitqError
 from vitq.recipes import RECIPES, Recipe, get_recipe
 
 if TYPE_CHECKING:
     import torch
 
-    from tasks.benchmark import BenchmarkResult
-    from tasks.quantize import VariantArtifact
-    from tasks.targets import Reference
-    from tasks.validate import ValidationResult
+    from vitq.tasks.benchmark import BenchmarkResult
+    from vitq.tasks.targets.base import Reference
+    from vitq.tasks.variant import VariantArtifact
+    from vitq.tasks.validate import ValidationResult
     from vitq.config import ValidateConfig
 
 log = logging.getLogger("vitq.api")
@@ -45,7 +45,7 @@ def supported_recipes() -> list[str]:
     """Recipe names `quantize` accepts: post-training recipes of the targets that produce from a model object
     (`Target.python_api`: ONNX Runtime, Core ML). TensorRT builds its engine on a CUDA worker from the
     workspace's graphs (`vitq run`); recovery recipes read labelled splits and params.yaml."""
-    from tasks.targets import TARGETS
+    from vitq.tasks.targets.registry import TARGETS
 
     return sorted(n for n, r in RECIPES.items()
                   if r.target in TARGETS and TARGETS[r.target].python_api and not r.recovery and not r.reuses)
@@ -73,7 +73,8 @@ def quantize(
     """
     import torch
 
-    from tasks.targets import Reference, get_target
+    from vitq.tasks.targets.base import Reference
+    from vitq.tasks.targets.registry import get_target
 
     r = _api_recipe(recipe)
     target = get_target(r.target)
@@ -133,7 +134,7 @@ class Variant:
 
     @property
     def _target(self):
-        from tasks.targets import get_target
+        from vitq.tasks.targets.registry import get_target
 
         return get_target(self.recipe.target)
 
@@ -160,8 +161,8 @@ class Variant:
         top-1 and its drop (with `labels`), agreement, cosine, SQNR, as the validate stage computes them;
         `passed` against `budget` (default: params.yaml's validate defaults). Off macOS a Core ML variant is
         judged by the torch program it was converted from, and the result says so (`runtime`, `not_measured`)."""
-        from tasks import validate
-        from tasks.backends import onnx as onnx_backend
+        from vitq.tasks import validate
+        from vitq.tasks.targets.onnx import backend as onnx_backend
         from vitq.config import ValidateConfig
 
         budget = budget or ValidateConfig()
@@ -214,7 +215,7 @@ class Variant:
     def save(self, folder: str | Path) -> Path:
         """Copy the variant folder (variant.json, model.onnx, the served form, its reports) to `folder`,
         which must not exist or be empty. Returns the folder."""
-        from tasks._io import atomic_dir
+        from vitq.tasks._io import atomic_dir
 
         folder = Path(folder)
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
@@ -238,7 +239,7 @@ def _api_recipe(name) -> Recipe:
 
 
 def _worker(target: str) -> str:
-    from tasks.targets import get_target
+    from vitq.tasks.targets.registry import get_target
 
     return get_target(target).worker
 

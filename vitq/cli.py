@@ -161,9 +161,9 @@ def _prefect_api() -> str:
 
 
 def _orchestrate(args) -> int:
-    from flows.routing import parse_pool_overrides
-    from tasks.stages import preflight
-    from vitq.config import load_params
+    from vitq.flows.routing import parse_pool_overrides
+    from vitq.tasks.stages import preflight
+    from vitq.params import load_params
 
     ws = _workspace(args.workdir)
     preflight(ws, load_params(ws.params_file))  # fail fast, before any server is asked
@@ -174,7 +174,7 @@ def _orchestrate(args) -> int:
     parameters = dict(workspace=str(ws.root), force=args.force, requantize=args.requantize, dvc_remote=args.dvc_remote,
                       pools=pools or None, start_timeout_s=args.start_timeout)
     if args.submit:
-        from flows.routing import pool_map, run_step
+        from vitq.flows.routing import pool_map, run_step
 
         pool = pool_map(pools)["prepare"]
         step = run_step(f"vitq-orchestrate/{pool}", pool, parameters, run_name="orchestrate",
@@ -182,10 +182,10 @@ def _orchestrate(args) -> int:
         print(f"orchestrated run {step.flow_run_id} completed on pool {step.pool} (worker {step.worker})")
         summary = json.loads(ws.summary_file.read_text())
     else:
-        from flows.distributed import orchestrate_flow
+        from vitq.flows.distributed import orchestrate_flow
 
         summary = orchestrate_flow(**parameters)
-    from tasks.report import summary_table
+    from vitq.tasks.report import summary_table
 
     print(summary_table(summary))
     print(f"summary: {ws.summary_file}  report: {ws.report_file}")
@@ -193,8 +193,8 @@ def _orchestrate(args) -> int:
 
 
 def _deploy(args) -> int:
-    from flows.deployments import deploy
-    from flows.routing import parse_pool_overrides
+    from vitq.flows.deployments import deploy
+    from vitq.flows.routing import parse_pool_overrides
 
     pools = parse_pool_overrides(args.pool)
     workspaces = [str(_workspace(w).root) for w in args.workspace]
@@ -246,8 +246,8 @@ def _init(args) -> int:
 
 
 def _compare(args) -> int:
-    from tasks.layout import Workspace
-    from vitq.config import load_params
+    from vitq.tasks.layout import Workspace
+    from vitq.params import load_params
 
     ws: Workspace = _workspace(args.workdir)
     experiment = args.experiment
@@ -258,7 +258,7 @@ def _compare(args) -> int:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ws.root / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise VitqError(f"no MLflow records at {uri}: run `vitq run` first, or set MLFLOW_TRACKING_URI")
-    from flows.compare import compare_table
+    from vitq.flows.compare import compare_table
 
     print(compare_table(uri, experiment, args.runs))
     return 0
@@ -327,7 +327,7 @@ def _coreml_coverage(args) -> int:
 
 
 def _recovery_accuracy(args) -> int:
-    from vitq.config import load_params
+    from vitq.params import load_params
     from vitq.experiments.recovery_accuracy import recovery_table, run_recovery
 
     ws = _workspace(args.workdir)
@@ -354,7 +354,7 @@ def _recovery_scale(args) -> int:
 
 
 def _peers(args) -> int:
-    from vitq.config import load_params
+    from vitq.params import load_params
     from vitq.experiments import peers
 
     chosen = peers.check_peers([n.strip() for n in args.peers.split(",") if n.strip()])  # before any work
@@ -369,7 +369,7 @@ def _peers(args) -> int:
 
 
 def _workspace(workdir: str):
-    from tasks.layout import Workspace
+    from vitq.tasks.layout import Workspace
 
     root = Path(workdir).resolve()
     if not root.is_dir():
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "run_experiment", None):  # latency, coreml-coverage, recovery-accuracy, peers, or old names
             return args.run_experiment(args)
         if args.command == "orchestrate":
-            from flows.routing import StepFailed
+            from vitq.flows.routing import StepFailed
 
             try:
                 return _orchestrate(args)
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             load_plugins()
             params_file = Path(args.workdir) / "params.yaml"
             if params_file.is_file():  # registers the recipes its quantize.define adds
-                from vitq.config import load_params
+                from vitq.params import load_params
 
                 load_params(params_file)
             for r in RECIPES.values():
@@ -413,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stage":
             if args.name not in STAGE_NAMES:
                 raise VitqError(f"unknown stage {args.name!r}; allowed: {', '.join(STAGE_NAMES)}")
-            from tasks.stages import STAGES
-            from vitq.config import load_params
+            from vitq.tasks.stages import STAGES
+            from vitq.params import load_params
 
             if (args.name in VARIANT_STAGES) != (args.recipe is not None):
                 raise VitqError(f"`vitq stage {args.name}` " + ("names one recipe, e.g. `vitq stage quantize "
@@ -430,27 +430,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             ws = _workspace(args.workdir)
             _take_signals(ws)
-            from vitq.config import load_params
+            from vitq.params import load_params
 
             params = load_params(ws.params_file)  # fail fast, before any server starts
             if not args.force:
-                from flows.dvc_state import up_to_date_summary
+                from vitq.flows.dvc_state import up_to_date_summary
 
                 summary = up_to_date_summary(ws)  # everything fresh: no server, no stage, no record
                 if summary is not None:
-                    from tasks.report import summary_table
+                    from vitq.tasks.report import summary_table
 
                     print(summary_table(summary))
                     print(f"up to date (dvc.lock): nothing ran, nothing new recorded; summary: {ws.summary_file}")
                     return 0
-            from tasks.stages import preflight
+            from vitq.tasks.stages import preflight
 
             preflight(ws, params)
             os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-            from flows.pipeline import run_pipeline
+            from vitq.flows.pipeline import run_pipeline
 
             summary = run_pipeline(ws.root, params, force=args.force)
-            from tasks.report import summary_table
+            from vitq.tasks.report import summary_table
 
             print(summary_table(summary))
             print(f"summary: {ws.summary_file}  report: {ws.report_file}")
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 def _take_signals(ws) -> None:
     """`run` and `stage`: Ctrl-C / SIGTERM end the command within seconds, naming the stage
     (`vitq.interrupt`); first remove what a killed run may have left half-written."""
-    from tasks._io import remove_partial_outputs
+    from vitq.tasks._io import remove_partial_outputs
 
     interrupt.install(ws.root)
     for path in remove_partial_outputs(ws.root):

@@ -1,21 +1,17 @@
-"""params.yaml, parsed once and strictly into typed, frozen config objects.
-
-Unknown keys and wrong types are errors naming the key (`ConfigError`); stage functions receive
-these objects and never read YAML or the environment themselves.
+"""The schema of params.yaml: typed, frozen config objects, strict (unknown keys and wrong types are errors naming
+the key). A leaf: it imports no stage, source or target; `vitq.params` reads the file and checks what only the
+registries know. Stage functions receive these objects and never read YAML or the environment themselves.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from vitq.errors import ConfigError
-from vitq.recipes import CALIBRATION_METHODS, RecipeConfig, derive_recipe, get_recipe, presets, register_defined
+from vitq.recipes import CALIBRATION_METHODS, RecipeConfig, derive_recipe, get_recipe, presets
 
 
 class _Strict(BaseModel):
@@ -59,10 +55,12 @@ class ModelConfig(_Strict):
     # python: `factory` ('path/to/file.py:function', relative to the workspace, or 'package.module:function')
     #   called with `arch` as keyword arguments, + optional `checkpoint`;
     # onnx: the FP32 ONNX file `path` (ONNX Runtime and TensorRT recipes only: there is no torch model).
-    # A key a source does not read is refused where written (tasks.sources.ModelSource.check_config).
+    # A key a source does not read is refused where written (vitq.tasks.sources.ModelSource.check_config, when
+    # vitq.params reads params.yaml); this schema knows no source: the sources register themselves there.
     source: str = "train"  # train | timm | torchvision | python | onnx
     # timm / torchvision: the registry name; python / onnx: the model's name in reports (default: the
     # function's name / the file's stem). Default for train and timm: vitq's digits ViT (registered with timm).
+    # Filled in by vitq.params from the source where params.yaml leaves it out.
     name: str | None = None
     pretrained: bool = False  # timm: hub weights (needs a network; offline, give checkpoint)
     checkpoint: str | None = None  # local state dict (torch.save, weights_only) or *.safetensors, loaded strictly
@@ -75,25 +73,6 @@ class ModelConfig(_Strict):
     std: tuple[float, ...] | None = None
     arch: dict[str, Any] = Field(default_factory=dict)  # builder / factory kwargs, e.g. depth: 2
     train: TrainConfig = TrainConfig()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_name(cls, data):
-        if isinstance(data, dict) and data.get("name") is None:
-            from tasks.sources import default_name
-
-            name = default_name(data.get("source", "train"), data)
-            data = {**data, "name": name} if name else {k: v for k, v in data.items() if k != "name"}
-        return data
-
-    @field_validator("source")
-    @classmethod
-    def _known_source(cls, v):
-        from tasks.sources import source_names
-
-        if v not in source_names():
-            raise ValueError(f"unknown model source {v!r}; allowed: {', '.join(source_names())}")
-        return v
 
     @field_validator("mean", "std", mode="before")
     @classmethod
@@ -115,9 +94,7 @@ class ModelConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _keys_of_source(self) -> ModelConfig:
-        from tasks.sources import get_source
-
+    def _per_channel_pairs(self) -> ModelConfig:
         if (self.mean is None) != (self.std is None):
             raise ValueError("model.mean and model.std go together: set both or neither")
         if self.mean is not None:
@@ -125,7 +102,6 @@ class ModelConfig(_Strict):
                 raise ValueError(f"model.mean has {len(self.mean)} values but model.std {len(self.std)}: one per channel")
             if min(self.std) <= 0:
                 raise ValueError(f"model.std {list(self.std)} must be > 0 for every channel")
-        get_source(self.source).check_config(self)
         return self
 
 
@@ -321,7 +297,7 @@ class BenchmarkConfig(_Strict):
     batch_size: int = Field(1, ge=1)
     warmup: int = Field(10, ge=0)  # untimed runs per model
     repeats: int = Field(200, ge=1)  # timed runs per model, interleaved across models in rounds
-    rounds: int = Field(20, ge=1)  # speedups: the median of per-round ratios (tasks.benchmark.paired_ratio)
+    rounds: int = Field(20, ge=1)  # speedups: the median of per-round ratios (vitq.tasks.benchmark.paired_ratio)
     # Core ML (macOS workers): the compute units MLModel may use; recorded with every timing
     coreml_compute_units: Literal["ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY"] = "ALL"
 
@@ -367,16 +343,9 @@ class Params(_Strict):
 
     @model_validator(mode="after")
     def _model_fits(self) -> Params:
-        from tasks.sources import get_source
-
         if self.model.mean is not None and len(self.model.mean) != self.data.channels:
             raise ValueError(f"model.mean has {len(self.model.mean)} values but data.channels is {self.data.channels}: "
                              "one per channel")
-        source = get_source(self.model.source)
-        for name in self.quantize.variants:
-            why = source.refuses(self.quantize.recipe(name))
-            if why:
-                raise ValueError(f"{why}; remove it from quantize.{'carry' if name in self.quantize.carry else 'recipes'}")
         return self
 
     @property
@@ -393,34 +362,6 @@ def _format_error(err: ValidationError, source: str) -> str:
     got = e.get("input")
     shown = "" if isinstance(got, dict) or e["type"].startswith("value_error") else f" (got {got!r})"
     return f"{source}: {msg}{shown}" if not e["loc"] else f"{source}: {loc}: {msg}{shown}"
-
-
-def parse_params(raw: dict, source: str = "params.yaml") -> Params:
-    from vitq.plugins import load_plugins
-
-    load_plugins()  # targets and recipes from outside vitq, before recipe names are checked
-    try:
-        params = Params.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
-    # Like plugins: the recipes params.yaml defines join the registry in every process that parses it (the
-    # flow, `vitq stage quantize <name>` under `dvc repro`, the benchmark subprocess), so get_recipe(name) works.
-    register_defined(params.quantize.defined_recipes())
-    return params
-
-
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; every problem becomes a one-line `ConfigError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"params file {str(path)!r} does not exist; run from a vitq workspace or pass --params")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
-    return parse_params(raw, str(path))
 
 
 def params_hash(params: Params) -> str:

@@ -166,15 +166,16 @@ def _add_deps(dvc_text: str, stage: str, deps: list[str]) -> str:
 
 
 def _data_classes(data_root: Path) -> list[str]:
-    from tasks.data import _list_images
+    from vitq.tasks.data import _list_images
 
     return _list_images(data_root / "val")[1]
 
 
 def plan(opts: InitOptions) -> Plan:
     """Check everything and render the files; writes nothing."""
-    from tasks import data as data_mod
-    from vitq.config import DataConfig, parse_params
+    from vitq.tasks import data as data_mod
+    from vitq.config import DataConfig
+    from vitq.params import parse_params
 
     root = opts.directory
     source, model_keys = parse_model(opts.model)
@@ -282,8 +283,8 @@ def _load_contract(text: str, root: Path, source: str, opts: InitOptions) -> tup
     if source == "python" and not (opts.channels and opts.image_size):
         raise VitqError("--image-size and --channels are required with --model python:... (the input the model "
                         "takes, e.g. --image-size 224 --channels 3)")
-    from tasks.sources import Inputs, get_source
-    from vitq.config import parse_params
+    from vitq.tasks.sources import Inputs, get_source
+    from vitq.params import parse_params
     from vitq.errors import ModelError
 
     raw = yaml.safe_load(text)
@@ -305,7 +306,7 @@ def _load_contract(text: str, root: Path, source: str, opts: InitOptions) -> tup
 
 
 def _onnx_dims(path: str, root: Path) -> list[int | None]:
-    from tasks.sources import check_onnx_file, onnx_input_output, resolve_path, static_dims
+    from vitq.tasks.sources import check_onnx_file, onnx_input_output, resolve_path, static_dims
 
     model = check_onnx_file(resolve_path(path, root), f"--model onnx:{path}")
     return static_dims(onnx_input_output(model)[0])

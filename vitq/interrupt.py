@@ -118,7 +118,7 @@ def _handle(signum: int, frame) -> None:
     for cleanup in list(_cleanups.values()):
         _bounded(cleanup, seconds=4.0)
     if _workspace:
-        from tasks._io import close_writes, remove_partial_outputs
+        from vitq.tasks._io import close_writes, remove_partial_outputs
 
         # Worker threads keep running until the exit, but start no new atomic write after
         # close_writes; sweep twice for entries whose writer was between its check and its mkdtemp.

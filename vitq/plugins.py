@@ -1,7 +1,7 @@
-"""Plugins: modules that add targets and recipes from outside vitq (`tasks.targets.register_target`,
+"""Plugins: modules that add targets and recipes from outside vitq (`vitq.tasks.targets.registry.register_target`,
 `vitq.recipes.register_recipe`), with no file of vitq edited.
 
-Loaded once per process, before params.yaml is validated (`vitq.config.parse_params`), so every vitq
+Loaded once per process, before params.yaml is validated (`vitq.params.parse_params`), so every vitq
 process sees the same registry (the flow, `vitq stage` under `dvc repro`, the benchmark subprocess,
 workers):
 - installed packages that declare an entry point in the group `vitq.plugins` (the module is imported);

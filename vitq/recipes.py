@@ -25,7 +25,7 @@ class RecipeConfig:
     """What every recipe has, whatever its target. A target outside vitq (a plugin) may use it as is."""
 
     name: str
-    target: str  # where the artifact runs: a name in tasks.targets.TARGETS
+    target: str  # where the artifact runs: a name in vitq.tasks.targets.registry.TARGETS
     # dynamic: activations quantized at run time; static: calibrated int8 activations and weights;
     # weight-only: int8 weights, float activations; float: no int8 (a target's FP16 baseline)
     scheme: Literal["dynamic", "static", "weight-only", "float"]
@@ -149,7 +149,7 @@ class TensorRTStaticConfig(OnnxStaticConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class CoreMLConfig(RecipeConfig):
-    """A Core ML ML program converted from the torch model; int8 through PT2E (tasks/backends/coreml.py)."""
+    """A Core ML ML program converted from the torch model; int8 through PT2E (tasks/targets/coreml/backend.py)."""
 
     target: str = "coreml"
     scheme: Literal["float", "weight-only", "static"]
@@ -178,7 +178,7 @@ Recipe = RecipeConfig  # the type every recipe is (annotations)
 
 def _static_onnx(method: str) -> OnnxStaticConfig:
     # Attention's products too (as ONNX Runtime's quantize_static and Core ML W8A8 do): in ONNX Runtime they run
-    # on int8 kernels (tasks/backends/onnx.py: fuse_attention), where a static variant gains most over dynamic
+    # on int8 kernels (tasks/targets/onnx/backend.py: fuse_attention), where a static variant gains most over dynamic
     # quantization; the attention probabilities keep their observed range (tasks/calibrate.py). The recovery
     # presets keep them float (quantize_attention: false), and auto can return them to float.
     return OnnxStaticConfig(

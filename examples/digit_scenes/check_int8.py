@@ -4,7 +4,7 @@ Exports the trained model (torch.onnx.export, dynamo, dynamic batch; ONNX Runtim
 torch), quantizes it with `onnxruntime.quantization.quantize_static` (QDQ, MinMax calibration on
 ROOT/calibration, symmetric int8 weights per channel and activations per tensor) and compares the
 masks on ROOT/val: mIoU against the ground truth, mask IoU against FP32's masks, SQNR of the logits.
-With `--outliers`, the same again after `tasks.recovery.outliers.inject_outliers` (a
+With `--outliers`, the same again after `vitq.tasks.recovery.outliers.inject_outliers` (a
 function-preserving transform that gives a few LayerNorm output channels the large activations
 trained ViTs have; FP32's masks do not change) on the encoder's LayerNorm -> qkv pairs.
 
@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         rows = evaluate(model, cal, val, val_masks, work, args.checkpoint.stem)
         if args.outliers:
-            sys.path.insert(0, str(HERE.parents[1]))  # the vitq repository, for tasks.recovery
-            from tasks.recovery.outliers import OutlierSpec, inject_outliers
+            from vitq.tasks.recovery.outliers import OutlierSpec, inject_outliers
 
             before = predict(model, torch.from_numpy(val)).numpy()
             pairs = tuple((f"blocks.{i}.norm1", f"blocks.{i}.attn.qkv") for i in range(len(model.blocks)))

@@ -29,7 +29,7 @@ def float_layers(variant_folder: Path, include_attention: bool = False) -> froze
     targets carry the same decision. `include_attention` adds `<attn>#qk` / `<attn>#av` for the
     activation matmuls the recipe keeps in float (all of them unless it sets `quantize_attention`).
     """
-    from tasks._io import read_json
+    from vitq.tasks._io import read_json
 
     record = read_json(Path(variant_folder) / "variant.json")
     names = set(record.get("float_layers", []))
@@ -39,7 +39,7 @@ def float_layers(variant_folder: Path, include_attention: bool = False) -> froze
 
 
 def recovered_model_dir(variant_folder: Path) -> Path | None:
-    """The model dir (`model.pt` + `model.json`, load with `tasks.model.load_model`) of a variant whose
+    """The model dir (`model.pt` + `model.json`, load with `vitq.tasks.model.load_model`) of a variant whose
     recipe changed the FP32 weights (SmoothQuant, QAT), else None: convert these weights, not the
     original's, to carry the same recovery to another target."""
     folder = Path(variant_folder) / "torch"

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks._progress import Progress
-from tasks.recovery.simulate import QMAX, fake_quant_weight, run_with_input_hooks
+from vitq.tasks._progress import Progress
+from vitq.tasks.recovery.simulate import QMAX, fake_quant_weight, run_with_input_hooks
 from vitq.config import CalibrationConfig
 
 log = logging.getLogger("vitq.recovery")
@@ -56,8 +56,8 @@ def candidate_ranges(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, per
     """tensor -> {method: amax} for minmax, percentile-<p> for each p, entropy, mse (only `tensors`, if given).
     `saved`: the histograms the calibrate stage kept for this same graph and these same images (`HISTOGRAMS`):
     read instead of counting again, when they hold the signed histograms at `cfg`'s bins."""
-    from tasks._histograms import CalibrationHistograms
-    from tasks.calibrate import collect_histograms
+    from vitq.tasks._histograms import CalibrationHistograms
+    from vitq.tasks.calibrate import collect_histograms
 
     histograms = CalibrationHistograms.load(saved) if saved is not None and Path(saved).is_file() else None
     if histograms is not None and (histograms.signed and histograms.num_bins == cfg.num_bins
@@ -155,7 +155,7 @@ def read_amax(path: Path) -> dict[str, float]:
 
 
 def write_choices(choices: list[TensorChoice], csv_path: Path) -> None:
-    from tasks._io import atomic_file
+    from vitq.tasks._io import atomic_file
 
     methods = sorted({m for c in choices for m in c.amax})
     with atomic_file(csv_path) as tmp:

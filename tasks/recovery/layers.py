@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from tasks.backends.onnx import LINEAR_OP_TYPES as LINEAR_OPS, constant_names
+from vitq.tasks.targets.onnx.backend import LINEAR_OP_TYPES as LINEAR_OPS, constant_names
 
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 

@@ -21,8 +21,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tasks import task_kinds
-from tasks.validate import OutputMetrics, summary_line
+from vitq.tasks import task_kinds
+from vitq.tasks.task_kinds import OutputMetrics
+from vitq.tasks.validate import summary_line
 
 log = logging.getLogger("vitq.recovery")
 

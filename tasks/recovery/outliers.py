@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.recovery.simulate import input_amax
+from vitq.tasks.recovery.simulate import input_amax
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tasks.recovery.simulate import QuantSim
+from vitq.tasks.recovery.simulate import QuantSim
 
 log = logging.getLogger("vitq.recovery")
 

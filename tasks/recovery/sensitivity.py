@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.recovery.simulate import QuantSim
-from tasks._progress import Progress
-from tasks.validate import compare_outputs
+from vitq.tasks.recovery.simulate import QuantSim
+from vitq.tasks._progress import Progress
+from vitq.tasks.validate import compare_outputs
 
 log = logging.getLogger("vitq.recovery")
 
@@ -188,7 +188,7 @@ def attention_sensitivity(names: list[str], all_layers: list[str], macs: dict[st
 
 def write_sensitivity(rows: list[LayerSensitivity], csv_path: Path, png_path: Path, title: str) -> None:
     """The ranked table as CSV and a grouped bar plot (logits SQNR per layer: W8A8, weight, input)."""
-    from tasks._io import atomic_file
+    from vitq.tasks._io import atomic_file
 
     fields = list(LayerSensitivity.__dataclass_fields__)
     with atomic_file(csv_path) as tmp:

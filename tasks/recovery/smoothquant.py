@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks._progress import Progress
-from tasks.recovery.simulate import QuantSim, input_amax, quantizable_modules
+from vitq.tasks._progress import Progress
+from vitq.tasks.recovery.simulate import QuantSim, input_amax, quantizable_modules
 
 log = logging.getLogger("vitq.recovery")
 
@@ -90,8 +90,8 @@ def smoothed_ranges(amax: dict[str, float], act_channel_amax: dict[str, torch.Te
 
 def _simulated_sqnr(model: nn.Module, act_amax: dict[str, float], x_judge: np.ndarray, ref: np.ndarray, batch_size: int) -> float:
     """W8A8 logits SQNR vs FP32's `ref` on `x_judge`, with the activation ranges `act_amax` (layer -> |max|)."""
-    from tasks.model import predict
-    from tasks.validate import compare_outputs
+    from vitq.tasks.model import predict
+    from vitq.tasks.validate import compare_outputs
 
     sim = QuantSim(model, act_amax).quantize_all()
     try:
@@ -105,7 +105,7 @@ def search_alpha(model: nn.Module, x: np.ndarray, alphas, batch_size: int = 128,
                  x_judge: np.ndarray | None = None) -> tuple[nn.Module, SmoothQuantResult]:
     """Smooth a copy of `model` with the alpha whose simulated W8A8 logits are closest to FP32 on `x_judge`
     (default: `x`); the per-channel statistics and the activation ranges come from `x` (calibration images)."""
-    from tasks.model import predict
+    from vitq.tasks.model import predict
 
     start = time.perf_counter()
     x_judge = x if x_judge is None else x_judge

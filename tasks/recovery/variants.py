@@ -36,10 +36,10 @@ import numpy as np
 import onnx
 import torch
 
-from tasks._io import PARTIAL_MARK, read_json, write_json
-from tasks.backends import onnx as onnx_backend
-from tasks.recovery import calib_search, layers as layer_map
-from tasks.recovery.layers import Layer
+from vitq.tasks._io import PARTIAL_MARK, read_json, write_json
+from vitq.tasks.targets.onnx import backend as onnx_backend
+from vitq.tasks.recovery import calib_search, layers as layer_map
+from vitq.tasks.recovery.layers import Layer
 from vitq.config import Params
 from vitq.recipes import Recipe
 
@@ -92,8 +92,8 @@ def _index(inputs: Inputs, n: int, limit: int | None) -> np.ndarray:
 
 def _split(inputs: Inputs, name: str, limit: int | None = None):
     """Model inputs (N, C, H, W) and labels of a split; a seeded subset of `limit` images."""
-    from tasks.data import load_split, model_inputs
-    from tasks.model import load_model_spec
+    from vitq.tasks.data import load_split, model_inputs
+    from vitq.tasks.model import load_model_spec
 
     spec = load_model_spec(inputs.model_dir)
     split = load_split(inputs.data_dir, name)
@@ -104,8 +104,8 @@ def _split(inputs: Inputs, name: str, limit: int | None = None):
 
 def _judged(inputs: Inputs, name: str, limit: int | None = None):
     """Model inputs of a split (the same seeded subset as `_split`) and the task's Judge with its ground truth."""
-    from tasks.data import load_split
-    from tasks.validate import validation_judge
+    from vitq.tasks.data import load_split
+    from vitq.tasks.validate import validation_judge
 
     n = len(load_split(inputs.data_dir, name).labels)
     return validation_judge(inputs.model_dir, inputs.data_dir, inputs.params.task, name, _index(inputs, n, limit))
@@ -114,7 +114,7 @@ def _judged(inputs: Inputs, name: str, limit: int | None = None):
 def judging_split(inputs: Inputs) -> str:
     """The split the searches judge on: the held-out images, or (data without any: `data.holdout_size` 0, or
     too few validation images to hold a third out) the validation images themselves, with a warning."""
-    from tasks.data import load_split
+    from vitq.tasks.data import load_split
     from vitq.errors import DataError
 
     try:
@@ -129,7 +129,7 @@ def judging_split(inputs: Inputs) -> str:
 
 def recovery_budget(inputs: Inputs):
     """recovery's budget for the task (tasks/task_kinds.py), warning where it is looser than validate's."""
-    from tasks.recovery.mixed_precision import Budget
+    from vitq.tasks.recovery.mixed_precision import Budget
 
     p = inputs.params
     budget = Budget.of(p.recovery, p.task.kind)
@@ -146,7 +146,7 @@ def recovery_budget(inputs: Inputs):
 def torch_layers(layers: list[Layer], model: torch.nn.Module) -> list[Layer]:
     """Linear/Conv layers that name a Linear/Conv module `model`'s forward calls (what the torch-side methods act
     on: they hook the module's input; see `simulate.quantizable_modules`)."""
-    from tasks.recovery.simulate import quantizable_modules
+    from vitq.tasks.recovery.simulate import quantizable_modules
 
     called = set(quantizable_modules(model))
     return [layer for layer in layers if layer.weighted and layer.name in called]
@@ -167,7 +167,7 @@ def _save_torch(model: torch.nn.Module, inputs: Inputs, folder: Path, note: dict
 
 def _export_and_prepare(torch_dir: Path, inputs: Inputs, scratch: Path) -> tuple[Path, list[Layer]]:
     """FP32 ONNX of a transformed torch model (checked against torch), its prep copy and layers."""
-    from tasks.export import export_onnx
+    from vitq.tasks.export import export_onnx
 
     export_dir = scratch / "export"
     export_onnx(torch_dir, inputs.data_dir, inputs.params.export, export_dir)
@@ -237,7 +237,7 @@ def _search_ranges(model: torch.nn.Module, prep: Path, layers: list[Layer], base
     the error of the layer output it feeds on `x_judge`); writes the table (tensors no judged layer reads keep
     `base_table`'s range) and returns what it chose. `exported`: `prep` is the export stage's graph, whose
     calibration histograms the calibrate stage kept."""
-    from tasks.calibrate import HISTOGRAMS
+    from vitq.tasks.calibrate import HISTOGRAMS
 
     rc = inputs.params.recovery
     x_cal, _ = _split(inputs, "calibration")
@@ -261,8 +261,8 @@ def _search_ranges(model: torch.nn.Module, prep: Path, layers: list[Layer], base
 def _smoothed(inputs: Inputs, model: torch.nn.Module, x_judge: np.ndarray, torch_dir: Path, scratch: Path):
     """SmoothQuant with its alpha search (ranges from the calibration images, judged on `x_judge`), the smoothed
     weights saved in `torch_dir`, exported and min/max-calibrated: (model, prep, layers, table, result)."""
-    from tasks.calibrate import calibrate, table_path
-    from tasks.recovery.smoothquant import search_alpha
+    from vitq.tasks.calibrate import calibrate, table_path
+    from vitq.tasks.recovery.smoothquant import search_alpha
 
     x_cal, _ = _split(inputs, "calibration")
     smoothed, sq = search_alpha(model, x_cal, inputs.params.recovery.smoothquant_alphas, x_judge=x_judge)
@@ -338,11 +338,11 @@ def compose(starts: list[str], full_int8, budget, fallback, int8_share) -> Compo
 
 
 def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
-    from tasks.calibrate import table_path
-    from tasks.model import load_model
-    from tasks.recovery.mixed_precision import search_float_layers
-    from tasks.recovery.sensitivity import attention_sensitivity, layer_sensitivity, rank, write_sensitivity
-    from tasks.recovery.smoothquant import smoothing_pairs
+    from vitq.tasks.calibrate import table_path
+    from vitq.tasks.model import load_model
+    from vitq.tasks.recovery.mixed_precision import search_float_layers
+    from vitq.tasks.recovery.sensitivity import attention_sensitivity, layer_sensitivity, rank, write_sensitivity
+    from vitq.tasks.recovery.smoothquant import smoothing_pairs
 
     rc = inputs.params.recovery
     split = judging_split(inputs)
@@ -425,7 +425,7 @@ def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
 
 
 def _smoothquant(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
-    from tasks.model import load_model
+    from vitq.tasks.model import load_model
 
     split = judging_split(inputs)
     model, _ = load_model(inputs.model_dir)
@@ -440,8 +440,8 @@ def _smoothquant(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> De
 
 
 def _search(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
-    from tasks.calibrate import table_path
-    from tasks.model import load_model
+    from vitq.tasks.calibrate import table_path
+    from vitq.tasks.model import load_model
 
     prep = inputs.export_dir / "model.prep.onnx"
     layers = layer_map.quantizable_layers(inputs.export_dir / "model.onnx", prep)
@@ -457,11 +457,11 @@ def _search(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decisio
 
 
 def _qat(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
-    from tasks.calibrate import table_path
-    from tasks.model import load_model, predict
-    from tasks.recovery.qat import QatSettings, finetune
-    from tasks.recovery.simulate import input_amax
-    from tasks.recovery.smoothquant import search_alpha, smoothing_pairs
+    from vitq.tasks.calibrate import table_path
+    from vitq.tasks.model import load_model, predict
+    from vitq.tasks.recovery.qat import QatSettings, finetune
+    from vitq.tasks.recovery.simulate import input_amax
+    from vitq.tasks.recovery.smoothquant import search_alpha, smoothing_pairs
 
     prep0 = inputs.export_dir / "model.prep.onnx"
     layers0 = layer_map.quantizable_layers(inputs.export_dir / "model.onnx", prep0)
@@ -484,7 +484,7 @@ def _qat(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
         init = {**init, "loss": "mse to the FP32 model's outputs (distillation)"}
     cfg = QatSettings(epochs=rc.qat_epochs, lr=rc.qat_lr, batch_size=rc.qat_batch_size,
                       label_smoothing=p.model.train.label_smoothing, seed=p.seed, threads=p.model.train.threads)
-    from tasks.validate import compare_outputs
+    from vitq.tasks.validate import compare_outputs
 
     fp32_judge = predict(load_model(inputs.model_dir)[0], x_judge)  # stopping: simulated W8A8 outputs vs FP32's
     tuned, qr = finetune(model, start_amax, x, y, cfg,

@@ -1,17 +1,18 @@
 """A toy target as a plugin, outside vitq: its "variant" is the FP32 ONNX itself; validation and timing
-are the inherited defaults (ONNX Runtime). Loaded by `VITQ_PLUGINS=vitq_identity` (on PYTHONPATH)."""
+are inherited from the ONNX-graph target (ONNX Runtime). Loaded by `VITQ_PLUGINS=vitq_identity` (on PYTHONPATH)."""
 
 import shutil
 from dataclasses import asdict, dataclass
 
-from tasks._io import atomic_dir, size_mb, write_json
-from tasks.quantize import VariantArtifact, variant_dir
-from tasks.targets import Target, register_target
+from vitq.tasks._io import atomic_dir, size_mb, write_json
+from vitq.tasks.targets.onnx.target import OnnxGraphTarget
+from vitq.tasks.targets.registry import register_target
+from vitq.tasks.variant import VariantArtifact, variant_dir
 from vitq.recipes import RecipeConfig, get_recipe, register_recipe
 
 
 @dataclass(frozen=True)
-class IdentityTarget(Target):
+class IdentityTarget(OnnxGraphTarget):
     def quantize(self, ws, name, p=None):
         with atomic_dir(variant_dir(ws.variants_dir, name)) as tmp:
             shutil.copyfile(ws.export_dir / "model.onnx", tmp / "model.onnx")

@@ -17,7 +17,7 @@ from vitq.errors import VitqError
 if TYPE_CHECKING:
     import torch
 
-    from tasks.layout import Workspace
+    from vitq.tasks.layout import Workspace
 
 DEMO = "demo"
 DEMO_TIMM_NAME = "vit_digits_patch4_32"  # what 'demo' builds when the workspace has no trained model
@@ -38,7 +38,7 @@ class ExperimentModel:
 
     def inputs(self, images):
         """Model inputs (N, C, H, W) float32 from uint8 images (N, H, W, C), normalised as the model expects."""
-        from tasks.data import model_inputs
+        from vitq.tasks.data import model_inputs
 
         if self.mean is None or self.std is None:
             raise VitqError(f"{self.name}: its input normalisation is not known here; give a timm name or 'demo'")
@@ -47,7 +47,7 @@ class ExperimentModel:
     def build(self) -> torch.nn.Module:
         """A new FP32 module (random weights unless `model_dir`); seed torch first for reproducible weights."""
         if self.model_dir is not None:
-            from tasks.model import load_model
+            from vitq.tasks.model import load_model
 
             return load_model(self.model_dir)[0]
         return _random_weights(self.name, self.timm_name)
@@ -60,7 +60,7 @@ def _random_weights(name: str, timm_name: str | None) -> torch.nn.Module:
         return torchvision.models.get_model(name.removeprefix(TORCHVISION), weights=None)
     import timm
 
-    from tasks import zoo  # noqa: F401  (registers vitq's models with timm)
+    from vitq.tasks import zoo  # noqa: F401  (registers vitq's models with timm)
 
     return timm.create_model(timm_name, pretrained=False)
 
@@ -80,7 +80,7 @@ def check_model_name(name: str, *, torchvision: bool = False) -> None:
         if tv_name not in tv.models.list_models():
             raise VitqError(f"unknown torchvision model {tv_name!r}; see torchvision.models.list_models()")
         return
-    from tasks import zoo  # noqa: F401  (registers vitq's models with timm)
+    from vitq.tasks import zoo  # noqa: F401  (registers vitq's models with timm)
 
     if torchvision:
         import timm
@@ -88,7 +88,7 @@ def check_model_name(name: str, *, torchvision: bool = False) -> None:
         if not timm.is_model(name):
             raise VitqError(f"unknown model {name!r}; allowed: 'demo', a timm name, or 'torchvision:<name>'")
         return
-    from tasks.model import check_model_config
+    from vitq.tasks.model import check_model_config
     from vitq.config import ModelConfig
 
     check_model_config(ModelConfig(source="timm", name=name))
@@ -99,7 +99,7 @@ def resolve_model(name: str, workspace: Workspace | None, *, torchvision: bool =
     else from the model itself (timm's data config; torchvision's `image_size`, 224 when it has none)."""
     check_model_name(name, torchvision=torchvision)
     if name == DEMO and workspace is not None and (workspace.model_dir / "model.json").is_file():
-        from tasks.model import load_model_spec
+        from vitq.tasks.model import load_model_spec
 
         spec = load_model_spec(workspace.model_dir)
         c, h, w = spec.input_size

@@ -30,7 +30,7 @@ INPUTS = "seeded random N(0, 1) tensor (seed 0), not images: timing only"
 
 def fp32_forward_seconds(prep_onnx: Path, x: np.ndarray, batch_size: int) -> float:
     """Seconds ONNX Runtime (CPU, default threads and graph optimisation) takes for `x`, `batch_size` images a run."""
-    from tasks.backends import onnx as onnx_backend
+    from vitq.tasks.targets.onnx import backend as onnx_backend
 
     session = onnx_backend.session(prep_onnx)
     onnx_backend.run_batched(session, x[:batch_size], batch_size)  # warm-up: first-run allocations are not the model's
@@ -42,10 +42,10 @@ def fp32_forward_seconds(prep_onnx: Path, x: np.ndarray, batch_size: int) -> flo
 def run_calibration_bench(m: ExperimentModel, images: int, cfg: CalibrationConfig, out: Path) -> dict:
     import torch
 
-    from tasks._io import write_json
-    from tasks.benchmark import machine_info
-    from tasks.calibrate import calibrate_inputs
-    from tasks.export import export_model
+    from vitq.tasks._io import write_json
+    from vitq.tasks.benchmark import machine_info
+    from vitq.tasks.calibrate import calibrate_inputs
+    from vitq.tasks.export import export_model
 
     load_average = [round(v, 2) for v in os.getloadavg()]  # the machine may be shared: what else ran at the start
     c, h, w = m.input_size

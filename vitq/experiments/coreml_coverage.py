@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks._io import read_json, write_json
+from vitq.tasks._io import read_json, write_json
 from vitq.experiments._models import ExperimentModel, check_model_name, resolve_model
 
 log = logging.getLogger("vitq.experiments.coreml_coverage")
@@ -37,8 +37,8 @@ def check_names(names: list[str]) -> None:
 
 def _calibration_split(m: ExperimentModel, data_dir: Path) -> np.ndarray:
     """The trained demo's own calibration images, preprocessed as the model expects: (N, C, H, W) float32."""
-    from tasks.data import load_split, model_inputs
-    from tasks.model import load_model_spec
+    from vitq.tasks.data import load_split, model_inputs
+    from vitq.tasks.model import load_model_spec
 
     spec = load_model_spec(m.model_dir)
     return model_inputs(load_split(data_dir, "calibration").images, spec.mean, spec.std)
@@ -46,7 +46,7 @@ def _calibration_split(m: ExperimentModel, data_dir: Path) -> np.ndarray:
 
 def measure(name: str, workspace: Path | None, calibration_images: int = 8) -> dict:
     """Convert one model with every Core ML recipe and read sizes and coverage back."""
-    from tasks.layout import Workspace
+    from vitq.tasks.layout import Workspace
 
     ws = Workspace(workspace) if workspace else None
     m = resolve_model(name, ws, torchvision=True)
@@ -90,7 +90,7 @@ def measure(name: str, workspace: Path | None, calibration_images: int = 8) -> d
 def run(models: list[str], out_file: Path, workspace: Path | None) -> list[dict]:
     import coremltools
 
-    from tasks.benchmark import machine_info
+    from vitq.tasks.benchmark import machine_info
 
     records = []
     start = time.perf_counter()

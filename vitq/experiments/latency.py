@@ -15,8 +15,8 @@ import logging
 import tempfile
 from pathlib import Path
 
-from tasks import benchmark, data
-from tasks.benchmark import machine_info
+from vitq.tasks import benchmark, data
+from vitq.tasks.benchmark import machine_info
 from vitq.config import BenchmarkConfig, DataConfig
 from vitq.experiments._models import ExperimentModel
 
@@ -72,7 +72,7 @@ def bench_model(m: ExperimentModel, batches: list[int], cfg: BenchmarkConfig, st
 
 def ratios(runs: list[dict]) -> list[dict]:
     """Per (model, batch): FP32/static, dynamic/static and FP32/dynamic latency (> 1: the second is faster),
-    each paired (tasks.benchmark.paired_ratio: the median over interleaved rounds of the per-round p50 ratio),
+    each paired (vitq.tasks.benchmark.paired_ratio: the median over interleaved rounds of the per-round p50 ratio),
     with the ratio of the whole-run p50s beside it (`*_p50`)."""
     out = []
     for key in sorted({(r["model"], r["batch"]) for r in runs}):
@@ -102,7 +102,7 @@ def gpu_record() -> dict:
 def run_bench(models: list[ExperimentModel], batches: list[int], cfg: BenchmarkConfig, out: Path,
               static_recipe: str = DEFAULT_STATIC, profile: bool = False) -> dict:
     """Time every model at every batch size; `profile`: also ORT's profile of each (result["profiles"])."""
-    from tasks._io import write_json
+    from vitq.tasks._io import write_json
 
     runs, profiles = [], [] if profile else None
     with tempfile.TemporaryDirectory(prefix="vitq-bench-") as scratch:

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from tasks._io import atomic_file, write_json
-from tasks.layout import Workspace
+from vitq.tasks._io import atomic_file, write_json
+from vitq.tasks.layout import Workspace
 from vitq.config import Params
 from vitq.errors import VitqError
 
@@ -149,8 +149,8 @@ def _versions() -> dict:
 def eight_bit_dq(model: onnx.ModelProto) -> bool:
     """Every DequantizeLinear that feeds a MatMul/Gemm/Conv's input or weight reads 8-bit integers (its zero
     point's type, else its input initializer's; a bias DequantizeLinear is int32 by design and not looked at)."""
-    from tasks.backends.onnx import EIGHT_BIT
-    from tasks.recovery.layers import LINEAR_OPS
+    from vitq.tasks.targets.onnx.backend import EIGHT_BIT
+    from vitq.tasks.recovery.layers import LINEAR_OPS
 
     types = {i.name: i.data_type for i in model.graph.initializer}
     fed = {i for n in model.graph.node if n.op_type in LINEAR_OPS for i in n.input[:2]}
@@ -163,11 +163,11 @@ def eight_bit_dq(model: onnx.ModelProto) -> bool:
 
 
 def _peer_inputs(dirs, cp: Params) -> tuple[PeerInputs, float]:
-    from tasks.backends import onnx as onnx_backend
-    from tasks.data import load_split, model_inputs
-    from tasks.model import load_model_spec
-    from tasks.recovery.variants import Inputs, judging_split
-    from tasks.validate import validation_judge
+    from vitq.tasks.targets.onnx import backend as onnx_backend
+    from vitq.tasks.data import load_split, model_inputs
+    from vitq.tasks.model import load_model_spec
+    from vitq.tasks.recovery.variants import Inputs, judging_split
+    from vitq.tasks.validate import validation_judge
 
     spec = load_model_spec(dirs.model_dir)
     calibration = model_inputs(load_split(dirs.data_dir, "calibration").images, spec.mean, spec.std)
@@ -185,9 +185,9 @@ def _peer_inputs(dirs, cp: Params) -> tuple[PeerInputs, float]:
 
 def run_peer(dirs, cp: Params, case, peer: Peer, inputs: PeerInputs, layers) -> dict:
     """Quantize with `peer`, save it as the case's variant `peer-<name>`, validate it like vitq's variants."""
-    from tasks import validate
-    from tasks.backends import onnx as onnx_backend
-    from tasks.recovery.variants import layer_precision
+    from vitq.tasks import validate
+    from vitq.tasks.targets.onnx import backend as onnx_backend
+    from vitq.tasks.recovery.variants import layer_precision
     from vitq.experiments.recovery_accuracy import _f, _record, case_budget
 
     t = time.perf_counter()
@@ -213,8 +213,8 @@ def run_peer(dirs, cp: Params, case, peer: Peer, inputs: PeerInputs, layers) -> 
 
 def run_peers(ws: Workspace, p: Params, cases: list[str], peers: list[Peer], recipes: list[str], out: Path) -> dict:
     """Every case: FP32, vitq's `recipes`, then every peer; writes `out` (JSON) and `out` with .md (the table)."""
-    from tasks.benchmark import machine_info
-    from tasks.recovery.layers import quantizable_layers
+    from vitq.tasks.benchmark import machine_info
+    from vitq.tasks.recovery.layers import quantizable_layers
     from vitq.experiments import recovery_accuracy as ra
     from vitq.recipes import get_recipe
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks._io import read_json, write_json
-from tasks.layout import Workspace
+from vitq.tasks._io import read_json, write_json
+from vitq.tasks.layout import Workspace
 from vitq.config import Params
 from vitq.recipes import get_recipe
 
@@ -57,8 +57,8 @@ class Outliers:
     seed: int = 0
 
     def spec(self, model):
-        from tasks.recovery.outliers import OutlierSpec
-        from tasks.recovery.smoothquant import smoothing_pairs
+        from vitq.tasks.recovery.outliers import OutlierSpec
+        from vitq.tasks.recovery.smoothquant import smoothing_pairs
 
         found = smoothing_pairs(model)  # per block: (norm1, attn.qkv), (norm2, mlp.fc1)
         keep = {"all": lambda i: True, "attention": lambda i: i % 2 == 0,
@@ -120,7 +120,7 @@ class CaseDirs:
 
 def ensure_pipeline_outputs(ws: Workspace, p: Params) -> None:
     """Run the data/model/export/calibrate stages whose outputs are missing (the digits model trains here)."""
-    from tasks import stages
+    from vitq.tasks import stages
 
     needed = {"data": ws.data_dir / "meta.json", "model": ws.model_dir / "model.json",
               "export": ws.export_dir / "export.json", "calibrate": ws.calibration_dir / "calibration.json"}
@@ -140,12 +140,12 @@ def _digits(ws: Workspace, p: Params, case: Case) -> CaseDirs:
 
 
 def _outliers(ws: Workspace, p: Params, case: Case) -> CaseDirs:
-    from tasks._io import atomic_dir
-    from tasks.calibrate import calibrate
-    from tasks.data import load_split, model_inputs
-    from tasks.export import export_onnx
-    from tasks.model import load_model, predict
-    from tasks.recovery.outliers import inject_outliers
+    from vitq.tasks._io import atomic_dir
+    from vitq.tasks.calibrate import calibrate
+    from vitq.tasks.data import load_split, model_inputs
+    from vitq.tasks.export import export_onnx
+    from vitq.tasks.model import load_model, predict
+    from vitq.tasks.recovery.outliers import inject_outliers
 
     root = _case_root(ws, case.name)
     model, spec = load_model(ws.model_dir)
@@ -187,10 +187,10 @@ def _dense_images(n: int, size: int, seed: int) -> np.ndarray:
 def _efficientvit(ws: Workspace, p: Params, case: Case) -> CaseDirs:
     import timm
 
-    from tasks._io import atomic_dir
-    from tasks.calibrate import calibrate
-    from tasks.data import Split, hold_out, write_splits
-    from tasks.export import export_onnx
+    from vitq.tasks._io import atomic_dir
+    from vitq.tasks.calibrate import calibrate
+    from vitq.tasks.data import Split, hold_out, write_splits
+    from vitq.tasks.export import export_onnx
     from vitq.experiments._models import resolve_model
 
     root = _case_root(ws, "efficientvit_b0")
@@ -238,7 +238,7 @@ def _case_params(p: Params, case: Case) -> Params:
 def prepare_case(ws: Workspace, p: Params, case: Case) -> tuple[CaseDirs, Params, dict]:
     """Build the case's folders (FP32 model, export, calibration; FP32 reference outputs on the validation split):
     the folders, the case's params (its budget) and FP32's record."""
-    from tasks import validate
+    from vitq.tasks import validate
 
     start = time.perf_counter()
     dirs = _builder(case)(ws, p, case)
@@ -258,7 +258,7 @@ def case_budget(case: Case) -> dict:
 def run_variant(dirs: CaseDirs, cp: Params, case: Case, name: str) -> dict:
     """Quantize recipe `name` on the case's folders and validate it: its record (`quantize_seconds`: the
     quantize call alone; `seconds`: with validation)."""
-    from tasks.targets import get_target
+    from vitq.tasks.targets.registry import get_target
 
     t = time.perf_counter()
     # The case's folders stand in for a workspace; the per-tensor error report is the validate stage's, not this table's.

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks._io import write_json
+from vitq.tasks._io import write_json
 from vitq.errors import VitqError
 
 log = logging.getLogger("vitq.experiments.recovery_scale")
@@ -49,10 +49,10 @@ def run_scale(model: str, calibration: int, validation: int, recipes: list[str],
     import timm
     import torch
 
-    from tasks import stages
-    from tasks.benchmark import machine_info
-    from tasks.layout import Workspace
-    from vitq.config import parse_params
+    from vitq.tasks import stages
+    from vitq.tasks.benchmark import machine_info
+    from vitq.tasks.layout import Workspace
+    from vitq.params import parse_params
     from vitq.experiments._models import resolve_model
 
     m = resolve_model(model, None)
@@ -91,7 +91,7 @@ def run_scale(model: str, calibration: int, validation: int, recipes: list[str],
 
 
 def _decision(folder: Path) -> dict:
-    from tasks._io import read_json
+    from vitq.tasks._io import read_json
 
     rec = read_json(folder / "recovery.json") if (folder / "recovery.json").is_file() else {}
     variant = read_json(folder / "variant.json") if (folder / "variant.json").is_file() else {}

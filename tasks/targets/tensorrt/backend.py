@@ -9,7 +9,7 @@ Precision: explicit quantization. The Q/DQ nodes fix which tensors are INT8. Out
 - TensorRT 10.x (weakly typed network): FP16 and INT8 builder flags on the FP32 Q/DQ graph, with
   LayerNorm (and any layer type in `keep_fp32_layer_types`) pinned to FP32 under OBEY_PRECISION_CONSTRAINTS;
 - TensorRT 11.x removed those flags: the network is strongly typed and runs in the ONNX graph's own
-  types, so it is built from the variant's FP16 graph (`model.fp16.onnx`, tasks/backends/tensorrt_fp16.py:
+  types, so it is built from the variant's FP16 graph (`model.fp16.onnx`, tasks/targets/tensorrt/fp16.py:
   FP16 outside the Q/DQ pairs, LayerNorm, Softmax and reductions FP32), and the FP16 baseline from the same
   conversion of the FP32 graph. An FP32 graph is refused there (it would build an FP32 engine).
 The FP16 graph is written into every TensorRT variant's folder whichever TensorRT builds it.
@@ -80,7 +80,7 @@ def graph_precision(onnx_path: Path) -> tuple[str, list[str]]:
     computing in FP32) of the ONNX file at `onnx_path`."""
     import onnx
 
-    from tasks.backends import tensorrt_fp16
+    from vitq.tasks.targets.tensorrt import fp16 as tensorrt_fp16
 
     model = onnx.load(str(onnx_path))
     precisions = tensorrt_fp16.node_precisions(model)
@@ -101,7 +101,7 @@ def build_engine(onnx_path: Path, engine_path: Path, cfg: EngineBuildConfig, tim
         precision, fp32_layers = graph_precision(onnx_path)
         if cfg.fp16 and "fp16" not in precision:
             raise ValueError(f"{onnx_path.name} is an FP32 graph: TensorRT {trt.__version__} builds it strongly typed, "
-                             f"in FP32; build from its FP16 graph (tasks.backends.tensorrt_fp16.write_fp16_graph)")
+                             f"in FP32; build from its FP16 graph (vitq.tasks.targets.tensorrt.fp16.write_fp16_graph)")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # 11.x: every network is strongly typed (the flag, where it still exists, is accepted and ignored).
@@ -217,8 +217,8 @@ def write_variant_fp16_graph(folder: Path):
     record in `folder/fp16.json` (tensorrt_fp16.Fp16Graph, returned). Pure ONNX: runs without TensorRT."""
     from dataclasses import asdict
 
-    from tasks._io import write_json
-    from tasks.backends import tensorrt_fp16
+    from vitq.tasks._io import write_json
+    from vitq.tasks.targets.tensorrt import fp16 as tensorrt_fp16
 
     record = tensorrt_fp16.write_fp16_graph(folder / "model.onnx", folder / FP16_GRAPH)
     write_json(folder / FP16_RECORD, asdict(record))
@@ -233,7 +233,7 @@ def build_variant_engine(folder: Path, variants_dir: Path) -> str:
 
     import tensorrt as trt
 
-    from tasks._io import write_json
+    from vitq.tasks._io import write_json
 
     write_variant_fp16_graph(folder)
     source = folder / (FP16_GRAPH if strongly_typed(trt) else "model.onnx")
@@ -258,7 +258,7 @@ def baseline_graph(fp32_onnx: Path, out_dir: Path) -> Path:
     written into `out_dir` (11.x: the same conversion as the variants' graphs, without Q/DQ)."""
     import tensorrt as trt
 
-    from tasks.backends import tensorrt_fp16
+    from vitq.tasks.targets.tensorrt import fp16 as tensorrt_fp16
 
     if not strongly_typed(trt):
         return fp32_onnx
@@ -274,7 +274,7 @@ def time_engines(engines: dict[str, Path], fp32_onnx: Path, x: np.ndarray, cfg) 
 
     import torch
 
-    from tasks.benchmark import timing
+    from vitq.tasks.benchmark import timing
 
     log = logging.getLogger("vitq.benchmark")
     device = torch.cuda.get_device_name()

@@ -16,7 +16,7 @@ torch 2.14 on Linux):
   (both attention matmuls included), symmetric int8 activations per tensor and symmetric int8
   weights per output channel, which is what the Core ML int8 path executes. The converted torch
   graph is also the "torch counterpart" of the ML program: the validation stage runs it on Linux.
-- Attention must be explicit for the quantizer to see it (`tasks.attention.rewrite_attention`):
+- Attention must be explicit for the quantizer to see it (`vitq.tasks.attention.rewrite_attention`):
   `nn.MultiheadAttention` otherwise hides its projections and matmuls in a fused kernel.
 
 Coverage is read back from the saved ML program (`coverage`), not from what we meant to do.
@@ -42,7 +42,7 @@ LINEAR_OPS = {aten.linear.default: "linear", aten.conv2d.default: "conv", aten.c
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
 # Ops that multiply by a weight but that the quantizer does not handle: reported, never skipped silently.
 UNHANDLED_OPS = {
-    aten.scaled_dot_product_attention.default: "fused attention (run tasks.attention.rewrite_attention first)",
+    aten.scaled_dot_product_attention.default: "fused attention (run vitq.tasks.attention.rewrite_attention first)",
     aten.addmm.default: "addmm", aten.einsum.default: "einsum", aten.conv_transpose2d.input: "transposed conv",
     aten._native_multi_head_attention.default: "fused nn.MultiheadAttention",
 }

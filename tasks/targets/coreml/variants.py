@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks._io import atomic_dir, size_mb, write_json
-from tasks.attention import rewrite_attention
-from tasks.backends import coreml as backend
-from tasks.data import load_split, model_inputs
-from tasks.model import load_model
-from tasks.quantize import VariantArtifact, variant_dir
-from tasks.tracing import TRACE_LOCK
+from vitq.tasks._io import atomic_dir, size_mb, write_json
+from vitq.tasks.attention import rewrite_attention
+from vitq.tasks.targets.coreml import backend
+from vitq.tasks.data import load_split, model_inputs
+from vitq.tasks.model import load_model
+from vitq.tasks.variant import VariantArtifact, load_variant, variant_dir
+from vitq.tasks.tracing import TRACE_LOCK
 from vitq.errors import VitqError
 from vitq.recipes import CoreMLConfig
 
@@ -105,7 +105,7 @@ def quantize_variant(
     attention matmuls too) and, where its recipe changed the weights (SmoothQuant, QAT), those weights."""
     reused = None
     if recipe.reuses:
-        from tasks import recovery
+        from vitq.tasks import recovery
 
         source = variant_dir(variants_dir, recipe.reuses)
         if not (source / "variant.json").is_file():
@@ -129,8 +129,8 @@ def quantize_model(
     to keep it. `reused`: what a `reuses` recipe took from its source, recorded in coreml.json. The Linear/Conv
     modules the recipe's `float_layers` globs name stay FP16 too (a pattern matching nothing: ConfigError)."""
     if recipe.float_layers:
-        from tasks.recovery.layers import match_layers
-        from tasks.recovery.simulate import QUANTIZABLE_MODULES
+        from vitq.tasks.recovery.layers import match_layers
+        from vitq.tasks.recovery.simulate import QUANTIZABLE_MODULES
 
         names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE_MODULES)]
         float_layers = frozenset(float_layers) | frozenset(match_layers(recipe.float_layers, names))
@@ -179,16 +179,13 @@ def predict_coreml(package: Path, x: np.ndarray, compute_units: str) -> np.ndarr
 
 
 def validate_variant(
-    name: str, folder: Path, model_dir: Path, data_dir: Path, cfg, out_dir: Path, compute_units: str = "ALL",
-    reference_dir: Path | None = None,
+    name: str, folder: Path, model_dir: Path, data_dir: Path, cfg, out_dir: Path, why: str | None,
+    compute_units: str = "ALL", reference_dir: Path | None = None,
 ):
-    """Judge a Core ML variant: its torch counterpart everywhere, the ML program itself on macOS.
-    `reference_dir`: where the FP32 outputs are (default: out_dir)."""
-    from tasks import validate
-    from tasks.quantize import load_variant
-    from tasks.targets import get_target
-
-    from tasks.task_kinds import Budget
+    """Judge a Core ML variant: its torch counterpart everywhere, the ML program itself where Core ML runs
+    (`why`: None there, else why it cannot run here). `reference_dir`: where the FP32 outputs are (default: out_dir)."""
+    from vitq.tasks import validate
+    from vitq.tasks.task_kinds import Budget
 
     reference_dir = reference_dir or out_dir
     task = validate.load_task(reference_dir)
@@ -197,7 +194,6 @@ def validate_variant(
     art = load_variant(folder.parent, name)
     counterpart = predict_counterpart(folder / PROGRAM, x, cfg.batch_size, fp16=art.recipe["scheme"] == "float")
     runtime, details, not_measured = "torch counterpart (model.pt2)", {}, {}
-    why = get_target("coreml").missing_executor()
     if why:
         not_measured["coreml_predict"] = f"{why}; metrics are from the torch program it was converted from"
         outputs = counterpart
@@ -214,13 +210,12 @@ def validate_variant(
     return result
 
 
-def benchmark_packages(packages: dict[str, Path], x1: np.ndarray, cfg) -> tuple[dict, dict[str, str]]:
+def benchmark_packages(packages: dict[str, Path], x1: np.ndarray, cfg, why: str | None) -> tuple[dict, dict[str, str]]:
     """Core ML latency of each package on one batch-1 input, interleaved, against `coreml-fp16` when
-    present. Returns (timings, not_measured); off macOS every package is not measured, with why."""
-    from tasks.benchmark import timing
-    from tasks.targets import get_target
+    present. Returns (timings, not_measured); where Core ML cannot run (`why`), every package is not measured,
+    with why."""
+    from vitq.tasks.benchmark import timing
 
-    why = get_target("coreml").missing_executor()
     if why:
         return {}, {name: why for name in packages}
     units = cfg.coreml_compute_units

@@ -1,1 +1,0 @@
-"""Target backends: one module per runtime (onnx = ONNX Runtime / TensorRT-ready Q/DQ ONNX)."""

@@ -1,0 +1,1 @@
+"""The coreml target: its Target (target.py) and its backend (backend.py)."""

@@ -1,0 +1,1 @@
+"""The onnx target: its Target (target.py) and its backend (backend.py)."""

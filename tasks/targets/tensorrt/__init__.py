@@ -1,0 +1,1 @@
+"""The tensorrt target: its Target (target.py) and its backend (backend.py)."""
