@@ -38,7 +38,7 @@ ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 # The team stack on this machine without Docker (S3, MLflow server, Prefect server, a cpu worker),
-# then the deployments; `source .stack/env` and `vitq orchestrate`. See README: Running on a team's machines.
+# then the deployments; `source .stack/env` and `vitq orchestrate`. See docs/orchestration.md.
 stack-up: $(STAMP)
 	$(BIN)/python infra/local/stack.py up --state .stack --workers cpu
 	. .stack/env && $(BIN)/vitq deploy --paused

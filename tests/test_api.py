@@ -1,4 +1,4 @@
-"""The Python API (vitq/api.py): the README's example as written, INT8 for real, FP32 comparisons, errors."""
+"""The Python API (vitq/api.py): the guide's example as written, INT8 for real, FP32 comparisons, errors."""
 
 from __future__ import annotations
 
@@ -41,19 +41,23 @@ def static(model, tmp_path_factory):
     return vitq.quantize(model, "onnx-w8a8-minmax", calibration=_inputs(48, 0), workdir=tmp_path_factory.mktemp("api"))
 
 
-def readme_example() -> str:
-    """The first python block of the README's 'Python API' section."""
-    text = (REPO / "README.md").read_text()
+GUIDE = REPO / "docs" / "guide.md"
+
+
+def guide_example() -> str:
+    """The first python block of the 'Python API' section of docs/guide.md."""
+    text = GUIDE.read_text()
+    assert "\n## Python API\n" in text, "docs/guide.md has no '## Python API' section"
     section = text.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
     match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "README's Python API section has no python block"
+    assert match, "docs/guide.md's Python API section has no python block"
     return match.group(1)
 
 
-def test_readme_example_runs_as_written(tmp_path, monkeypatch):
+def test_guide_example_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "readme_example"}
-    exec(compile(readme_example(), "README.md (Python API)", "exec"), namespace)
+    namespace: dict = {"__name__": "guide_example"}
+    exec(compile(guide_example(), "docs/guide.md (Python API)", "exec"), namespace)
     variant, result, timing = namespace["variant"], namespace["result"], namespace["timing"]
     assert sorted(p.name for p in (tmp_path / "vit-int8").iterdir()) == ["model.onnx", "model.ort.onnx", "variant.json"]
     assert variant.artifact.int8_weight_fraction == 1.0
