@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,8 @@ def mlflow_runs(root: Path) -> int:
 def check_skipped(log: Path, runs_before: int) -> list[str]:
     text = log.read_text()
     stages = dvc_stages(Path.cwd())
-    problems = [f"stage {s} ran on a rerun with nothing changed" for s in stages if f"{s}: running" in text]
+    ran = re.findall(r"^([\w@.-]+): .*\bdone in\b", text, re.M)  # the console's line per stage or variant run
+    problems = [f"{name} ran on a rerun with nothing changed" for name in ran]
     if UP_TO_DATE not in text:
         problems.append(f"the rerun did not report '{UP_TO_DATE}'")
     runs = mlflow_runs(Path.cwd())

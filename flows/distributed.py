@@ -42,6 +42,7 @@ from vitq.tasks.validate import REFERENCE
 from vitq.config import Params
 from vitq.params import load_params
 from vitq.errors import VitqError
+from vitq.logs import CONSOLE
 from vitq.recipes import get_recipe
 
 log = logging.getLogger("vitq.flow")
@@ -266,7 +267,7 @@ def orchestrate_flow(
                             {**common, "force": force, "pool": pools[PREPARE]}, "prepare")], **fan)
         ran += stale
     else:
-        log.info("%s: up to date (dvc.lock), reused", ", ".join(PREPARED))
+        log.info("%s: up to date (dvc.lock), reused", ", ".join(PREPARED), extra=CONSOLE)
 
     # 2. One step per stale variant on its target's pool (DVC: variant@<recipe>), the same runner as `vitq run`.
     dvc = DvcStages(ws.root)
@@ -278,7 +279,7 @@ def orchestrate_flow(
         rerun = force or requantize or stages.not_run_reason(ws, r) is not None
         todo[r] = stages.steps_to_run(r, lambda st: rerun or not dvc.is_fresh(st))
         if not todo[r]:
-            log.info("%s: up to date (dvc.lock), reused", r)
+            log.info("%s: up to date (dvc.lock), reused", r, extra=CONSOLE)
         return bool(todo[r])
 
     def variant_step(r: str):
@@ -321,7 +322,7 @@ def orchestrate_flow(
         _commit(ws, ["benchmark"])
         ran.append("benchmark")
     else:
-        log.info("benchmark: up to date (dvc.lock), reused")
+        log.info("benchmark: up to date (dvc.lock), reused", extra=CONSOLE)
 
     # 4. Report here (cheap), with every routed recipe as a variant: none is "not run" on this machine.
     dvc = DvcStages(ws.root)
@@ -332,7 +333,7 @@ def orchestrate_flow(
         _commit(ws, ["report"])
         ran.append("report")
     else:
-        log.info("report: up to date (dvc.lock), reused")
+        log.info("report: up to date (dvc.lock), reused", extra=CONSOLE)
     if dvc_remote:
         dvc_push(str(ws.root), [*(st for r in recipes for st in stages.variant_stages(r)), "benchmark", "report"],
                  dvc_remote)
@@ -351,7 +352,7 @@ def orchestrate_flow(
         tags["dvc_remote"] = dvc_remote
     run_id = log_to_mlflow(ws, params, summary, stage_metrics, ran, str(flow_run.id), tags)
     log.info("orchestrated run: %d steps dispatched, stages run: %s; MLflow parent run %s; %.1f s",
-             len(steps), ",".join(ran) or "none (all reused)", run_id, time.perf_counter() - started)
+             len(steps), ",".join(ran) or "none (all reused)", run_id, time.perf_counter() - started, extra=CONSOLE)
     return summary
 
 

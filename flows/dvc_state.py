@@ -21,12 +21,11 @@ def up_to_date_summary(ws) -> dict | None:
     a run with nothing to do answers in about a second."""
     import json
 
-    from vitq.flows.recorded import is_recorded
+    from vitq.flows.recorded import is_recorded, recorded_in_store
 
     if not ws.summary_file.is_file() or not (ws.root / "dvc.lock").is_file():
         return None
-    if not is_recorded(ws.root, ws.summary_file):
-        return None  # e.g. `dvc repro` made it: the flow records it in MLflow
+    marked = is_recorded(ws.root, ws.summary_file)  # False: `dvc repro` made it, or a clone (no marker) came
     summary = json.loads(ws.summary_file.read_text())
     from vitq.tasks.targets.registry import get_target
     from vitq.errors import VitqError
@@ -48,7 +47,11 @@ def up_to_date_summary(ws) -> dict | None:
         stale = repo.status(targets=[str(root / "dvc.yaml")])
     finally:
         repo.close()
-    return None if stale else summary
+    if stale:
+        return None
+    if not marked and recorded_in_store(ws.root, ws.summary_file) is None:
+        return None  # MLflow lacks this summary: the flow records it
+    return summary
 
 
 class DvcStages:

@@ -22,6 +22,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from prefect import flow, task
@@ -38,6 +39,7 @@ from vitq.tasks.model import load_model_spec
 from vitq.tasks.targets.registry import worker_tags
 from vitq import interrupt
 from vitq.config import Params
+from vitq.logs import CONSOLE
 from vitq.params import load_params
 
 log = logging.getLogger("vitq.flow")
@@ -53,8 +55,14 @@ def stage_task(name: str, ws: Workspace, params: Params) -> None:
 
 @task(cache_policy=NO_CACHE)
 def variant_task(ws: Workspace, params: Params, recipe: str, steps: tuple[str, ...]) -> None:
+    start = time.perf_counter()
     with interrupt.running(recipe):
         stages.run_variant(ws, params, recipe, steps)
+    why = stages.not_run_reason(ws, recipe)
+    if why:
+        log.info("%s: not run here: %s", recipe, why, extra=CONSOLE)
+    else:
+        log.info("%s: %s done in %.1f s", recipe, " + ".join(steps), time.perf_counter() - start, extra=CONSOLE)
 
 
 @task(cache_policy=NO_CACHE)
@@ -68,34 +76,56 @@ def benchmark_task(ws: Workspace) -> None:
         out, _ = proc.communicate()
     finally:
         forget()
-    for line in out.splitlines():
-        log.info("%s", line)
+    for line in out.splitlines():  # its console: its lines for ours (the rest went to the log file itself)
+        log.info("%s", line, extra=CONSOLE)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark stage failed (exit {proc.returncode}): {out.strip().splitlines()[-1:]}")
 
 
 class _Runner:
-    """Runs a stage unless DVC says it is up to date; commits what it ran."""
+    """Runs a stage unless DVC says it is up to date; commits what it ran. On the console: a line per stage
+    run, with its time, and a line naming the stages skipped before it (each line is in the log file)."""
 
     def __init__(self, ws: Workspace, force: bool):
         self.ws, self.force = ws, force
         self.dvc = DvcStages(ws.root)
         self.ran: list[str] = []
+        self.skipped: list[str] = []  # not yet on the console
+        self.started: dict[str, float] = {}
 
-    def stale(self, name: str, also: bool = False) -> bool:
-        """`also`: stale for a reason DVC cannot see (a variant recorded as not run that this machine can run now)."""
+    def stale(self, name: str, also: bool = False, variant: bool = False) -> bool:
+        """`also`: stale for a reason DVC cannot see (a variant recorded as not run that this machine can run now).
+        `variant`: a variant's stage (the variants skipped are named together, after the variants run)."""
         if self.force or also or not self.dvc.is_fresh(name):
+            if not variant:
+                self.say_skipped()
             interrupt.begin_stage(name)  # what an interruption names, until `done`
             log.info("%s: running", name)
+            self.started[name] = time.perf_counter()
             return True
         log.info("%s: up to date (dvc.lock), skipped", name)
+        self.skipped.append(name)
         return False
 
-    def done(self, name: str) -> None:
+    def skipped_as(self, names: tuple[str, ...], shown: str) -> None:
+        """Name the skipped stages `names` (a variant's two) as `shown` on the console."""
+        if names and all(n in self.skipped for n in names):
+            self.skipped = [n for n in self.skipped if n not in names] + [shown]
+
+    def say_skipped(self) -> None:
+        if self.skipped:
+            log.info("up to date (dvc.lock), skipped: %s", ", ".join(self.skipped), extra=CONSOLE)
+            self.skipped = []
+
+    def done(self, name: str, say: bool = True) -> None:
+        """`say`: its line on the console (a variant's stages have one line for the variant, `variant_task`'s)."""
         with interrupt.deferred():  # dvc.lock is written in place: never cut it in half
             self.dvc.commit(name)
         interrupt.end_stage(name)
         self.ran.append(name)
+        start = self.started.pop(name)
+        if say:
+            log.info("%s: done in %.1f s", name, time.perf_counter() - start, extra=CONSOLE)
 
 
 @flow(name="vitq-pipeline")
@@ -123,15 +153,18 @@ def vitq_pipeline(root: str, force: bool = False) -> dict:
 
     def stale(r: str) -> bool:
         quantize_st, validate_st = stages.variant_stages(r)
-        todo[r] = stages.steps_to_run(r, lambda st: run.stale(st, also=st == quantize_st and stages.runnable_now(ws, r)))
+        todo[r] = stages.steps_to_run(
+            r, lambda st: run.stale(st, also=st == quantize_st and stages.runnable_now(ws, r), variant=True))
         if "quantize" in todo[r]:
-            run.stale(validate_st, also=True)  # a requantized variant is revalidated: logged, and named if interrupted
+            # a requantized variant is revalidated: logged, and named if interrupted
+            run.stale(validate_st, also=True, variant=True)
+        run.skipped_as((quantize_st, validate_st), r)
         return bool(todo[r])
 
     def done(r: str) -> None:
         for step, st in zip(("quantize", "validate"), stages.variant_stages(r)):
             if step in todo[r]:
-                run.done(st)
+                run.done(st, say=False)
 
     stages.run_variants(
         list(params.quantize.variants), stale=stale, done=done,
@@ -146,6 +179,7 @@ def vitq_pipeline(root: str, force: bool = False) -> dict:
     if run.stale("report"):
         stage_task.with_options(name="report", tags=cpu)("report", ws, params)
         run.done("report")
+    run.say_skipped()
     run.dvc.close()
 
     summary = json.loads(ws.summary_file.read_text())
@@ -157,7 +191,7 @@ def vitq_pipeline(root: str, force: bool = False) -> dict:
         run_id = tracking.log_pipeline_run(ws, params, summary, stage_metrics, run.ran, run_key=str(flow_run.id),
                                           extra_tags={"orchestration": "embedded"})
     if run_id:
-        log.info("MLflow: parent run %s (%s)", run_id, tracking.configure(ws))
+        log.info("MLflow: parent run %s (%s)", run_id, tracking.configure(ws), extra=CONSOLE)
     return summary
 
 

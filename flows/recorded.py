@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 MARKER = Path("reports") / ".mlflow-record.json"
+SUMMARY_TAG = "vitq.summary_sha256"  # on each parent run: the digest of the summary.json it recorded
 
 
 def tracking_uri(root: Path) -> str:
@@ -35,6 +36,30 @@ def is_recorded(root: Path, summary_file: Path) -> bool:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return False  # the store was deleted
     return rec.get("tracking_uri") == uri and rec.get("summary_sha256") == summary_digest(summary_file)
+
+
+def recorded_in_store(root: Path, summary_file: Path) -> str | None:
+    """The finished parent run that recorded this summary.json in the tracking store in use, asked of the store
+    itself (the marker is this folder's alone: a teammate's `git clone` + `dvc pull` of a workspace recorded in
+    a shared store has none). Found, the marker is written, so the next check needs no MLflow. Imports MLflow."""
+    uri = tracking_uri(root)
+    if not Path(summary_file).is_file() or (uri.startswith("sqlite:///")
+                                            and not Path(uri.removeprefix("sqlite:///")).is_file()):
+        return None
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return None
+    found = client.search_runs(experiments, filter_string=f"tags.`{SUMMARY_TAG}` = '{summary_digest(summary_file)}' "
+                                                          "and attributes.status = 'FINISHED'",
+                               order_by=["attributes.start_time DESC"])
+    for run in found:
+        if "mlflow.parentRunId" not in run.data.tags:
+            mark_recorded(root, summary_file, run.info.run_id)
+            return run.info.run_id
+    return None
 
 
 def mark_recorded(root: Path, summary_file: Path, run_id: str) -> None:

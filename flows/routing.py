@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from vitq.tasks.targets.registry import TARGETS
 from vitq.errors import VitqError
+from vitq.logs import CONSOLE
 
 log = logging.getLogger("vitq.flow")
 
@@ -108,7 +109,7 @@ def run_step(
         check_pool(client, pool)
         if not live_workers(client, pool):
             log.warning("%s: no live worker in work pool %r yet; waiting up to %.0f s for one", run_name, pool,
-                        start_timeout_s)
+                        start_timeout_s, extra=CONSOLE)
     for attempt in range(1, retries + 2):
         fr = run_deployment(deployment, parameters=parameters, timeout=0, flow_run_name=f"{run_name}#{attempt}",
                             tags=[f"pool:{pool}"])
@@ -119,13 +120,14 @@ def run_step(
                             final.state_type.value, attempt)
         if final.state_type.value == "COMPLETED":
             log.info("%s: completed on pool %r (worker %s)%s", run_name, where.pool, where.worker,
-                     f" after {attempt} attempts" if attempt > 1 else "")
+                     f" after {attempt} attempts" if attempt > 1 else "", extra=CONSOLE)
             return where
         message = (final.state.message or "").strip() if final.state else ""
         if final.state_type.value == "CRASHED" and attempt <= retries:
             delay = backoff_s * 2 ** (attempt - 1)
             log.warning("%s: crashed on pool %r (worker %s: %s); dispatching again in %.0f s (attempt %d of %d)",
-                        run_name, pool, where.worker, message or "no message", delay, attempt + 1, retries + 1)
+                        run_name, pool, where.worker, message or "no message", delay, attempt + 1, retries + 1,
+                        extra=CONSOLE)
             time.sleep(delay)
             continue
         raise StepFailed(f"{run_name} ended {final.state_name} on work pool {pool!r} (worker {where.worker}, "
@@ -159,7 +161,7 @@ def _follow(client, flow_run_id, pool: str, run_name: str, start_timeout_s: floa
         elif kind in (StateType.PENDING, StateType.RUNNING) and worker is not None:
             if worker not in live_workers(client, pool):
                 msg = f"worker {worker!r} of work pool {pool!r} stopped heartbeating while running {run_name}"
-                log.warning("%s", msg)
+                log.warning("%s", msg, extra=CONSOLE)
                 client.set_flow_run_state(flow_run_id, Crashed(message=msg), force=True)
                 return client.read_flow_run(flow_run_id)
         time.sleep(POLL_S)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import zipfile
@@ -39,6 +40,7 @@ from vitq.tasks.model import load_model_spec
 from vitq.tasks.variant import load_variant, variant_dir
 from vitq.tasks.targets.registry import get_target
 from vitq.config import Params, params_hash
+from vitq.logs import CONSOLE
 
 log = logging.getLogger("vitq.flow")
 
@@ -91,6 +93,23 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _output_metrics(outputs: dict) -> dict[str, float]:
+    """A model with several outputs: each output's numbers as `output.<name>.<metric>` (its own metric function's
+    under `output.<name>.metrics.<key>`), `output.<name>.passed` as 0/1; names outside MLflow's characters get `_`."""
+    flat: dict[str, float] = {}
+    for name, record in outputs.items():
+        key = re.sub(r"[^A-Za-z0-9_\-. /]", "_", str(name))
+        for metric, value in record.items():
+            if isinstance(value, bool):
+                flat[f"output.{key}.{metric}"] = float(value)
+            elif isinstance(value, (int, float)):
+                flat[f"output.{key}.{metric}"] = float(value)
+            elif isinstance(value, dict):
+                flat.update({f"output.{key}.metrics.{re.sub(r'[^A-Za-z0-9_.-]', '_', str(k))}": float(x)
+                             for k, x in value.items() if isinstance(x, (int, float)) and not isinstance(x, bool)})
+    return flat
+
+
 _VARIANT_METRICS = (
     "size_mb", "compression", "int8_weight_fraction", "top1", "top1_drop", "agreement", "cosine", "sqnr_db",
     "psnr_db", "mask_iou", "miou", "miou_drop", "latency_ms_p50", "latency_ms_p95", "throughput_ips", "speedup",
@@ -113,9 +132,9 @@ def log_pipeline_run(
     key is returned as is, a half-logged one (its process died) is deleted and logged again, so a
     retry never duplicates or loses a record. Nothing ran (every stage up to date): nothing is logged, None.
     """
-    if not ran and recorded.is_recorded(ws.root, ws.summary_file):
+    if not ran and (recorded.is_recorded(ws.root, ws.summary_file) or recorded.recorded_in_store(ws.root, ws.summary_file)):
         # Every stage was up to date and MLflow holds this summary (a scheduled run on an unchanged workspace).
-        log.info("MLflow: nothing ran and this summary is recorded already: no new run")
+        log.info("MLflow: nothing ran and this summary is recorded already: no new run", extra=CONSOLE)
         return None
     configure(ws)
     exp_id = _experiment_id(params.experiment_name, ws)
@@ -166,6 +185,7 @@ def log_pipeline_run(
                 record = json.loads(meta.read_text())
                 metrics = {k: float(v[k]) for k in _VARIANT_METRICS if v.get(k) is not None}
                 metrics["passed"] = float(v["passed"])
+                metrics.update(_output_metrics(v.get("outputs") or {}))
                 if record.get("int8_mac_fraction") is not None:  # share of Linear/Conv MACs in INT8
                     metrics["int8_mac_fraction"] = float(record["int8_mac_fraction"])
                     mlflow.set_tag("float_layers", ",".join(record.get("float_layers", []))[:5000] or "none")
@@ -209,6 +229,7 @@ def log_pipeline_run(
                         "parent_run_id": parent.info.run_id, "workspace": str(ws.root)}
         decisions = register_best(mlflow.MlflowClient(), params.experiment_name, summary, child_runs, version_tags)
         mlflow.set_tags({f"registry.{target}": line[:500] for target, line in decisions.items()})
+        mlflow.set_tag(recorded.SUMMARY_TAG, recorded.summary_digest(ws.summary_file))  # last: a whole record
     recorded.mark_recorded(ws.root, ws.summary_file, parent.info.run_id)
     return parent.info.run_id
 

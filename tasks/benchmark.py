@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vitq.tasks._io import read_json, size_mb, write_json
+from vitq.tasks._progress import Progress
 from vitq.tasks.targets.onnx import backend as onnx_backend
 from vitq.tasks.data import load_split, model_inputs
 from vitq.tasks.model import load_model_spec
@@ -143,6 +144,7 @@ def _time_onnx(models: dict[str, Path], x: np.ndarray, cfg: BenchmarkConfig) -> 
     samples: dict[str, list[list[float]]] = {name: [] for name in sessions}  # per round
     per_round = max(1, cfg.repeats // cfg.rounds)
     names = list(sessions)
+    progress = Progress(log, "benchmark: round", cfg.rounds, every_s=0.0)
     for r in range(cfg.rounds):
         # Each round starts with the next model (a rotation), so that no model always follows the same one.
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -155,7 +157,7 @@ def _time_onnx(models: dict[str, Path], x: np.ndarray, cfg: BenchmarkConfig) -> 
                 t0 = time.perf_counter()
                 sess.run(None, feed)
                 samples[name][-1].append((time.perf_counter() - t0) * 1e3)
-        log.info("benchmark: round %d/%d", r + 1, cfg.rounds)
+        progress.step()
     timings = {}
     for name, rounds in samples.items():
         timings[name] = replace(timing(np.concatenate(rounds), models[name], cfg.batch_size, "fp32", "cpu"),

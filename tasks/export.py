@@ -6,12 +6,15 @@ quantization read.
 For an ONNX source (`model.source: onnx`) the file is checked again (FP32, ONNX checker) and normalised to
 what the later stages expect: input `input`, output `logits`, a dynamic batch axis, every node named
 (layers are found by node name); the result is verified against the file as given.
+
+A model with several outputs keeps their names (`vitq.tasks.model.named_outputs`: a tuple's `output_0`, ...,
+a dict's keys, an ONNX file's graph outputs); each is verified, and `export.json` lists them in order.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +22,14 @@ import torch
 
 from vitq.tasks._io import atomic_dir, read_json, write_json
 from vitq.tasks.data import load_split, model_inputs
-from vitq.tasks.model import ONNX_FILE, load_model, load_model_spec, predict
+from vitq.tasks.model import ONNX_FILE, load_model, load_model_spec, output_names, predict_outputs
 from vitq.tasks.tracing import TRACE_LOCK
 from vitq.config import ExportConfig
 
 log = logging.getLogger("vitq.export")
 
 INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
+OUTPUT_NAME = "logits"  # a model's one output; several keep their own names
 VERIFY_IMAGES = 64  # validation images compared between torch and ONNX Runtime
 
 
@@ -43,6 +46,7 @@ class ExportResult:
     verified_images: int
     size_mb: float
     versions: dict
+    outputs: list[str] = field(default_factory=lambda: [OUTPUT_NAME])  # the graph's outputs, in order
 
 
 def export_onnx(model_dir: Path, data_dir: Path, cfg: ExportConfig, out_dir: Path) -> ExportResult:
@@ -63,16 +67,17 @@ def export_model(model: torch.nn.Module, x: np.ndarray, cfg: ExportConfig, out_d
     import onnxruntime as ort
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    example = np.concatenate([x[:2]] * (3 - min(len(x), 2)))[:2]  # 2 rows: a batch of 1 would be specialised
+    names = _graph_names(output_names(model, example))
     with atomic_dir(out_dir) as tmp:
         onnx_path = tmp / "model.onnx"
         batch = torch.export.Dim("batch", min=1, max=1024)
-        example = np.concatenate([x[:2]] * (3 - min(len(x), 2)))[:2]  # 2 rows: a batch of 1 would be specialised
         with TRACE_LOCK:  # graph capture is not thread-safe; variants may export concurrently
             program = torch.onnx.export(
                 model,
                 (torch.from_numpy(example),),
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=list(names),
                 opset_version=cfg.opset,
                 dynamo=True,
                 external_data=False,
@@ -82,13 +87,13 @@ def export_model(model: torch.nn.Module, x: np.ndarray, cfg: ExportConfig, out_d
             )
         program.save(str(onnx_path), external_data=False)
         onnx.checker.check_model(str(onnx_path), full_check=True)
-        expected = predict(model, x)
+        expected = dict(zip(names, predict_outputs(model, x).values()))
         sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        got = sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-        diff = float(np.max(np.abs(got - expected)))
+        got = dict(zip(names, sess.run(list(names), {INPUT_NAME: x})))
+        diff, worst = _max_abs_diff(got, expected)
         if not diff <= cfg.max_abs_diff:
             raise ExportMismatch(
-                f"ONNX Runtime differs from torch by {diff:.3g} (max abs, logits) > export.max_abs_diff "
+                f"ONNX Runtime differs from torch by {diff:.3g} (max abs, {worst}) > export.max_abs_diff "
                 f"{cfg.max_abs_diff}; the exported graph is not faithful"
             )
         quant_pre_process(str(onnx_path), str(tmp / "model.prep.onnx"), skip_symbolic_shape=True)
@@ -101,22 +106,42 @@ def export_model(model: torch.nn.Module, x: np.ndarray, cfg: ExportConfig, out_d
             verified_images=len(x),
             size_mb=onnx_path.stat().st_size / 2**20,
             versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+            outputs=list(names),
         )
         write_json(tmp / "export.json", asdict(result))
     log.info("export: opset %d, %.2f MB, max |ORT - torch| = %.2e on %d images", cfg.opset, result.size_mb, diff, len(x))
     return result
 
 
+def _graph_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The ONNX names of a model's outputs: one is `logits`; several keep theirs, none may be the input's."""
+    from vitq.errors import ModelError
+
+    if len(names) > 1 and INPUT_NAME in names:
+        raise ModelError(f"the model has an output named {INPUT_NAME!r} (outputs: {', '.join(names)}), the name of "
+                         "its input in the exported graph; rename that output")
+    return (OUTPUT_NAME,) if len(names) == 1 else names
+
+
+def _max_abs_diff(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> tuple[float, str]:
+    """The largest |got - expected| over every output, and which output it is in."""
+    diffs = {k: float(np.max(np.abs(got[k] - expected[k]))) if got[k].size else 0.0 for k in expected}
+    worst = max(diffs, key=lambda k: diffs[k] if diffs[k] == diffs[k] else float("inf"))  # NaN: the worst
+    return diffs[worst], worst
+
+
 def normalize_onnx(model, batch_dim: str = "batch"):
-    """The graph the later stages read: its one input renamed `input`, its one output `logits`, the batch axis
-    of both symbolic (`batch_dim`), every node named (`<op>_<i>` where unnamed), stale value_info dropped
-    (shape inference redoes it). Changes `model` (an onnx.ModelProto) in place and returns it."""
-    from vitq.tasks.sources import onnx_input_output
+    """The graph the later stages read: its one input renamed `input`, its one output `logits` (several outputs
+    keep their names), the batch axis of each symbolic (`batch_dim`), every node named (`<op>_<i>` where unnamed),
+    stale value_info dropped (shape inference redoes it). Changes `model` (an onnx.ModelProto) in place and
+    returns it."""
+    from vitq.tasks.sources import onnx_input_output, onnx_output_names
 
     g = model.graph
     inp, out = onnx_input_output(model)
+    _graph_names(onnx_output_names(model))  # several outputs: none may be called `input`
     used = {n for node in g.node for n in (*node.input, *node.output)} | {i.name for i in g.initializer}
-    renames = {inp.name: INPUT_NAME, out.name: OUTPUT_NAME}
+    renames = {inp.name: INPUT_NAME, **({out.name: OUTPUT_NAME} if len(g.output) == 1 else {})}
     for old, new in list(renames.items()):  # a tensor already called `input` / `logits` makes room first
         if new in used and new not in renames:
             renames[new] = next(f"{new}_{i}" for i in range(1, len(used) + 2) if f"{new}_{i}" not in used)
@@ -133,7 +158,7 @@ def normalize_onnx(model, batch_dim: str = "batch"):
     for vi in (*g.input, *g.output):
         vi.name = renames.get(vi.name, vi.name)
     del g.value_info[:]
-    for vi in (inp, out):
+    for vi in (inp, *g.output):
         dims = vi.type.tensor_type.shape.dim
         if dims:
             dims[0].Clear()
@@ -154,28 +179,30 @@ def export_onnx_file(path: Path, x: np.ndarray, cfg: ExportConfig, out_dir: Path
     import onnxruntime as ort
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from vitq.tasks.model import predict_onnx
-    from vitq.tasks.sources import check_onnx_file
+    from vitq.tasks.model import predict_onnx_outputs
+    from vitq.tasks.sources import check_onnx_file, onnx_output_names
     from vitq.errors import ModelError
 
     shown = f"the model's ONNX file {str(path)!r}"
     model = check_onnx_file(Path(path), shown)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    names = onnx_output_names(model)
     with atomic_dir(out_dir) as tmp:
         onnx_path = tmp / "model.onnx"
         onnx.save(normalize_onnx(model), str(onnx_path))
         onnx.checker.check_model(str(onnx_path), full_check=True)
-        expected = predict_onnx(Path(path), x, shown)
+        expected = predict_onnx_outputs(Path(path), x, shown)
         sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         try:
-            got = sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+            got = dict(zip(names, sess.run(list(names), {INPUT_NAME: x})))
         except Exception as exc:  # a batch size fixed inside the graph (a Reshape to [1, ...])
             raise ModelError(f"{shown} does not run at batch {len(x)} once its batch axis is dynamic "
                              f"({str(exc).strip().splitlines()[0]}); export it with a dynamic batch axis") from None
-        diff = float(np.max(np.abs(got - expected)))
+        diff, worst = _max_abs_diff(got, expected)
         if not diff <= cfg.max_abs_diff:
             raise ModelError(f"{shown} gives other outputs at batch {len(x)} than at its own batch size (max abs diff "
-                             f"{diff:.3g} > export.max_abs_diff {cfg.max_abs_diff}); export it with a dynamic batch axis")
+                             f"{diff:.3g} in {worst!r} > export.max_abs_diff {cfg.max_abs_diff}); export it with a "
+                             "dynamic batch axis")
         quant_pre_process(str(onnx_path), str(tmp / "model.prep.onnx"), skip_symbolic_shape=True)
         onnx.checker.check_model(str(tmp / "model.prep.onnx"))
         result = ExportResult(
@@ -186,6 +213,7 @@ def export_onnx_file(path: Path, x: np.ndarray, cfg: ExportConfig, out_dir: Path
             verified_images=len(x),
             size_mb=onnx_path.stat().st_size / 2**20,
             versions={"onnx": onnx.__version__, "onnxruntime": ort.__version__},
+            outputs=list(names),
         )
         write_json(tmp / "export.json", asdict(result))
     log.info("export: ONNX file %s, opset %d, %.2f MB, max |normalised - given| = %.2e on %d images",

@@ -20,6 +20,7 @@ import torch
 
 from vitq.tasks import zoo  # noqa: F401  (registers vitq's models with timm)
 from vitq.tasks._io import atomic_dir, read_json, write_json
+from vitq.tasks._progress import Progress
 from vitq.tasks.data import load_data_result, load_split, model_inputs
 from vitq.tasks.sources import Inputs, check_model_section, get_source
 from vitq.config import ModelConfig, TrainConfig
@@ -29,6 +30,7 @@ log = logging.getLogger("vitq.model")
 
 
 ONNX_FILE = "model.onnx"  # in the model dir, for an ONNX source: the checked FP32 file, as given
+SINGLE_OUTPUT = "logits"  # the name of a model's one output (the export names it so)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,14 @@ class ModelSpec:
     # existed have none: they were all timm.create_model(name, **create_kwargs).
     build: dict = field(default_factory=lambda: {"source": "timm"})
     input_contract: str = ""  # where input_size / mean / std came from
+    # The model's outputs, name -> per-image shape, in the order it returns them: one tensor is `logits`; a tuple
+    # `output_0`, `output_1`, ...; a dict its keys; an ONNX file its graph outputs. Empty (model.json files
+    # written before several outputs existed): one output, `logits`.
+    outputs: dict = field(default_factory=dict)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(self.outputs) or (SINGLE_OUTPUT,)
 
     @property
     def torch_model(self) -> bool:
@@ -92,17 +102,19 @@ def resolve_model(cfg: ModelConfig, data_dir: Path, out_dir: Path, seed: int, ro
     x = model_inputs(validation.images, mean, std)
     train_stats: dict = {}
     if loaded.model is None:
-        logits = predict_onnx(loaded.onnx_file, x, f"model.path {cfg.path!r}")
+        outputs = predict_onnx_outputs(loaded.onnx_file, x, f"model.path {cfg.path!r}")
     else:
         model = loaded.model
         _check_forward(model, x[:2], loaded.name)
         if cfg.source == "train":
             train_stats = train_classifier(model, data_dir, cfg.train, mean, std, seed)
         model.eval()
-        logits = predict(model, x)
+        outputs = predict_outputs(model, x)
+    logits = next(iter(outputs.values()))  # the first output: classes (N, classes) or maps (N, K, H, W)
     top1 = None
     labels = np.asarray(validation.labels)
-    if logits.ndim == 2 and logits.shape[1] == len(data.classes) and len(labels) and (labels >= 0).all():
+    if len(outputs) == 1 and logits.ndim == 2 and logits.shape[1] == len(data.classes) and len(labels) \
+            and (labels >= 0).all():
         top1 = float((logits.argmax(1) == labels).mean())
     spec = ModelSpec(
         name=loaded.name,
@@ -118,6 +130,7 @@ def resolve_model(cfg: ModelConfig, data_dir: Path, out_dir: Path, seed: int, ro
         versions={"torch": torch.__version__, **loaded.versions},
         build=loaded.build,
         input_contract=loaded.contract.origin,
+        outputs={name: list(out.shape[1:]) for name, out in outputs.items()},
     )
     with atomic_dir(out_dir) as tmp:
         if loaded.model is None:
@@ -136,7 +149,8 @@ def _first_line(exc: BaseException) -> str:
 
 def _check_forward(model: torch.nn.Module, x: np.ndarray, name: str) -> None:
     """One forward pass on 2 images: a model that fails on the data's shape, or returns something other than
-    one tensor, is one line here rather than a traceback stages later."""
+    a tensor, a tuple of tensors or a dict of them (`named_outputs`), is one line here rather than a traceback
+    stages later."""
     model.eval()
     try:
         with torch.inference_mode():
@@ -144,31 +158,71 @@ def _check_forward(model: torch.nn.Module, x: np.ndarray, name: str) -> None:
     except Exception as exc:  # the model's own code
         raise ModelError(f"model {name!r} fails on input of shape {list(x.shape)} ({type(exc).__name__}: "
                          f"{_first_line(exc)}); check data.channels / data.image_size and model.arch") from None
-    if not isinstance(out, torch.Tensor):
-        raise ModelError(f"model {name!r} returns a {type(out).__name__}; vitq compares one output tensor "
-                         "(N, classes) or (N, K, H, W): wrap it to return that tensor")
+    named_outputs(out, f"model {name!r}")
+
+
+def named_outputs(out, shown: str = "the model") -> dict[str, torch.Tensor]:
+    """A forward pass's result by output name: one output (a tensor, or a tuple / dict of one) is `logits`; a
+    tuple / list of tensors `output_0`, `output_1`, ...; a dict of tensors its keys (in order). Anything else
+    (nested, not float tensors) is a ModelError."""
+    if isinstance(out, torch.Tensor):
+        return {SINGLE_OUTPUT: out}
+    if isinstance(out, (tuple, list)):
+        items = [(f"output_{i}", v) for i, v in enumerate(out)]
+    elif isinstance(out, dict):
+        items = list(out.items())
+    else:
+        items = None
+    bad = None if items else type(out).__name__
+    for k, v in items or ():
+        if not isinstance(k, str) or not k:
+            bad = f"a dict with key {k!r}"
+        elif not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.ndim < 1:
+            bad = f"output {k!r} that is a {type(v).__name__}" + (
+                f" of dtype {v.dtype} and shape {list(v.shape)}" if isinstance(v, torch.Tensor) else "")
+        if bad:
+            break
+    if bad:
+        raise ModelError(f"{shown} returns {bad}; vitq compares float tensors (N, ...): one tensor, a tuple of "
+                         "them or a dict of them by name")
+    return {SINGLE_OUTPUT: items[0][1]} if len(items) == 1 else dict(items)
+
+
+def output_names(model: torch.nn.Module, x: np.ndarray) -> tuple[str, ...]:
+    """The names of `model`'s outputs (`named_outputs`), from one forward pass on the first 2 rows of `x`."""
+    with torch.inference_mode():
+        return tuple(named_outputs(model(torch.from_numpy(x[:2]))))
 
 
 def predict_onnx(path: Path, x: np.ndarray, shown: str) -> np.ndarray:
-    """FP32 outputs of an ONNX file, at its own batch size where it has a fixed one."""
+    """FP32 outputs of a single-output ONNX file, at its own batch size where it has a fixed one."""
+    return next(iter(predict_onnx_outputs(path, x, shown).values()))
+
+
+def predict_onnx_outputs(path: Path, x: np.ndarray, shown: str) -> dict[str, np.ndarray]:
+    """FP32 outputs of an ONNX file by graph output name (a single output: `logits`), at its own batch size
+    where it has a fixed one."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
+    names = [o.name for o in sess.get_outputs()]
     batch = inp.shape[0] if isinstance(inp.shape[0], int) else 64
     try:
-        return np.concatenate([_run_padded(sess, inp.name, x[i : i + batch], batch) for i in range(0, len(x), batch)])
+        batches = [_run_padded(sess, inp.name, x[i : i + batch], batch) for i in range(0, len(x), batch)]
     except Exception as exc:  # onnxruntime's Fail / InvalidArgument / RuntimeException
         raise ModelError(f"{shown} does not run on the data (N, {', '.join(map(str, x.shape[1:]))}) in ONNX Runtime: "
                          f"{_first_line(exc)}") from None
+    keys = [SINGLE_OUTPUT] if len(names) == 1 else names
+    return {k: np.concatenate([b[j] for b in batches]) for j, k in enumerate(keys)}
 
 
-def _run_padded(sess, name: str, xb: np.ndarray, batch: int) -> np.ndarray:
-    """One batch; a last short batch of a fixed-batch model is padded by repeating its last image."""
+def _run_padded(sess, name: str, xb: np.ndarray, batch: int) -> list[np.ndarray]:
+    """One batch, every output; a last short batch of a fixed-batch model is padded by repeating its last image."""
     n = len(xb)
     if n < batch and batch > 0:
         xb = np.concatenate([xb, np.repeat(xb[-1:], batch - n, axis=0)])
-    return sess.run(None, {name: xb})[0][:n]
+    return [o[:n] for o in sess.run(None, {name: xb})]
 
 
 def load_model_spec(model_dir: Path) -> ModelSpec:
@@ -190,14 +244,24 @@ def load_model(model_dir: Path) -> tuple[torch.nn.Module, ModelSpec]:
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """Outputs of a single-output model on `x` (N, C, H, W); `predict_outputs` for a model with several."""
     out = [model(torch.from_numpy(x[i : i + batch_size])).float().numpy() for i in range(0, len(x), batch_size)]
     return np.concatenate(out)
+
+
+@torch.inference_mode()
+def predict_outputs(model: torch.nn.Module, x: np.ndarray, batch_size: int = 128) -> dict[str, np.ndarray]:
+    """Every output of `model` on `x` (N, C, H, W), by name (`named_outputs`)."""
+    batches = [{k: v.float().numpy() for k, v in named_outputs(model(torch.from_numpy(x[i : i + batch_size]))).items()}
+               for i in range(0, len(x), batch_size)]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
 def train_classifier(
     model: torch.nn.Module, data_dir: Path, cfg: TrainConfig, mean, std, seed: int
 ) -> dict:
-    """Deterministic AdamW + one-cycle training on the training split; logs progress every epoch."""
+    """Deterministic AdamW + one-cycle training on the training split; logs progress (and validation top-1) every
+    tenth of the epochs."""
     import torch.nn.functional as F
 
     train = load_split(data_dir, "train")
@@ -218,6 +282,7 @@ def train_classifier(
     start = time.perf_counter()
     loss = torch.tensor(float("nan"))
     s = cfg.max_shift_px
+    progress, reported = Progress(log, "train: epoch", cfg.epochs, every_s=0.0), 0
     for epoch in range(cfg.epochs):
         model.train()
         perm = torch.randperm(len(y), generator=gen)
@@ -235,10 +300,8 @@ def train_classifier(
         if (epoch + 1) % max(1, cfg.epochs // 10) == 0 or epoch + 1 == cfg.epochs:
             model.eval()
             acc = float((predict(model, xv).argmax(1) == validation.labels).mean())
-            log.info(
-                "train: epoch %d/%d loss %.3f val top-1 %.4f (%.0fs)",
-                epoch + 1, cfg.epochs, loss.item(), acc, time.perf_counter() - start,
-            )
+            progress.step(f"loss {loss.item():.3f} val top-1 {acc:.4f}", n=epoch + 1 - reported)
+            reported = epoch + 1
     torch.use_deterministic_algorithms(False)
     log.info("train: %d epochs in %.0fs", cfg.epochs, time.perf_counter() - start)
     return {"epochs": cfg.epochs, "final_loss": round(loss.item(), 4)}

@@ -65,6 +65,8 @@ def build_summary(
                 **({"psnr_db": m.psnr_db, "mask_iou": m.mask_iou, "miou": m.miou, "miou_drop": m.miou_drop}
                    if m.mask_iou is not None else {}),
                 **({"metrics": m.extra} if m.extra else {}),
+                # several outputs: each one's checks against FP32 (judged: the task's metrics too) and verdict
+                **({"outputs": val.outputs} if val.outputs else {}),
                 "latency_ms_p50": t.latency_ms_p50 if t else None,
                 "latency_ms_p95": t.latency_ms_p95 if t else None,
                 "throughput_ips": t.throughput_ips if t else None,
@@ -91,6 +93,7 @@ def build_summary(
             "top1": reference.metrics.top1,
             **({"miou": reference.metrics.miou} if dense else {}),
             **({"metrics": reference.metrics.extra} if reference.metrics.extra else {}),
+            **({"outputs": reference.outputs} if reference.outputs else {}),
             "size_mb": fp32_size_mb,
             "latency_ms_p50": base_t.latency_ms_p50 if base_t else None,
             "latency_ms_p95": base_t.latency_ms_p95 if base_t else None,
@@ -178,6 +181,10 @@ def write_report(summary: dict, summary_path: Path, report_path: Path) -> str:
             lines.append(f"- {v['name']}: {against}: never takes the @{v['target']} registry alias")
         for metric, why in v["not_measured"].items():
             lines.append(f"- {v['name']}: {metric} not measured: {why}")
+        if v.get("outputs"):
+            lines.append(f"- {v['name']} outputs vs FP32: " + "; ".join(
+                f"{name}{' (judged)' if o['judged'] else ''} SQNR {_fmt(o['sqnr_db'], '.1f')} dB, cosine "
+                f"{_fmt(o['cosine'], '.4f')}{'' if o['passed'] else ', FAIL'}" for name, o in v["outputs"].items()))
     for nr in summary["not_run"]:
         lines.append(f"- {nr['name']} not run: {nr['reason']}")
     with atomic_file(report_path) as tmp:

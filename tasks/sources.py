@@ -394,8 +394,9 @@ MIN_ONNX_OPSET = 13  # per-channel QuantizeLinear / DequantizeLinear (the static
 
 def check_onnx_file(path: Path, shown: str) -> onnx.ModelProto:
     """The ONNX file, loaded, if it is an FP32 model vitq can quantize: the ONNX checker passes; one input
-    (N, C, H, W) and one output, both FLOAT; every float initializer and constant FLOAT; no quantized op, no
-    cast to a narrower float; default-domain opset >= 13. Anything else is one `ModelError` naming it."""
+    (N, C, H, W) and one or more outputs (several: task.outputs says which are judged), all FLOAT; every float
+    initializer and constant FLOAT; no quantized op, no cast to a narrower float; default-domain opset >= 13.
+    Anything else is one `ModelError` naming it."""
     import onnx
     from onnx import TensorProto
 
@@ -413,11 +414,11 @@ def check_onnx_file(path: Path, shown: str) -> onnx.ModelProto:
     dtype = TensorProto.DataType.Name
     init_names = {i.name for i in g.initializer}
     inputs = [i for i in g.input if i.name not in init_names]
-    if len(inputs) != 1 or len(g.output) != 1:
+    if len(inputs) != 1 or not g.output:
         raise ModelError(f"{shown} has {len(inputs)} input(s) ({', '.join(i.name for i in inputs)}) and "
                          f"{len(g.output)} output(s) ({', '.join(o.name for o in g.output)}); vitq feeds one image "
-                         "tensor (N, C, H, W) and compares one output tensor")
-    for kind, vi in (("input", inputs[0]), ("output", g.output[0])):
+                         "tensor (N, C, H, W) and compares the outputs")
+    for kind, vi in (("input", inputs[0]), *(("output", o) for o in g.output)):
         if vi.type.tensor_type.elem_type != TensorProto.FLOAT:
             raise ModelError(f"{shown}: {kind} {vi.name!r} is {dtype(vi.type.tensor_type.elem_type)}, not FLOAT: "
                              "give the FP32 model")
@@ -448,9 +449,16 @@ def check_onnx_file(path: Path, shown: str) -> onnx.ModelProto:
 
 
 def onnx_input_output(model: onnx.ModelProto) -> tuple[Any, Any]:
-    """The graph input (not an initializer) and output of a checked single-input, single-output model."""
+    """The graph input (not an initializer) and first output of a checked model (`onnx_outputs`: all of them)."""
     init_names = {i.name for i in model.graph.initializer}
     return next(i for i in model.graph.input if i.name not in init_names), model.graph.output[0]
+
+
+def onnx_output_names(model: onnx.ModelProto) -> tuple[str, ...]:
+    """The names vitq gives a checked model's outputs: its one output is `logits` (the export renames it so);
+    several keep their graph names."""
+    names = tuple(o.name for o in model.graph.output)
+    return ("logits",) if len(names) == 1 else names
 
 
 def static_dims(value_info) -> list[int | None]:

@@ -90,6 +90,36 @@ def _cosine(ref: np.ndarray, out: np.ndarray) -> float:
     return float(np.mean(np.sum(r * o, axis=1) / np.maximum(norms, 1e-12)))
 
 
+class Fidelity:
+    """SQNR and cosine of one output against FP32's, accumulated a batch at a time (float64): the same numbers
+    `_sqnr_db` and `_cosine` give on the whole arrays, holding one batch."""
+
+    def __init__(self) -> None:
+        self.signal = self.noise = self.cosine_sum = 0.0
+        self.images = 0
+
+    def add(self, ref: np.ndarray, out: np.ndarray) -> None:
+        if ref.shape != out.shape:
+            raise DataError(f"the variant's output has shape {tuple(out.shape[1:])} per image, FP32's "
+                            f"{tuple(ref.shape[1:])}")
+        r = np.asarray(ref, np.float64).reshape(len(ref), -1)
+        o = np.asarray(out, np.float64).reshape(len(out), -1)
+        self.signal += float(np.sum(r**2))
+        self.noise += float(np.sum((r - o) ** 2))
+        norms = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)
+        self.cosine_sum += float(np.sum(np.sum(r * o, axis=1) / np.maximum(norms, 1e-12)))
+        self.images += len(r)
+
+    @property
+    def sqnr_db(self) -> float:
+        with np.errstate(divide="ignore"):  # an all-zero reference: -inf dB
+            return float("inf") if self.noise == 0 else float(10 * np.log10(self.signal / self.noise))
+
+    @property
+    def cosine(self) -> float:
+        return self.cosine_sum / max(self.images, 1)
+
+
 @dataclass(frozen=True)
 class Classification:
     name: str = "classification"

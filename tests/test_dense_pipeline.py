@@ -1,7 +1,7 @@
 """A dense model of the user's own (model.source: python) on image folders without labels but with ground-truth
-masks, through the stages with task.kind: dense: the reference records the task, every variant is judged by mask
-IoU against FP32 and mIoU against the masks, the summary and its table say so, and recovery steers to the dense
-budget."""
+masks, in a workspace made the user's way (`vitq init --task dense`, then params.yaml edited), through the stages
+with task.kind: dense: the reference records the task, every variant is judged by mask IoU against FP32 and mIoU
+against the masks, the summary and its table say so, and recovery steers to the dense budget."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from tests.conftest import make_workspace, tiny_params
 
 MODEL_PY = '''
 import torch
@@ -65,44 +63,50 @@ def _scenes(root: Path, rng: np.random.Generator) -> None:
                 Image.fromarray(mask).save(root / "val_masks" / f"{i:03d}.png")
 
 
+# What the user edits in the params.yaml `vitq init` wrote: a looser verdict, a stricter recovery budget, and
+# this test's speed (few images, short timings).
+EDITS = {
+    ("validate", "min_mask_iou"): 0.5, ("validate", "max_miou_drop"): 20.0,
+    ("recovery", "min_mask_iou"): 0.98, ("recovery", "sensitivity_images"): 8, ("recovery", "search_images"): 24,
+    ("quantize", "carry"): {},  # no Core ML copy of onnx-w8a8-auto here
+    ("calibration", "num_bins"): 512, ("benchmark", "warmup"): 2, ("benchmark", "repeats"): 20,
+    ("benchmark", "rounds"): 2,
+}
+
+
 @pytest.fixture(scope="module")
 def dense_ws(tmp_path_factory):
+    """The user's path: their factory file and scenes in a folder, `vitq init --task dense` there, params.yaml
+    edited, then the stages."""
+    from vitq.cli import main
+    from vitq.init_workspace import set_value
+    from vitq.params import load_params
     from vitq.tasks import stages
     from vitq.tasks.layout import Workspace
-    from vitq.params import parse_params
 
     root = tmp_path_factory.mktemp("dense") / "ws"
     _scenes(root / "scenes", np.random.default_rng(0))
-    (root).mkdir(exist_ok=True)
     (root / "segmenter.py").write_text(MODEL_PY)
-    raw = tiny_params(
-        task={"kind": "dense", "masks": "threshold", "mask_threshold": 0.0, "metric": None},
-        data={"source": "imagefolder", "path": str(root / "scenes"), "image_size": 16, "channels": 1},
-        quantize={"recipes": ["onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-auto"], "carry": {}, "define": {}},
-        validate={"min_mask_iou": 0.5, "max_miou_drop": 20.0, "min_sqnr_db": None},
-        recovery={"min_mask_iou": 0.98, "sensitivity_images": 8, "search_images": 24},
-    )
-    for key in ("max_top1_drop",):  # the classification budget keys of the base params do not apply
-        raw["validate"].pop(key, None)
-        raw["recovery"].pop(key, None)
-    raw["model"] = {"source": "python", "factory": "segmenter.py:build", "arch": {"dim": 16, "masks": 2},
-                    "mean": [0.5], "std": [0.25]}
-    make_workspace(root, raw, dvc=False)
-    p = parse_params(raw)
+    code = main(["init", str(root), "--model", f"python:{root / 'segmenter.py'}:build", "--task", "dense",
+                 "--data", str(root / "scenes"), "--mean", "0.5", "--std", "0.25", "--image-size", "16",
+                 "--channels", "1", "--arch", "{dim: 16, masks: 2}",
+                 "--recipes", "onnx-w8-dynamic,onnx-w8a8-minmax,onnx-w8a8-auto"])
+    assert code == 0
+    text = (root / "params.yaml").read_text()
+    assert "  max_top1_drop:" not in text  # init wrote the dense budget keys, nothing to remove by hand
+    for (section, key), value in EDITS.items():
+        text = set_value(text, section, key, value)
+    (root / "params.yaml").write_text(text)
+    p = load_params(root / "params.yaml")
+    assert (p.model.factory, p.data.path, p.task.kind) == ("segmenter.py:build", "scenes", "dense")
     ws = Workspace(root)
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(root)  # the factory path is relative to the workspace
-    try:
-        for name in ("data", "model", "export", "calibrate", "reference", "plan"):
-            stages.STAGES[name](ws, p)
-        for name in p.quantize.recipes:
-            stages.run_variant(ws, p, name)
-        stages.run_benchmark(ws, p)
-        table = stages.run_report(ws, p)
-    finally:
-        os.chdir(cwd)
+    stages.preflight(ws, p)
+    for name in ("data", "model", "export", "calibrate", "reference", "plan"):
+        stages.STAGES[name](ws, p)
+    for name in p.quantize.recipes:
+        stages.run_variant(ws, p, name)
+    stages.run_benchmark(ws, p)
+    table = stages.run_report(ws, p)
     return ws, p, table
 
 

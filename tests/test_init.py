@@ -53,7 +53,8 @@ def _init(ws: Path, user: Path, *extra: str) -> subprocess.CompletedProcess:
 def test_templates_are_the_repository_workspace():
     """What init writes is the documented workspace itself: the package's copies equal the root's files."""
     assert template("params.yaml") == (REPO / "params.yaml").read_text()
-    assert template("dvc.yaml") == (REPO / "dvc.yaml").read_text()
+    assert template("dvc-pipeline.yaml") == (REPO / "dvc.yaml").read_text()
+    assert not (REPO / "vitq" / "templates" / "dvc.yaml").exists()  # DVC would read it as a pipeline (test_team_path)
 
 
 def test_set_value_keeps_comments_and_replaces_continued_values():
@@ -66,6 +67,56 @@ def test_set_value_keeps_comments_and_replaces_continued_values():
     assert out.count("\n#") == text.count("\n#") and out.count("  # ") == text.count("  # ")  # comments kept
     with_comment = set_value(text, "data", "path", "images")
     assert "  path: images                # imagefolder root" in with_comment  # the value's own comment, in its column
+
+
+def test_set_value_wraps_a_long_list_as_the_template_does():
+    recipes = ["onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy",
+               "onnx-w8a8-auto", "onnx-w8a8-smoothquant", "onnx-w8a8-search", "tensorrt-w8a8-percentile", "coreml-fp16"]
+    out = set_value(template("params.yaml"), "quantize", "recipes", recipes)
+    assert yaml.safe_load(out)["quantize"]["recipes"] == recipes
+    lines = out.split("\n")
+    first = "  recipes: [onnx-w8-dynamic, onnx-w8a8-minmax, onnx-w8a8-percentile, onnx-w8a8-entropy, onnx-w8a8-auto,"
+    written = lines[lines.index(first):][:2]
+    assert written[1] == "            onnx-w8a8-smoothquant, onnx-w8a8-search, tensorrt-w8a8-percentile, coreml-fp16]"
+    again = set_value(out, "quantize", "recipes", ["onnx-w8-dynamic"])  # a wrapped value is replaced whole
+    assert yaml.safe_load(again)["quantize"]["recipes"] == ["onnx-w8-dynamic"] and "onnx-w8a8-search" not in again
+
+
+@pytest.mark.parametrize("kind, labelled, masks", [("dense", False, True), ("dense", True, False),
+                                                   ("classification", False, False)])
+def test_task_text_writes_the_budget_keys_of_the_task(kind, labelled, masks):
+    """The template is a classification workspace: --task dense gets the dense keys in validate and recovery (no
+    max_top1_drop, which a dense params.yaml refuses), each with its comment; no labels: the comment says
+    disagreement."""
+    from vitq.config import BUDGET_KEYS
+    from vitq.init_workspace import task_text
+    from vitq.params import parse_params
+
+    text = task_text(template("params.yaml"), kind, labelled, masks)
+    p = parse_params(yaml.safe_load(text))
+    assert p.task.kind == kind
+    raw = yaml.safe_load(text)
+    for section in ("validate", "recovery"):
+        written = {k for keys in BUDGET_KEYS.values() for k in keys if k in raw[section]}
+        assert written == set(BUDGET_KEYS[kind]), (section, written)
+        for key in written:
+            line = next(ln for ln in text.split("\n") if ln.startswith(f"  {key}:") and ln in _section(text, section))
+            assert "  # " in line, line
+    if kind == "dense":
+        assert p.validate_.max_miou_drop == p.recovery.max_miou_drop == (1.0 if masks else None)
+        assert (raw["task"]["masks"], raw["task"]["mask_threshold"]) == ("threshold", 0.0)
+        assert "# dense only:" not in text  # the comment that described them is now the keys
+    else:
+        assert "disagreement with FP32" in _section(text, "validate")
+    assert text.count("\n") - template("params.yaml").count("\n") == (2 if kind == "dense" else 0)
+
+
+def _section(text: str, name: str) -> str:
+    lines = text.split("\n")
+    start = lines.index(f"{name}:")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith((" ", "#"))),
+               len(lines))
+    return "\n".join(lines[start:end])
 
 
 def test_init_writes_a_workspace_from_the_options(tmp_path, user_files):

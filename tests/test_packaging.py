@@ -48,7 +48,7 @@ def test_the_wheel_holds_every_module_of_the_tree(wheel):
     in_wheel |= {name.removesuffix(".__init__") for name in in_wheel}
     missing = sorted(set(_modules()) - in_wheel)
     assert not missing, f"modules of the tree not in the wheel (add their package to pyproject.toml): {missing}"
-    assert "vitq/templates/params.yaml" in wheel.namelist()
+    assert {"vitq/templates/params.yaml", "vitq/templates/dvc-pipeline.yaml"} <= set(wheel.namelist())
 
 
 def _imports(path: Path, mods: dict[str, Path]) -> set[str]:

@@ -64,6 +64,43 @@ def test_summary_follows_the_contract(ran):
     assert "onnx-w8a8-entropy" in proc.stdout  # the table printed at the end
 
 
+def _log_named(ws, console: str):
+    """The file the console's `full log: <path>` line names (relative to the workspace, where vitq ran)."""
+    (line,) = [ln for ln in console.splitlines() if ln.startswith("full log: ")]
+    path = ws / line.removeprefix("full log: ")
+    assert path.is_file() and path.parent == ws / "reports" / "logs", line
+    return path
+
+
+def test_the_console_is_quiet_and_the_log_file_holds_the_rest(ran):
+    """vitq's lines on the console (a line per stage and variant with its time, the table, where the log is);
+    Prefect's state lines, DVC's lock-file lines, warnings and progress bars in the log file."""
+    ws, proc = ran
+    console = proc.stdout + proc.stderr
+    lines = console.splitlines()
+    assert len(lines) <= 60, f"{len(lines)} console lines:\n{console}"
+    # (a progress bar's \r reads as a line end in text mode: its "%|" is what shows it here)
+    for noise in ("Finished in state", "Updating lock file", "Generating lock file", "Starting temporary server",
+                  "Downloading artifacts", "Failed to load", "Warning", "%|", "\r"):
+        assert noise not in console, (noise, console)
+    for name in ("data", "model", "export", "calibrate", "reference", "plan", "benchmark", "report"):
+        assert re.search(rf"^{name}: done in [\d.]+ s$", console, re.M), name
+    for recipe in tiny_params()["quantize"]["recipes"]:  # a line per variant
+        line = rf"^{recipe}: (quantize \+ validate done in [\d.]+ s|not run here: .+)$"
+        assert re.search(line, console, re.M), recipe
+    assert proc.stdout.splitlines()[-1].startswith("full log: ")  # the last line
+    with open(_log_named(ws, proc.stdout), encoding="utf-8", newline="") as f:  # \r kept
+        log = f.read()
+    assert "Finished in state Completed()" in log and "Updating lock file 'dvc.lock'" in log  # Prefect's, DVC's
+    assert "coremltools" in log and "\r" in log  # a library's warnings and its progress bars
+    assert "vitq.flow: calibrate: running" in log  # vitq's other lines
+    assert "vitq.validate: validate: onnx-w8a8-minmax" in log
+    again = vitq(["run"], ws)  # nothing to do: the table, one line, where the log is
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len((again.stdout + again.stderr).splitlines()) <= 20, again.stdout + again.stderr
+    assert _log_named(ws, again.stdout) != _log_named(ws, proc.stdout)  # a log file per run
+
+
 def test_mlflow_has_parent_and_child_runs(ran):
     import mlflow
 
@@ -110,7 +147,7 @@ def test_rerun_with_nothing_changed_runs_nothing(ran):
     out = again.stdout + again.stderr
     assert "up to date (dvc.lock): nothing ran, nothing new recorded" in out, out[-2000:]
     assert "onnx-w8a8-entropy" in again.stdout  # the table
-    assert "Starting temporary server" not in out and ": running" not in out, out[-2000:]
+    assert "Starting temporary server" not in out and ": running" not in out and " done in " not in out, out[-2000:]
     assert _mlflow_run_ids(ws) == before
     # It stays near-instant: neither torch nor ONNX Runtime nor Prefect is imported on the way (seconds each).
     light = subprocess.run(
@@ -173,7 +210,8 @@ def test_changing_the_percentile_requantizes_only_the_variants_that_read_it(ran)
     before = _mlflow_run_ids(ws)
     again = vitq(["run"], ws)  # one record: the flow agrees with what dvc repro ran, and records it in MLflow
     assert again.returncode == 0, again.stderr[-3000:]
-    assert re.findall(r"([\w@.-]+): running\b", again.stdout + again.stderr) == []
+    assert re.findall(r"^([\w@.-]+): .*\bdone in\b", again.stdout + again.stderr, re.M) == []  # nothing ran
+    assert "up to date (dvc.lock), skipped: data, model, export, calibrate" in again.stdout + again.stderr
     # MLflow: one new parent, a child only for each variant that changed; the others are linked to the runs
     # that hold them (made by the first run).
     import mlflow

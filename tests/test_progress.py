@@ -4,6 +4,7 @@ tensor for its progress, gives the ranges ONNX Runtime's collector gives."""
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -25,6 +26,25 @@ def test_progress_lines_count_up_with_eta_and_end_with_the_total(caplog):
         for _ in range(100):
             p.step()
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["quiet: 1/100", "quiet: 100/100"]
+
+
+def test_the_console_gets_a_few_progress_lines_of_long_loops_only(caplog, monkeypatch):
+    """Every line goes to the log file; the console (records marked CONSOLE) gets none in a loop's first 30 s, then
+    at most one every 30 s and a fifth of the loop apart: at most four, the last left to the stage's own line."""
+    from vitq.tasks import _progress
+
+    log = logging.getLogger("vitq.test.progress")
+    for seconds_each, most in ((0.2, 0), (10.0, 4)):  # a 20 s loop, a 1000 s one
+        clock = iter(range(10_000))
+        monkeypatch.setattr(_progress, "time", SimpleNamespace(perf_counter=lambda: next(clock) * seconds_each))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="vitq.test.progress"):
+            p = _progress.Progress(log, "work: item", 100, every_s=0.0)
+            for _ in range(100):
+                p.step()
+        assert len(caplog.records) == 100
+        shown = [r.getMessage().split(" (")[0] for r in caplog.records if getattr(r, "console", False)]
+        assert len(shown) == most and "work: item: 100/100" not in shown, shown
 
 
 def test_entropy_search_with_progress_equals_onnxruntime_collector():

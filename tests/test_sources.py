@@ -44,11 +44,11 @@ FACTORY = textwrap.dedent('''
         return {"weights": 1}
 
 
-    def two_outputs(**kwargs):
-        class Two(Tiny):
+    def nested_outputs(**kwargs):
+        class Nested(Tiny):
             def forward(self, x):
-                return super().forward(x), x
-        return Two()
+                return super().forward(x), [x]
+        return Nested()
 ''')
 
 
@@ -145,7 +145,7 @@ def test_tiny_torchvision_vit_from_a_factory_goes_through_core_ml_w8a8_with_ever
         ("models/tiny.py:nowhere", {}, "'models/tiny.py' has no 'nowhere'"),
         ("models/tiny.py:broken", {}, "model.factory 'models/tiny.py:broken' raised RuntimeError: no such width"),
         ("models/tiny.py:not_a_module", {}, "returned a dict, not a torch.nn.Module"),
-        ("models/tiny.py:two_outputs", {}, "returns a tuple; vitq compares one output tensor"),
+        ("models/tiny.py:nested_outputs", {}, "returns output 'output_1' that is a list; vitq compares float tensors"),
         ("models/tiny.py:build", {"arch": {"depth": 3}}, "raised TypeError: build() got an unexpected keyword"),
         ("no_such_package.models:build", {}, "no module named 'no_such_package'"),
     ],

@@ -14,7 +14,10 @@ import pytest
 
 from conftest import tiny_params, workspace_copy
 
-RECIPES = ["onnx-w8-dynamic", "onnx-w8a8-minmax"]
+# coreml-fp16: Core ML cannot time it here (not measured), so the speed gate cannot keep it from the registry and
+# the @coreml alias is certain where it passes (FP16 of FP32 does); the ONNX aliases depend on timings on a loaded
+# 2-core machine.
+RECIPES = ["onnx-w8-dynamic", "onnx-w8a8-minmax", "coreml-fp16"]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +94,7 @@ def test_each_variant_is_a_logged_onnx_model_with_signature_example_and_metrics(
 def _check_logged_models(client, summary, children):
     import mlflow
 
-    for v in summary["variants"]:
+    for v in [v for v in summary["variants"] if v["target"] == "onnx"]:
         run = children[v["name"]]
         (output,) = run.outputs.model_outputs
         model = client.get_logged_model(output.model_id)
@@ -118,7 +121,9 @@ def test_registered_versions_come_from_the_logged_models(recorded):
     _, summary, client, first, _, _ = recorded
     exp = client.get_experiment_by_name(summary["model"])
     children = _children(client, exp.experiment_id, first)
-    for target, v in best_per_target(summary).items():
+    best = best_per_target(summary)
+    assert "coreml" in best, summary["variants"]  # not timed here, passed: registration is certain
+    for target, v in best.items():
         mv = client.get_model_version_by_alias(summary["model"], target)
         model_id = children[v["name"]].outputs.model_outputs[0].model_id
         assert mv.source == f"models:/{model_id}" and mv.run_id == children[v["name"]].info.run_id

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from vitq.tasks.targets.base import Reference
     from vitq.tasks.variant import VariantArtifact
     from vitq.tasks.validate import ValidationResult
-    from vitq.config import ValidateConfig
+    from vitq.config import TaskConfig, ValidateConfig
 
 log = logging.getLogger("vitq.api")
 
@@ -59,7 +59,7 @@ def quantize(
     *,
     workdir: str | Path | None = None,
 ) -> Variant:
-    """Quantize `model` (FP32, classification logits out) with the named recipe.
+    """Quantize `model` (FP32: one output tensor, or several as a tuple or a dict of tensors) with the named recipe.
 
     `calibration`: model inputs (N, C, H, W), preprocessed as the model expects: a tensor, an array, or an
     iterable of such batches (a DataLoader's `(images, labels)` items: the images are used).
@@ -91,10 +91,13 @@ def quantize(
     model = copy.deepcopy(model).eval()
     try:
         with torch.inference_mode():
-            model(torch.from_numpy(x[:2]))
+            out = model(torch.from_numpy(x[:2]))
     except Exception as exc:  # the user's model on the user's inputs: say which, in one line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"the model cannot run on calibration inputs of shape {tuple(x[:2].shape)}: {first}") from None
+    from vitq.tasks.model import named_outputs
+
+    named_outputs(out, "the model")  # a tensor, a tuple or a dict of them: anything else is one line here
 
     scratch = None if workdir is not None else tempfile.TemporaryDirectory(prefix="vitq-")
     root = Path(workdir if workdir is not None else scratch.name)
@@ -148,25 +151,48 @@ class Variant:
         """The file (or .mlpackage) the target's runtime serves."""
         return self.path / self.artifact.artifact
 
-    def predict(self, x, batch_size: int = 64) -> np.ndarray:
-        """Outputs (N, classes) of the variant, run by its target's runtime, on model inputs `x` (N, C, H, W)."""
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The model's outputs, in order, as the FP32 export names them: one is `logits`; a tuple's `output_0`,
+        `output_1`, ...; a dict's keys."""
+        from vitq.tasks.model import output_names
+
+        return output_names(self._model, self._ref.calibration)  # one forward pass on 2 images, no export
+
+    def predict(self, x, batch_size: int = 64) -> np.ndarray | dict[str, np.ndarray]:
+        """Outputs of the variant, run by its target's runtime, on model inputs `x` (N, C, H, W): one array for a
+        single-output model, `{name: array}` for a model with several (`output_names`)."""
+        from vitq.tasks import validate
+
         x = as_model_inputs(x, "x")
         why = self._target.missing_executor()
         if why:
             raise VitqError(f"cannot predict with {self.name} here: {why}")
-        return self._target.predict(self.served, x, batch_size)
+        names = self.output_names
+        out = validate.variant_batches(self.served, x, batch_size, self._target.predict, names,
+                                       self._target.predict_outputs)
+        if isinstance(out, np.ndarray):
+            return out
+        batches = list(out)
+        return {n: np.concatenate([b[n] for b in batches]) for n in names}
 
-    def validate(self, inputs, labels=None, budget: ValidateConfig | None = None) -> ValidationResult:
+    def validate(self, inputs, labels=None, budget: ValidateConfig | None = None,
+                 task: TaskConfig | dict | None = None) -> ValidationResult:
         """Compare the variant with the FP32 model (its ONNX export, in ONNX Runtime) on `inputs` (N, C, H, W):
         top-1 and its drop (with `labels`), agreement, cosine, SQNR, as the validate stage computes them;
         `passed` against `budget` (default: params.yaml's validate defaults). Off macOS a Core ML variant is
-        judged by the torch program it was converted from, and the result says so (`runtime`, `not_measured`)."""
+        judged by the torch program it was converted from, and the result says so (`runtime`, `not_measured`).
+        `task`: params.yaml's task section (a TaskConfig or its mapping): the kind (`labels`: class labels, or
+        ground-truth masks (N, H, W) for dense) and, for a model with several outputs, `outputs`: which are
+        judged and how; every other output is checked against FP32 (`result.outputs`: per output)."""
         from vitq.tasks import validate
         from vitq.tasks.targets.onnx import backend as onnx_backend
         from vitq.config import ValidateConfig
 
         budget = budget or ValidateConfig()
         x = as_model_inputs(inputs, "inputs")
+        if task is not None or len(self.output_names) > 1:
+            return self._validate_task(x, labels, budget, task)
         if labels is not None:
             labels = _as_array(labels, "labels").astype(np.int64).reshape(-1)
             if len(labels) != len(x):
@@ -180,6 +206,37 @@ class Variant:
             name=self.name, images=len(x), metrics=metrics, passed=not reasons, reasons=reasons,
             runtime=runtime, not_measured=not_measured,
         )
+
+    def _validate_task(self, x: np.ndarray, labels, budget: ValidateConfig, task) -> ValidationResult:
+        """`validate` by a task: several outputs (task.outputs names the judged ones), or a task kind given."""
+        from vitq.tasks import validate
+        from vitq.config import TaskConfig
+
+        if not isinstance(task, TaskConfig):
+            task = _config(TaskConfig, "task", **(task or {})) if isinstance(task, dict) or task is None else None
+            if task is None:
+                raise ConfigError("task must be a TaskConfig or a mapping like params.yaml's task section")
+        truth = None
+        if labels is not None:
+            truth = _as_array(labels, "labels")
+            truth = truth.astype(np.int64).reshape(-1) if task.kind == "classification" else truth.astype(np.int64)
+            if len(truth) != len(x):
+                raise DataError(f"labels has {len(truth)} entries for {len(x)} inputs; give one per input")
+        why = self._target.missing_executor()
+        names = self.output_names
+        runtime, not_measured = self._target.runtime_label(), {}
+        if why:  # judged by what stands in for the variant here (Core ML off macOS: its torch program)
+            if self._target.counterpart_batches(self.path, self.artifact, x[:1], 1) is None:
+                raise VitqError(f"cannot predict with {self.name} here: {why}")
+            counterpart = self._target.counterpart_batches
+            runtime, source = "torch counterpart", "the torch program it was converted from"
+            not_measured = {f"{self._target.name}_predict": f"{why}; metrics are from {source}"}
+            outputs = lambda x, bs: counterpart(self.path, self.artifact, x, bs)  # noqa: E731
+        else:
+            outputs = lambda x, bs: validate.variant_batches(  # noqa: E731
+                self.served, x, bs, self._target.predict, names, self._target.predict_outputs)
+        return validate.validate_against(self.name, self.fp32_onnx, outputs, x, task, truth, budget,
+                                         runtime=runtime, not_measured=not_measured)
 
     def benchmark(
         self, batch_size: int = 1, repeats: int = 200, *, warmup: int = 10, rounds: int = 20, threads: int = 2, inputs=None,

@@ -7,24 +7,21 @@ Bad input: one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from vitq import interrupt
+from vitq import interrupt, logs
 from vitq.errors import VitqError
 
 STAGE_NAMES = ("data", "model", "export", "calibrate", "reference", "plan", "quantize", "validate", "benchmark", "report")
 VARIANT_STAGES = ("quantize", "validate")  # one per variant: `vitq stage quantize RECIPE` (dvc.yaml's quantize@RECIPE)
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("vitq").setLevel(level)
-    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "root"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+_console = logging.getLogger("vitq")  # its lines with extra=logs.CONSOLE: on the console also while a log file is open
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,23 +32,29 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--model", default="train", help="timm:NAME | torchvision:NAME | python:FILE.py:FUNCTION | "
                       "onnx:FILE.onnx | train (default: the embedded digits ViT, trained here)")
     init.add_argument("--checkpoint", help="local weights for timm / torchvision / python (state dict or .safetensors)")
-    init.add_argument("--data", help="image folder: val/<class>/<image> (or val/<image>), and calibration/ or train/")
+    init.add_argument("--data", help="image folder: val/<class>/<image> (or val/<image>: no labels; val_masks/<image>.png: "
+                      "ground-truth masks for --task dense), and calibration/ or train/ (required but for --model train)")
     init.add_argument("--image-size", type=int, help="input side in pixels (default: the model's own)")
     init.add_argument("--channels", type=int, choices=(1, 3), help="1 or 3 (default: the model's own)")
     init.add_argument("--mean", help="per-channel input mean, e.g. 0.485,0.456,0.406 (default: the model library's)")
     init.add_argument("--std", help="per-channel input std, with --mean")
     init.add_argument("--num-classes", type=int, help="the model's outputs (default: the class folders of val/)")
     init.add_argument("--arch", default="{}", help="builder keyword arguments as a YAML mapping, e.g. '{img_size: 384}'")
-    init.add_argument("--task", default="classification", choices=("classification", "dense"))
-    init.add_argument("--recipes", help="comma-separated recipes (default: the documented list; `vitq recipes`)")
+    init.add_argument("--task", default="classification", choices=("classification", "dense"),
+                      help="what the model outputs: classification logits (N, classes) or dense maps (N, K, H, W); "
+                      "sets the budget keys (max_top1_drop, or min_mask_iou / max_miou_drop)")
+    init.add_argument("--recipes", help="comma-separated recipes (default: the documented list, less what the model "
+                      "source cannot take; `vitq recipes`)")
     init.add_argument("--name", help="the model's name in reports and MLflow (default: from the model)")
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow, tracked in MLflow and DVC")
     run.add_argument("--workdir", default=".", help="workspace holding params.yaml and dvc.yaml (default: .)")
     run.add_argument("--force", action="store_true", help="rerun every stage even if DVC says it is up to date")
+    _verbose(run)
     stage = sub.add_parser("stage", help="run one stage in the workspace (what dvc.yaml calls)")
     stage.add_argument("name", help=f"one of: {', '.join(STAGE_NAMES)}")
     stage.add_argument("recipe", nargs="?", help="for quantize and validate: the variant's recipe (quantize@<recipe>)")
     stage.add_argument("--workdir", default=".")
+    _verbose(stage)
     rec = sub.add_parser("recipes", help="list the quantization recipes (presets, and those params.yaml defines)")
     rec.add_argument("--workdir", default=".", help="workspace whose params.yaml `quantize.define` adds recipes")
     for lat in _experiment(sub, "latency", "bench", _latency,
@@ -127,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="seconds a step waits for a live worker of its pool before failing (default 600)")
     orch.add_argument("--submit", action="store_true",
                       help="run the orchestrator itself as a flow run of the vitq-orchestrate deployment")
+    _verbose(orch)
     dep = sub.add_parser("deploy", help="create the work pools, deployments, schedules and triggers on PREFECT_API_URL")
     dep.add_argument("--pool", action="append", default=[], metavar="KEY=POOL", help=pool_help)
     dep.add_argument("--workspace", action="append", default=[],
@@ -138,6 +142,12 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--runs", type=int, default=3, help="how many of the latest finished runs (default 3)")
     cmp_.add_argument("--experiment", default=None, help="MLflow experiment (default: params.yaml's)")
     return ap
+
+
+def _verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything live: other libraries' logs and warnings, progress bars, Prefect's state "
+                             "lines (by default they go to the log file, reports/logs/, named at the end)")
 
 
 def _experiment(sub, name: str, old_name: str | None, run, help: str) -> list[argparse.ArgumentParser]:
@@ -173,22 +183,26 @@ def _orchestrate(args) -> int:
     _prefect_api()
     parameters = dict(workspace=str(ws.root), force=args.force, requantize=args.requantize, dvc_remote=args.dvc_remote,
                       pools=pools or None, start_timeout_s=args.start_timeout)
-    if args.submit:
-        from vitq.flows.routing import pool_map, run_step
+    with _command_log(ws, "orchestrate", args.verbose) as log:
+        _console.info("log file: %s (-v shows it here)", _shown(log.path), extra=logs.CONSOLE)
+        if args.submit:
+            from vitq.flows.routing import pool_map, run_step
 
-        pool = pool_map(pools)["prepare"]
-        step = run_step(f"vitq-orchestrate/{pool}", pool, parameters, run_name="orchestrate",
-                        start_timeout_s=args.start_timeout, retries=0)
-        print(f"orchestrated run {step.flow_run_id} completed on pool {step.pool} (worker {step.worker})")
-        summary = json.loads(ws.summary_file.read_text())
-    else:
-        from vitq.flows.distributed import orchestrate_flow
+            pool = pool_map(pools)["prepare"]
+            step = run_step(f"vitq-orchestrate/{pool}", pool, parameters, run_name="orchestrate",
+                            start_timeout_s=args.start_timeout, retries=0)
+            _console.info("orchestrated run %s completed on pool %s (worker %s)", step.flow_run_id, step.pool,
+                          step.worker, extra=logs.CONSOLE)
+            summary = json.loads(ws.summary_file.read_text())
+        else:
+            from vitq.flows.distributed import orchestrate_flow
 
-        summary = orchestrate_flow(**parameters)
+            summary = orchestrate_flow(**parameters)
     from vitq.tasks.report import summary_table
 
     print(summary_table(summary))
     print(f"summary: {ws.summary_file}  report: {ws.report_file}")
+    print(f"full log: {_shown(log.path)}")
     return 0
 
 
@@ -377,9 +391,97 @@ def _workspace(workdir: str):
     return Workspace(root)
 
 
+def _stage(args) -> int:
+    if args.name not in STAGE_NAMES:
+        raise VitqError(f"unknown stage {args.name!r}; allowed: {', '.join(STAGE_NAMES)}")
+    from vitq.tasks.stages import STAGES
+    from vitq.params import load_params
+
+    if (args.name in VARIANT_STAGES) != (args.recipe is not None):
+        raise VitqError(f"`vitq stage {args.name}` " + ("names one recipe, e.g. `vitq stage quantize "
+                        "onnx-w8a8-minmax`" if args.name in VARIANT_STAGES else "takes no recipe"))
+    ws = _workspace(args.workdir)
+    _take_signals(ws)
+    extra = () if args.recipe is None else (args.recipe,)
+    name = "@".join((args.name, *extra))
+    params = load_params(ws.params_file)
+    with _command_log(ws, f"stage-{name}", args.verbose) as log:
+        start = time.perf_counter()
+        with interrupt.stage(name):
+            result = STAGES[args.name](ws, params, *extra)
+        if not log.relayed:  # a stage the flow started: the flow says when it ended
+            _console.info("%s: done in %.1f s", name, time.perf_counter() - start, extra=logs.CONSOLE)
+    if isinstance(result, str):  # the report stage's table
+        print(result)
+    if not log.relayed:
+        print(f"full log: {_shown(log.path)}")
+    return 0
+
+
+def _run(args) -> int:
+    ws = _workspace(args.workdir)
+    _take_signals(ws)
+    from vitq.params import load_params
+
+    params = load_params(ws.params_file)  # fail fast, before any server starts
+    with _command_log(ws, "run", args.verbose) as log:
+        summary = None
+        if not args.force:
+            from vitq.flows.dvc_state import up_to_date_summary
+
+            summary = up_to_date_summary(ws)  # everything fresh: no server, no stage, no record
+        fresh = summary is not None
+        if not fresh:
+            from vitq.tasks.stages import preflight
+
+            preflight(ws, params)
+            _console.info("log file: %s (-v shows it here)", _shown(log.path), extra=logs.CONSOLE)
+            os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+            from vitq.flows.pipeline import run_pipeline
+
+            summary = run_pipeline(ws.root, params, force=args.force)
+    from vitq.tasks.report import summary_table
+
+    print(summary_table(summary))
+    if fresh:
+        print(f"up to date (dvc.lock): nothing ran, nothing new recorded; summary: {ws.summary_file}")
+    else:
+        print(f"summary: {ws.summary_file}  report: {ws.report_file}")
+    failed = [v["name"] for v in summary["variants"] if not v["passed"]]
+    if failed:
+        print(f"variants outside the accuracy budget: {', '.join(failed)}", file=sys.stderr)
+    sys.stderr.flush()
+    print(f"full log: {_shown(log.path)}")
+    return 0
+
+
+@contextlib.contextmanager
+def _command_log(ws, command: str, verbose: bool) -> Iterator[logs.LogFile]:
+    """`logs.log_file` for `run`, `stage` and `orchestrate`; a crash also names the log file on stderr, before
+    its traceback (a VitqError's one line names it: `main`)."""
+    opened = None
+    try:
+        with logs.log_file(ws.root, command, verbose or logs.verbose_default()) as opened:
+            yield opened
+    except (VitqError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:
+        if opened is not None and not opened.relayed:
+            print(f"vitq: full log: {_shown(opened.path)}", file=sys.stderr, flush=True)
+        raise
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the current directory when it is below it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    setup_logging()
+    logs.setup()
     try:
         if getattr(args, "run_experiment", None):  # latency, coreml-coverage, recovery-accuracy, peers, or old names
             return args.run_experiment(args)
@@ -389,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 return _orchestrate(args)
             except StepFailed as exc:  # a step failed or found no worker: not bad input, but one clear line
-                print(f"vitq: error: {exc}", file=sys.stderr)
+                log = logs.last()
+                print(f"vitq: error: {exc}" + (f" (full log: {_shown(log.path)})" if log else ""), file=sys.stderr)
                 return 1
         if args.command == "init":
             return _init(args)
@@ -411,55 +514,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(describe_recipe(r))
             return 0
         if args.command == "stage":
-            if args.name not in STAGE_NAMES:
-                raise VitqError(f"unknown stage {args.name!r}; allowed: {', '.join(STAGE_NAMES)}")
-            from vitq.tasks.stages import STAGES
-            from vitq.params import load_params
-
-            if (args.name in VARIANT_STAGES) != (args.recipe is not None):
-                raise VitqError(f"`vitq stage {args.name}` " + ("names one recipe, e.g. `vitq stage quantize "
-                                "onnx-w8a8-minmax`" if args.name in VARIANT_STAGES else "takes no recipe"))
-            ws = _workspace(args.workdir)
-            _take_signals(ws)
-            extra = () if args.recipe is None else (args.recipe,)
-            with interrupt.stage("@".join((args.name, *extra))):
-                result = STAGES[args.name](ws, load_params(ws.params_file), *extra)
-            if isinstance(result, str):  # the report stage's table
-                print(result)
-            return 0
+            return _stage(args)
         if args.command == "run":
-            ws = _workspace(args.workdir)
-            _take_signals(ws)
-            from vitq.params import load_params
-
-            params = load_params(ws.params_file)  # fail fast, before any server starts
-            if not args.force:
-                from vitq.flows.dvc_state import up_to_date_summary
-
-                summary = up_to_date_summary(ws)  # everything fresh: no server, no stage, no record
-                if summary is not None:
-                    from vitq.tasks.report import summary_table
-
-                    print(summary_table(summary))
-                    print(f"up to date (dvc.lock): nothing ran, nothing new recorded; summary: {ws.summary_file}")
-                    return 0
-            from vitq.tasks.stages import preflight
-
-            preflight(ws, params)
-            os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-            from vitq.flows.pipeline import run_pipeline
-
-            summary = run_pipeline(ws.root, params, force=args.force)
-            from vitq.tasks.report import summary_table
-
-            print(summary_table(summary))
-            print(f"summary: {ws.summary_file}  report: {ws.report_file}")
-            failed = [v["name"] for v in summary["variants"] if not v["passed"]]
-            if failed:
-                print(f"variants outside the accuracy budget: {', '.join(failed)}", file=sys.stderr)
-            return 0
+            return _run(args)
     except VitqError as exc:
-        print(f"vitq: error: {exc}", file=sys.stderr)
+        log = logs.last()  # an error after the command opened its log file: where the rest of the story is
+        where = f" (full log: {_shown(log.path)})" if log is not None and not log.relayed else ""
+        print(f"vitq: error: {exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # commands without a teardown of their own (the experiments, ...)
         print(f"vitq: interrupted during {interrupt.describe()}", file=sys.stderr)

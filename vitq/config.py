@@ -226,6 +226,33 @@ class QuantizeConfig(_Strict):
         return any(getattr(r, "quantize_attention", False) for r in recipes)
 
 
+class OutputConfig(_Strict):
+    """One named output of a model with several (task.outputs): judged by the task, or checked against FP32."""
+
+    # true: judged by task.kind's metrics and the validate budget (and task.metric); the first judged output's
+    # metrics are the variant's headline numbers. false: checked against FP32 only (SQNR, cosine).
+    judged: bool = False
+    metric: str | None = None  # a metric function of this output's own (file.py:function), called (ref, out, truth)
+    min_metrics: dict[str, float] = {}  # floors on what `metric` returns, by name: below one the variant fails
+    min_sqnr_db: float | None = None  # floor on this output's SQNR vs FP32, dB: below it the variant fails
+
+    @field_validator("min_metrics", mode="before")
+    @classmethod
+    def _floors(cls, v):
+        if v is None:
+            return {}
+        if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, (int, float))
+                                               and not isinstance(x, bool) for k, x in v.items()):
+            raise ValueError("must be a mapping of metric name -> number, e.g. {box_iou: 0.9}")
+        return {k: float(x) for k, x in v.items()}
+
+    @model_validator(mode="after")
+    def _floors_need_metric(self) -> OutputConfig:
+        if self.min_metrics and not self.metric:
+            raise ValueError("min_metrics are floors on what `metric` returns: set metric: file.py:function too")
+        return self
+
+
 class TaskConfig(_Strict):
     """What the model's outputs are (tasks/task_kinds.py): the metrics and budget keys that apply."""
 
@@ -234,6 +261,10 @@ class TaskConfig(_Strict):
     # dense: threshold: each output channel is one mask's logits (SAM-style); argmax: the channels are classes
     masks: Literal["threshold", "argmax"] = "threshold"
     metric: str | None = None  # a metric function of your own, file.py:function or package.module:function
+    # A model with several outputs (SAM: masks, iou_predictions; a detector: boxes, scores), by the model's names
+    # (a tuple: output_0, output_1, ...; a dict: its keys; an ONNX file: its graph outputs): which are judged by
+    # the task and how; every output not judged is still checked against FP32 (SQNR, cosine). Empty: one output.
+    outputs: dict[str, OutputConfig] = {}
 
     @model_validator(mode="after")
     def _dense_keys(self) -> TaskConfig:
@@ -242,6 +273,18 @@ class TaskConfig(_Strict):
                 if getattr(self, key) != default:
                     raise ValueError(f"task.{key} applies to task.kind 'dense', not 'classification'")
         return self
+
+    @model_validator(mode="after")
+    def _one_judged(self) -> TaskConfig:
+        if self.outputs and not any(o.judged for o in self.outputs.values()):
+            raise ValueError(f"task.outputs names {', '.join(self.outputs)} but judges none: set judged: true on "
+                             "the output(s) the task's metrics judge")
+        return self
+
+    @property
+    def judged_outputs(self) -> tuple[str, ...]:
+        """The outputs judged by the task, in task.outputs' order (the first: the headline numbers)."""
+        return tuple(n for n, o in self.outputs.items() if o.judged)
 
 
 # Budget keys per task (validate and recovery alike): the other task's keys are refused where written.

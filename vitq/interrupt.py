@@ -7,7 +7,7 @@ handler during a flow run. So the handler does the whole teardown itself, then l
    subprocess) run, each bounded in time;
 2. the partial outputs of stages in progress (atomic writes' temp folders) are removed: finished
    stages are already complete on disk and recorded in dvc.lock, so the next run continues there;
-3. `vitq: interrupted by SIGINT during stage 'calibrate' ...` on stderr, exit code 128 + signal
+3. `vitq: interrupted by SIGINT during stage 'calibrate' ...` on the console (stderr), exit code 128 + signal
    (130 for SIGINT, 143 for SIGTERM), without waiting for worker threads.
 Code that must not be cut in half (DVC writing dvc.lock) runs inside `deferred()`: a signal that
 arrives there is handled when it ends.
@@ -127,9 +127,14 @@ def _handle(signum: int, frame) -> None:
             _bounded(lambda: remove_partial_outputs(_workspace[0]), seconds=2.0)
             time.sleep(0.2)
     name = signal.Signals(signum).name
+    from vitq import logs
+
+    out = logs.console()  # the terminal, also while stdout and stderr point at the log file
     print(f"vitq: interrupted by {name} during {where}; nothing half-written is left; finished stages are "
-          "recorded in dvc.lock and the next `vitq run` (or `dvc repro`) continues from there",
-          file=sys.stderr, flush=True)
+          "recorded in dvc.lock and the next `vitq run` (or `dvc repro`) continues from there", file=out, flush=True)
+    log = logs.current()
+    if log is not None and not log.relayed:
+        print(f"full log: {log.path}", file=out, flush=True)
     with contextlib.suppress(Exception):
         sys.stdout.flush()
     os._exit(128 + signum)

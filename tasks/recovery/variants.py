@@ -41,6 +41,7 @@ from vitq.tasks.targets.onnx import backend as onnx_backend
 from vitq.tasks.recovery import calib_search, layers as layer_map
 from vitq.tasks.recovery.layers import Layer
 from vitq.config import Params
+from vitq.errors import VitqError
 from vitq.recipes import Recipe
 
 log = logging.getLogger("vitq.recovery")
@@ -73,6 +74,12 @@ def build(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
     builders = {"auto": _auto, "smoothquant": _smoothquant, "search": _search, "qat": _qat}
     if recipe.recovery not in builders:
         raise ValueError(f"unknown recovery {recipe.recovery!r}; allowed: {', '.join(builders)}")
+    from vitq.tasks.model import load_model_spec
+
+    outputs = load_model_spec(inputs.model_dir).output_names
+    if len(outputs) > 1:  # sensitivity, smoothing, range search and QAT steer on one output tensor
+        raise VitqError(f"recipe {recipe.name!r} steers its recovery by one output, and the model has "
+                        f"{len(outputs)} ({', '.join(outputs)}); use the post-training onnx-* recipes for it")
     torch.set_num_threads(inputs.params.model.train.threads)
     decision = builders[recipe.recovery](recipe, inputs, Path(out), Path(scratch))
     write_json(Path(out) / "recovery.json", {"recipe": recipe.name, "recovery": recipe.recovery, **decision.details})

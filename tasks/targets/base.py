@@ -107,6 +107,16 @@ class Target:
         """Outputs of the served artifact at `path` on inputs `x` (N, C, H, W)."""
         raise NotImplementedError(f"target {self.name!r} has no predict")
 
+    def predict_outputs(self, path: Path, x, batch_size: int):
+        """A model with several outputs: batches of {name: array} of the served artifact at `path` on `x`."""
+        raise VitqError(f"target {self.name!r} reads one output; a model with several outputs takes the onnx-* "
+                        "(or coreml-*) recipes")
+
+    def counterpart_batches(self, folder: Path, art: VariantArtifact, x, batch_size: int):
+        """Where this machine cannot run a variant of a model with several outputs: batches of {name: array} of
+        what stands in for it, or None when nothing does."""
+        return None
+
     def outputs(self, folder: Path, art: VariantArtifact, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, str, dict[str, str]]:
         """(outputs, what produced them, checks not run here and why) of the variant in `folder` on inputs `x`
         (N, C, H, W): its runtime's where it runs here, else a counterpart's (`counterpart_outputs`), else an error."""

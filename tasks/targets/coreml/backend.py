@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -191,8 +192,10 @@ def export_program(module: torch.nn.Module, example: torch.Tensor, dynamic_batch
     return program
 
 
-def convert(program, input_name: str = "image", output_name: str = "logits"):
-    """ExportedProgram -> Core ML ML program (iOS17: int8 activations need it), FP16 compute."""
+def convert(program, input_name: str = "image", output_name: str = "logits", output_names: tuple[str, ...] = ()):
+    """ExportedProgram -> Core ML ML program (iOS17: int8 activations need it), FP16 compute. Its outputs are
+    named `output_names` in order where the model has several (`vitq.tasks.model.named_outputs`), else
+    `output_name`."""
     import coremltools as ct
 
     ml = ct.convert(
@@ -202,8 +205,17 @@ def convert(program, input_name: str = "image", output_name: str = "logits"):
         skip_model_load=True,  # loading compiles the model, which only macOS can do
     )
     spec = ml.get_spec()
+    names = tuple(output_names) if len(output_names) > 1 else (output_name,)
+    converted = [o.name for o in spec.description.output]
+    if len(converted) != len(names):
+        from vitq.errors import VitqError
+
+        raise VitqError(f"coremltools converted {len(converted)} output(s) ({', '.join(converted)}) of a model with "
+                        f"{len(names)} ({', '.join(names)}); Core ML cannot judge it output by output: use onnx-* recipes")
     ct.utils.rename_feature(spec, spec.description.input[0].name, input_name)
-    ct.utils.rename_feature(spec, spec.description.output[0].name, output_name)
+    for old, new in zip(converted, names):
+        if old != new:
+            ct.utils.rename_feature(spec, old, new)
     return ct.models.MLModel(spec, weights_dir=ml.weights_dir, skip_model_load=True)
 
 
@@ -355,6 +367,16 @@ def predict(mlmodel, x: np.ndarray, input_name: str = "image", output_name: str 
         result = mlmodel.predict({input_name: np.ascontiguousarray(x[i : i + 1], dtype=np.float32)})
         outs.append(np.asarray(result[output_name], dtype=np.float32).reshape(1, -1))
     return np.concatenate(outs).reshape(len(x), *np.asarray(result[output_name]).shape[1:])
+
+
+def predict_outputs(mlmodel, x: np.ndarray, names: tuple[str, ...], batch_size: int = 32,
+                    input_name: str = "image") -> Iterator[dict[str, np.ndarray]]:
+    """Every named output of a Core ML model (batch-1 program), `batch_size` images of `x` (N, C, H, W) at a time."""
+    for start in range(0, len(x), batch_size):
+        results = [mlmodel.predict({input_name: np.ascontiguousarray(x[i : i + 1], dtype=np.float32)})
+                   for i in range(start, min(start + batch_size, len(x)))]
+        yield {n: np.concatenate([np.asarray(r[n], dtype=np.float32).reshape(1, *np.asarray(r[n]).shape[1:])
+                                  for r in results]) for n in names}
 
 
 def time_predictions(mlmodels: dict, x1: np.ndarray, warmup: int, repeats: int, rounds: int, input_name: str = "image") -> dict[str, list[float]]:

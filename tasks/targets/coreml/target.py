@@ -39,6 +39,23 @@ class CoreMLTarget(Target):
 
         return variants.predict_coreml(path, x, self.compute_units)
 
+    def predict_outputs(self, path: Path, x, batch_size: int):
+        """Every output of a model with several, by name, a batch at a time, from Core ML (macOS)."""
+        import coremltools as ct
+
+        from vitq.tasks.targets.coreml import variants
+
+        spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+        names = tuple(o.name for o in spec.description.output)
+        return variants.coreml_batches(path, x, self.compute_units, names, batch_size)
+
+    def counterpart_batches(self, folder: Path, art: VariantArtifact, x, batch_size: int):
+        """Every output of the torch program a variant was converted from, by name, a batch at a time (where Core
+        ML cannot run: the Python API's judgement of a model with several outputs)."""
+        from vitq.tasks.targets.coreml import variants
+
+        return variants.counterpart_batches(folder / variants.PROGRAM, x, batch_size, fp16=art.recipe["scheme"] == "float")
+
     def counterpart_outputs(self, folder: Path, art: VariantArtifact, x, batch_size: int):
         from vitq.tasks.targets.coreml import variants
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from vitq.tasks._io import atomic_dir, size_mb, write_json
 from vitq.tasks.attention import rewrite_attention
 from vitq.tasks.targets.coreml import backend
 from vitq.tasks.data import load_split, model_inputs
-from vitq.tasks.model import load_model
+from vitq.tasks.model import load_model, named_outputs, output_names
 from vitq.tasks.variant import VariantArtifact, load_variant, variant_dir
 from vitq.tasks.tracing import TRACE_LOCK
 from vitq.errors import VitqError
@@ -68,10 +69,11 @@ def _build_variant(
             float_layers=float_layers,
         )
     example = batches[0][:1]
+    names = output_names(program_module, batches[0].numpy())  # several: converted as several, by name
     torch.export.save(backend.export_program(program_module, batches[0][: min(2, len(batches[0]))], dynamic_batch=True), str(out / PROGRAM))
     program = backend.export_program(program_module, example)
     log.info("coreml: %s: converting to an ML program", recipe.name)
-    backend.convert(program).save(str(out / PACKAGE))
+    backend.convert(program, output_names=names).save(str(out / PACKAGE))
     mil = backend.load_program(out / PACKAGE)
     rows = backend.coverage(mil, backend.program_layer_names(program))
     with open(out / COVERAGE, "w", newline="") as f:
@@ -157,25 +159,35 @@ def quantize_model(
 
 
 def predict_counterpart(program_path: Path, x: np.ndarray, batch_size: int, fp16: bool) -> np.ndarray:
-    """Logits of the torch program the ML program was converted from. `fp16`: compute in half
-    precision as Core ML does (the float recipe; int8 graphs run their quantize ops in float32)."""
+    """Logits of the torch program the ML program was converted from (a single-output model). `fp16`: compute
+    in half precision as Core ML does (the float recipe; int8 graphs run their quantize ops in float32)."""
+    batches = list(counterpart_batches(program_path, x, batch_size, fp16))
+    return np.concatenate([next(iter(b.values())) for b in batches])
+
+
+def counterpart_batches(program_path: Path, x: np.ndarray, batch_size: int, fp16: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Every output of the torch program the ML program was converted from, by name, a batch at a time."""
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines the quantized_decomposed ops it calls)
 
     with TRACE_LOCK:  # deserialising builds fake tensors, like tracing
         module = torch.export.load(str(program_path)).module()
     dtype = torch.float16 if fp16 else torch.float32
     module = module.to(dtype)
-    outs = []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(dtype)
-            outs.append(module(xb).float().numpy())
-    return np.concatenate(outs)
+            yield {k: v.float().numpy() for k, v in named_outputs(module(xb), "the torch program").items()}
 
 
 def predict_coreml(package: Path, x: np.ndarray, compute_units: str) -> np.ndarray:
     """Logits from Core ML itself (macOS only)."""
     return backend.predict(backend.load_for_prediction(package, compute_units), x)
+
+
+def coreml_batches(package: Path, x: np.ndarray, compute_units: str, names: tuple[str, ...],
+                   batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Every named output from Core ML itself (macOS only), a batch at a time."""
+    return backend.predict_outputs(backend.load_for_prediction(package, compute_units), x, names, batch_size)
 
 
 def validate_variant(
@@ -192,7 +204,12 @@ def validate_variant(
     x, judge = validate.validation_judge(model_dir, data_dir, task)
     budget = Budget.of(cfg, "validate", task.kind)
     art = load_variant(folder.parent, name)
-    counterpart = predict_counterpart(folder / PROGRAM, x, cfg.batch_size, fp16=art.recipe["scheme"] == "float")
+    names = validate.reference_names(reference_dir)
+    fp16 = art.recipe["scheme"] == "float"
+    if len(names) == 1:
+        counterpart = predict_counterpart(folder / PROGRAM, x, cfg.batch_size, fp16=fp16)
+    else:  # several outputs: read a batch at a time
+        counterpart = counterpart_batches(folder / PROGRAM, x, cfg.batch_size, fp16=fp16)
     runtime, details, not_measured = "torch counterpart (model.pt2)", {}, {}
     if why:
         not_measured["coreml_predict"] = f"{why}; metrics are from the torch program it was converted from"
@@ -200,7 +217,8 @@ def validate_variant(
     else:
         details["torch_counterpart"] = asdict(validate.judge_variant(name, counterpart, judge, reference_dir, budget,
                                                                      len(x)).metrics)
-        outputs = predict_coreml(folder / PACKAGE, x, compute_units)
+        outputs = (predict_coreml(folder / PACKAGE, x, compute_units) if len(names) == 1
+                   else coreml_batches(folder / PACKAGE, x, compute_units, names, cfg.batch_size))
         runtime = f"coreml ({compute_units})"
     result = validate.judge_variant(name, outputs, judge, reference_dir, budget, len(x), runtime=runtime,
                                     not_measured=not_measured, details=details)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,18 @@ def session(path: Path | bytes, threads: int = 0, optimize: bool = True, profile
 
 
 def run_batched(sess, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """The first (for vitq's graphs of one output: the only) output on `x` (N, C, H, W), run in batches."""
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+
+
+def run_outputs(sess, x: np.ndarray, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Every output of the graph by name, one batch of `x` (N, C, H, W) at a time: what one batch of all outputs
+    needs is all that is held."""
+    name = sess.get_inputs()[0].name
+    names = [o.name for o in sess.get_outputs()]
+    for i in range(0, len(x), batch_size):
+        yield dict(zip(names, sess.run(names, {name: x[i : i + batch_size]})))
 
 
 def constant_names(model: onnx.ModelProto) -> set[str]:

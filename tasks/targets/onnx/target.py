@@ -50,6 +50,10 @@ class OnnxGraphTarget(Target):
         """Outputs of the served graph at `path` on inputs `x` (N, C, H, W), by ONNX Runtime."""
         return onnx_backend.run_batched(onnx_backend.session(path), x, batch_size)
 
+    def predict_outputs(self, path: Path, x, batch_size: int):
+        """Batches of every output, by name, of the served graph at `path` (ONNX Runtime)."""
+        return onnx_backend.run_outputs(onnx_backend.session(path), x, batch_size)
+
     def _time(self, paths: dict[str, Path], ref: Reference, x: np.ndarray, cfg: BenchmarkConfig) -> BenchmarkResult:
         from vitq.tasks import benchmark
 
@@ -78,7 +82,8 @@ class OnnxGraphTarget(Target):
         folder = variant_dir(ws.variants_dir, name)
         out_dir = out_dir or ws.validation_for(name)
         result = validate.validate_variant(name, folder / art.artifact, ws.model_dir, ws.data_dir, p.validate_, out_dir,
-                                           self.predict, reference_dir=ws.validation_for(validate.REFERENCE))
+                                           self.predict, reference_dir=ws.validation_for(validate.REFERENCE),
+                                           predict_outputs=self.predict_outputs)
         if art.recipe["scheme"] == "static" and p.validate_.error_report_images:
             spec = model.load_model_spec(ws.model_dir)
             images = data.load_split(ws.data_dir, "calibration").images[: p.validate_.error_report_images]

@@ -25,6 +25,12 @@ class TensorRTTarget(OnnxGraphTarget):
     def predict(self, path: Path, x, batch_size: int):
         return trt_backend.EngineRunner(path).predict(x, batch_size)
 
+    def predict_outputs(self, path: Path, x, batch_size: int):
+        from vitq.errors import VitqError
+
+        raise VitqError(f"{Path(path).name}: vitq's TensorRT engine runner reads one output; a model with several "
+                        "outputs takes the onnx-* (or coreml-*) recipes")
+
     def _time(self, paths: dict[str, Path], ref: Reference, x, cfg: BenchmarkConfig) -> BenchmarkResult:
         """Against an FP16 engine built from the FP32 export in the same run."""
         from vitq.tasks import benchmark
