@@ -134,13 +134,14 @@ class QuantizeConfig(_Strict):
     # `my-pct: {preset: onnx-w8a8-percentile, percentile: 99.99, float_layers: ["blocks.11.*"]}`; the fields a
     # preset's target has are its config type's (vitq.recipes). Registered when params are parsed.
     define: dict[str, dict[str, Any]] = {}
-    # Variants made from the FP32 model, one DVC stage each (`variant@<recipe>`).
+    # Variants made from the FP32 model, two DVC stages each (`quantize@<recipe>`, `validate@<recipe>`).
     recipes: tuple[str, ...] = (
         "onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-percentile", "onnx-w8a8-entropy", "onnx-w8a8-auto",
         "onnx-w8a8-smoothquant", "onnx-w8a8-search", "tensorrt-w8a8-percentile", "coreml-fp16", "coreml-w8", "coreml-w8a8",
     )
     # Variants that apply another variant's recovery decision on their own target, recipe -> the recipe
-    # it applies (its `reuses`); one DVC stage each (`carry@<recipe>`), made after the one it applies.
+    # it applies (its `reuses`); two DVC stages each (`carry-quantize@<recipe>`, `carry-validate@<recipe>`),
+    # made after the one it applies.
     carry: dict[str, str] = {"coreml-w8a8-auto": "onnx-w8a8-auto", "coreml-w8a8-smoothquant": "onnx-w8a8-smoothquant"}
 
     @field_validator("define", mode="before")
