@@ -204,8 +204,9 @@ RECIPES: dict[str, RecipeConfig] = {
         calibration="percentile",
         recovery="auto",
         description=(
-            "W8A8 static Q/DQ with automatic mixed precision: per-layer sensitivity, then the fewest "
-            "layers back in float until recovery.max_top1_drop / min_sqnr_db hold"
+            "W8A8 static Q/DQ that recovers accuracy automatically: the cheap fixes first in full INT8 (its "
+            "own table, range search, SmoothQuant, both), the best within the recovery budget; only if none "
+            "meets it, the fewest layers back in float by per-layer sensitivity"
         ),
     ),
     "onnx-w8a8-smoothquant": OnnxStaticConfig(
