@@ -184,11 +184,9 @@ MODEL_ARGS = {
 NO_DATA = "--data is required with --model"
 NOT_TRAIN_DENSE = "--task dense needs a model of your own whose output is maps"
 TRAIN_NEEDS_LABELS = "--model train trains a classifier on labelled images"
-TORCHVISION_DICT = "returns a OrderedDict (keys out), not one tensor"
 # (source, task, data) -> None: init writes a workspace `vitq run` takes; a string: init refuses, in one line with it
 OUTCOMES = {
     **{(s, t, "none"): NO_DATA for s in ("timm", "torchvision", "python", "onnx") for t in ("classification", "dense")},
-    **{("torchvision", "dense", d): TORCHVISION_DICT for d in ("labelled", "unlabelled", "masks")},
     ("train", "classification", "unlabelled"): TRAIN_NEEDS_LABELS,
     ("train", "classification", "masks"): TRAIN_NEEDS_LABELS,
     **{("train", "dense", d): NOT_TRAIN_DENSE for d in DATA},
@@ -286,10 +284,15 @@ def test_init_matrix(tmp_path, user, capsys, source, task, data):
      "--task dense needs output maps (N, K, H, W), but timm:vit_tiny_patch16_224 outputs (N, 3)"),
     ("python", "dense", ["--task", "classification"], "outputs (N, 2, 16, 16): pass --task dense"),
     ("onnx", "dense", ["--task", "classification"], "outputs (N, 2, 16, 16): pass --task dense"),
-    # Several outputs: init sets up one judged output.
+    # Several outputs: --outputs names the judged one(s), by the model's own names.
     ("python", "classification", ["--model", "python:{u}/models.py:two_outputs"],
-     "returns a tuple, not one tensor; vitq init sets up one judged output"),
-    ("onnx", "classification", ["--model", "onnx:{u}/two.onnx"], "has 2 outputs"),
+     "returns 2 outputs (output_0 (N, 3), output_1 (N, 3)): pass --outputs NAME[,NAME]"),
+    ("onnx", "classification", ["--model", "onnx:{u}/two.onnx"], "returns 2 outputs (logits (N, 3), probs (N, 3))"),
+    ("python", "classification", ["--model", "python:{u}/models.py:two_outputs", "--outputs", "masks"],
+     "has no output 'masks'; its outputs: output_0 (N, 3), output_1 (N, 3)"),
+    ("python", "classification", ["--outputs", "logits"], "--outputs applies to a model with several outputs"),
+    ("python", "classification", ["--model", "python:{u}/models.py:two_outputs", "--outputs", "output_0",
+                                  "--recipes", "onnx-w8a8-auto"], "takes single-output models"),
     # A head too small for val/'s class folders.
     ("python", "classification", ["--arch", "{classes: 2}"], "has 2 outputs but"),
     # Recipes that do not fit the source or the data.
@@ -319,6 +322,30 @@ def test_init_refuses_what_would_not_run(tmp_path, user, capsys, source, task, e
     assert not (tmp_path / "ws").exists()
 
 
+@pytest.mark.parametrize("model, judged", [("python:{u}/models.py:two_outputs", "output_0"),
+                                           ("onnx:{u}/two.onnx", "logits")])
+def test_init_names_the_judged_output_of_a_model_with_several(tmp_path, user, capsys, model, judged):
+    """--outputs: task.outputs marks it judged (the others are checked against FP32); recipes that read one output
+    (the recovery searches, TensorRT's engine runner) are left out and named."""
+    from vitq.params import load_params
+    from vitq.tasks import stages
+    from vitq.tasks.layout import Workspace
+
+    ws = tmp_path / "ws"
+    args = [a.replace("{u}", str(user)) for a in MODEL_ARGS["python", "classification"]]
+    args[1] = model.replace("{u}", str(user))
+    code, out, err = vitq_init(ws, *args, "--outputs", judged, "--data", str(user / "images" / "labelled"),
+                               capsys=capsys)
+    assert code == 0, err
+    p = load_params(ws / "params.yaml")
+    stages.preflight(Workspace(ws), p)
+    assert {n: o.judged for n, o in p.task.outputs.items()} == {judged: True}
+    recipes = [*p.quantize.recipes, *p.quantize.carry]
+    assert "onnx-w8a8-minmax" in recipes and not [r for r in recipes if r.startswith("tensorrt") or "auto" in r
+                                                  or "smoothquant" in r or "search" in r], recipes
+    assert f"(judged: {judged})" in out and "they take single-output models" in out, out
+
+
 def test_train_needs_a_labelled_train_folder(tmp_path, user, capsys):
     import shutil
 
@@ -337,6 +364,7 @@ RUNS = [
     ("python", "dense", "masks", "onnx-w8-dynamic,onnx-w8a8-auto"),
     ("onnx", "dense", "unlabelled", "onnx-w8a8-minmax"),
     ("train", "classification", "labelled", "onnx-w8a8-percentile"),
+    ("python", "classification", "labelled", "onnx-w8a8-minmax"),  # several outputs (--outputs output_0)
 ]
 
 
@@ -346,7 +374,12 @@ def test_init_then_vitq_run(tmp_path, user, source, task, data, recipes):
     """The user's path, as they type it: `vitq init`, then `vitq run` in the workspace."""
     ws = tmp_path / "ws"
     env = run_env(tmp_path)
-    res = subprocess.run([VITQ, "init", str(ws), *init_args(user, source, task, data), "--recipes", recipes],
+    several = recipes == "onnx-w8a8-minmax" and source == "python"  # a model with two outputs, one judged
+    args = init_args(user, source, task, data)
+    if several:
+        args[1] = args[1].replace(":classifier", ":two_outputs")
+        args += ["--outputs", "output_0"]
+    res = subprocess.run([VITQ, "init", str(ws), *args, "--recipes", recipes],
                          cwd=tmp_path, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     run = subprocess.run([VITQ, "run"], cwd=ws, env=env, capture_output=True, text=True, timeout=900)
@@ -356,6 +389,9 @@ def test_init_then_vitq_run(tmp_path, user, source, task, data, recipes):
     names = [v["name"] for v in summary["variants"]]
     assert names[: len(recipes.split(","))] == recipes.split(","), names
     for v in summary["variants"]:
+        if several:  # the judged output's numbers are the headline; the other one is checked against FP32
+            assert v["outputs"]["output_0"]["judged"] and not v["outputs"]["output_1"]["judged"], v["outputs"]
+            assert v["outputs"]["output_1"]["sqnr_db"] is not None, v["outputs"]
         if task == "dense":
             assert v["mask_iou"] is not None and v["top1"] is None, v
             assert (v["miou"] is not None) == (data == "masks"), v

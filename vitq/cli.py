@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--recipes", help="comma-separated recipes (default: the documented list, less what the model "
                       "source cannot take; `vitq recipes`)")
     init.add_argument("--name", help="the model's name in reports and MLflow (default: from the model)")
+    init.add_argument("--outputs", help="a model with several outputs (SAM: masks, IoU predictions): the one(s) --task "
+                      "judges, comma-separated (output_0,.. for a tuple, the keys of a dict, an ONNX file's names); "
+                      "every other output is checked against FP32 (task.outputs)")
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow, tracked in MLflow and DVC")
     run.add_argument("--workdir", default=".", help="workspace holding params.yaml and dvc.yaml (default: .)")
     run.add_argument("--force", action="store_true", help="rerun every stage even if DVC says it is up to date")
@@ -253,7 +256,8 @@ def _init(args) -> int:
     opts = InitOptions(Path(args.directory), model=args.model, checkpoint=args.checkpoint, data=args.data,
                        image_size=args.image_size, channels=args.channels, mean=_floats("--mean", args.mean),
                        std=_floats("--std", args.std), num_classes=args.num_classes, arch=arch, task=args.task,
-                       recipes=recipes, name=args.name)
+                       recipes=recipes, name=args.name,
+                       outputs=[o.strip() for o in args.outputs.split(",") if o.strip()] if args.outputs else None)
     for line in init_workspace(opts):
         print(line)
     return 0

@@ -69,6 +69,7 @@ class InitOptions:
     task: str = "classification"
     recipes: list[str] | None = None
     name: str | None = None
+    outputs: list[str] | None = None  # a model with several outputs: the one(s) --task judges (task.outputs)
 
 
 @dataclass
@@ -338,8 +339,11 @@ def plan(opts: InitOptions) -> Plan:
     # refused now, not in the model stage.
     for key, value in model.items():
         text = set_value(text, "model", key, value)
-    channels, side, outputs = _load_model(text, root, source, opts, info)
+    channels, side, shapes = _load_model(text, root, source, opts, info)
+    outputs, judged = _judged_outputs(opts, shapes)
     _check_outputs(opts, source, info, outputs)
+    if judged:  # the others are checked against FP32 (task.outputs)
+        text = set_value(text, "task", "outputs", {name: {"judged": True} for name in judged})
     if opts.mean is not None and len(opts.mean) != channels:
         raise VitqError(f"--mean / --std have {len(opts.mean)} values but the input has {channels} channel(s): one "
                         "value per channel")
@@ -350,7 +354,7 @@ def plan(opts: InitOptions) -> Plan:
     data.update(image_size=side, channels=channels)
     for key, value in data.items():
         text = set_value(text, "data", key, value)
-    recipes, carry, left_out = _recipes_for(text, source, opts, info)
+    recipes, carry, left_out = _recipes_for(text, source, opts, info, several_outputs=bool(judged))
     quantize = yaml.safe_load(text)["quantize"]
     if recipes != quantize["recipes"]:
         text = set_value(text, "quantize", "recipes", recipes)
@@ -371,11 +375,13 @@ def plan(opts: InitOptions) -> Plan:
     summary = [f"model: {source} {parsed.model.name or ''}".rstrip()
                + (f", checkpoint {parsed.model.checkpoint}" if parsed.model.checkpoint else "")
                + f"; input {channels}x{side}x{side}"
-               + (f"; outputs (N, {', '.join(map(str, outputs[1:]))})" if outputs else ""),
+               + (f"; outputs {', '.join(f'{n} {_shape(s)}' for n, s in shapes.items())} (judged: {', '.join(judged)})"
+                  if judged else f"; outputs (N, {', '.join(map(str, outputs[1:]))})" if outputs else ""),
                f"data: {info.path or 'digits (embedded)'}" + _data_summary(info, opts.task),
                _task_summary(parsed, info),
                f"recipes: {', '.join(parsed.quantize.recipes)}"
-               + (f" (left out, they need a torch model: {', '.join(left_out)})" if left_out else "")]
+               + (f" (left out, {'they take single-output models' if judged else 'they need a torch model'}: "
+                  f"{', '.join(left_out)})" if left_out else "")]
     return Plan({"params.yaml": text, "dvc.yaml": dvc_text, ".gitignore": GITIGNORE}, deps, summary)
 
 
@@ -425,6 +431,31 @@ def _shape(dims) -> str:
     return f"(N, {', '.join(str(d) for d in dims[1:])})"
 
 
+def _judged_outputs(opts: InitOptions, shapes: dict[str, tuple[int, ...]] | None
+                    ) -> tuple[tuple[int, ...] | None, list[str] | None]:
+    """(the shape --task judges, the names task.outputs marks judged: None for a single-output model)."""
+    several = shapes is not None and len(shapes) > 1
+    if opts.outputs and not several:
+        raise VitqError(f"--outputs applies to a model with several outputs; {opts.model} returns one: drop --outputs")
+    if shapes is None:
+        return None, None
+    if not several:
+        return next(iter(shapes.values())), None
+    listed = ", ".join(f"{n} {_shape(s)}" for n, s in shapes.items())
+    if not opts.outputs:
+        raise VitqError(f"{opts.model} returns {len(shapes)} outputs ({listed}): pass --outputs NAME[,NAME] naming the "
+                        f"one(s) --task {opts.task} judges (every other output is checked against FP32)")
+    unknown = [n for n in opts.outputs if n not in shapes]
+    if unknown:
+        raise VitqError(f"--outputs {','.join(opts.outputs)}: {opts.model} has no output {unknown[0]!r}; its outputs: "
+                        f"{listed}")
+    kinds = {len(shapes[n]) for n in opts.outputs}
+    if len(kinds) > 1:
+        raise VitqError(f"--outputs {','.join(opts.outputs)}: the judged outputs must all be what --task {opts.task} "
+                        f"judges, but they are {', '.join(_shape(shapes[n]) for n in opts.outputs)}")
+    return shapes[opts.outputs[0]], list(opts.outputs)
+
+
 def _check_outputs(opts: InitOptions, source: str, info: DataInfo, outputs: tuple[int, ...] | None) -> None:
     """The model's outputs against --task (and, labelled, against val/'s classes)."""
     if outputs is None:  # --model train: a classifier with a head for the data's classes, built in the model stage
@@ -444,9 +475,9 @@ def _check_outputs(opts: InitOptions, source: str, info: DataInfo, outputs: tupl
 
 
 def _load_model(text: str, root: Path, source: str, opts: InitOptions,
-                info: DataInfo) -> tuple[int, int, tuple[int, ...] | None]:
-    """(channels, side, output shape of a 2-image batch) of the model: built (its checkpoint loaded) as the model
-    stage will, and run once. --model train: the data's shape, outputs unknown until it is trained."""
+                info: DataInfo) -> tuple[int, int, dict[str, tuple[int, ...]] | None]:
+    """(channels, side, each output's shape on a 2-image batch, by name) of the model: built (its checkpoint loaded)
+    as the model stage will, and run once. --model train: the data's shape, outputs unknown until it is trained."""
     if source == "train":
         return opts.channels or info.channels or 1, opts.image_size or 32, None
     from vitq.errors import ModelError
@@ -526,26 +557,32 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _output_shape(loaded, channels: int, side: int, shown: str) -> tuple[int, ...]:
-    """The output shape of the model on a batch of 2 images (zeros): it must run and return one tensor."""
+def _output_shape(loaded, channels: int, side: int, shown: str) -> dict[str, tuple[int, ...]]:
+    """Each output's shape on a batch of 2 images (zeros), by the name the pipeline gives it (one output: `logits`;
+    a tuple: output_0, ...; a dict: its keys; an ONNX file: its graph's names): the model must run."""
     import numpy as np
+
+    from vitq.errors import ModelError
 
     x = np.zeros((2, channels, side, side), np.float32)
     if loaded.model is None:
-        import onnx
-
-        from vitq.errors import ModelError
         from vitq.tasks.model import predict_onnx
+        from vitq.tasks.targets.onnx import backend as onnx_backend
 
-        names = [o.name for o in onnx.load(str(loaded.onnx_file), load_external_data=False).graph.output]
-        if len(names) > 1:
-            raise VitqError(f"{shown} has {len(names)} outputs ({', '.join(names)}), not one; vitq init sets up one "
-                            "judged output: export the model with the output to judge")
         try:
-            return tuple(predict_onnx(loaded.onnx_file, x, shown).shape)
+            sess = onnx_backend.session(loaded.onnx_file)
+            if len(sess.get_outputs()) == 1:
+                return {"logits": tuple(predict_onnx(loaded.onnx_file, x, shown).shape)}
+            (batch,) = onnx_backend.run_outputs(sess, x, len(x))
         except ModelError as exc:
             raise VitqError(str(exc)) from None
+        except Exception as exc:  # ONNX Runtime on the user's graph
+            raise VitqError(f"{shown} fails on a batch of {channels}x{side}x{side} images ({type(exc).__name__}: "
+                            f"{_first_line(exc)}): pass the --image-size / --channels it takes") from None
+        return {name: tuple(out.shape) for name, out in batch.items()}
     import torch
+
+    from vitq.tasks.model import named_outputs
 
     model = loaded.model.eval()
     try:
@@ -554,17 +591,17 @@ def _output_shape(loaded, channels: int, side: int, shown: str) -> tuple[int, ..
     except Exception as exc:  # the model's own code
         raise VitqError(f"{shown} fails on a batch of {channels}x{side}x{side} images ({type(exc).__name__}: "
                         f"{_first_line(exc)}): pass the --image-size / --channels (or --arch) it takes") from None
-    if not isinstance(out, torch.Tensor):
-        keys = f" (keys {', '.join(map(str, out))})" if isinstance(out, dict) else ""
-        raise VitqError(f"{shown} returns a {type(out).__name__}{keys}, not one tensor; vitq init sets up one judged "
-                        "output, (N, classes) or (N, K, H, W): wrap it in a factory whose model returns that tensor "
-                        "(e.g. model(x)['out']) and pass --model python:FILE.py:FUNCTION")
-    return tuple(out.shape)
+    try:
+        return {name: tuple(t.shape) for name, t in named_outputs(out, shown).items()}
+    except ModelError as exc:
+        raise VitqError(str(exc)) from None
 
 
-def _recipes_for(text: str, source: str, opts: InitOptions, info: DataInfo) -> tuple[list[str], dict, list[str]]:
+def _recipes_for(text: str, source: str, opts: InitOptions, info: DataInfo,
+                 several_outputs: bool = False) -> tuple[list[str], dict, list[str]]:
     """quantize.recipes / carry: --recipes, or the template's list less what the source cannot take (an ONNX file
-    has no torch model for Core ML or the torch-based recoveries); and the template's recipes left out."""
+    has no torch model for Core ML or the torch-based recoveries) and, for a model with several outputs, what reads
+    one output only (the recovery recipes, targets whose runtime reads one); and the template's recipes left out."""
     from vitq.recipes import get_recipe
     from vitq.tasks.sources import get_source
     from vitq.tasks.targets.registry import get_target
@@ -573,7 +610,12 @@ def _recipes_for(text: str, source: str, opts: InitOptions, info: DataInfo) -> t
 
     def refused(name: str) -> str | None:
         recipe = get_recipe(name)
-        return src.refuses(recipe, from_torch=get_target(recipe.target).from_torch)
+        target = get_target(recipe.target)
+        if several_outputs and (getattr(recipe, "recovery", None) or not target.several_outputs):
+            what = "its recovery search steers on one output" if getattr(recipe, "recovery", None) else \
+                f"target {target.name!r} reads one output"
+            return f"recipe {name!r} takes single-output models ({what}), and this model has several"
+        return src.refuses(recipe, from_torch=target.from_torch)
 
     quantize = yaml.safe_load(text).get("quantize") or {}
     listed, template_carry = list(quantize.get("recipes") or []), dict(quantize.get("carry") or {})

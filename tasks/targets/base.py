@@ -77,6 +77,7 @@ class Target:
     run_platforms: tuple[str, ...] | None = None  # where its runtime predicts / times them; None: as platforms
     python_api: bool = False  # `vitq.quantize` may produce its variants from a model object (`produce`)
     from_torch: bool = False  # its variants are converted from the torch model (an ONNX-file source has none)
+    several_outputs: bool = False  # its runtime reads every output of a model with several (`predict_outputs`)
 
     def missing_runtime(self) -> str | None:
         """None when this machine can produce the target's artifacts, else the reason it cannot."""

@@ -116,4 +116,5 @@ class CoreMLTarget(Target):
 
 
 # Core ML programs are converted and inspected anywhere; only macOS predicts and times them.
-COREML = CoreMLTarget("coreml", "macos", ("coremltools",), run_platforms=("darwin",), python_api=True, from_torch=True)
+COREML = CoreMLTarget("coreml", "macos", ("coremltools",), run_platforms=("darwin",), python_api=True,
+                      from_torch=True, several_outputs=True)

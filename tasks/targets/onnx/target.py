@@ -108,4 +108,4 @@ class OnnxTarget(OnnxGraphTarget):
         return onnx_backend.write_serving_form(recipe, folder, quantized)
 
 
-ONNX = OnnxTarget("onnx", "cpu", ("onnxruntime",), python_api=True)
+ONNX = OnnxTarget("onnx", "cpu", ("onnxruntime",), python_api=True, several_outputs=True)
