@@ -3,8 +3,10 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+MODELOPT_VENV := .venv-modelopt
+MODELOPT_STAMP := $(MODELOPT_VENV)/.installed
 
-.PHONY: demo test test-fast install ui clean stack-up stack-down example-dense
+.PHONY: demo test test-fast install ui clean stack-up stack-down example-dense modelopt
 
 install: $(STAMP)
 
@@ -27,8 +29,9 @@ example-dense: $(STAMP)
 	cd examples/digit_scenes && PATH="$(CURDIR)/$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false dvc repro train \
 	  && PATH="$(CURDIR)/$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false vitq run
 
-test: $(STAMP)
-	$(BIN)/python -m pytest
+# The tests compare with ModelOpt too (`vitq peers`, `vitq zoo`): its own venv, built once.
+test: $(STAMP) $(MODELOPT_STAMP)
+	$(BIN)/python -m pytest --durations=20
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
@@ -45,6 +48,22 @@ stack-up: $(STAMP)
 
 stack-down:
 	$(BIN)/python infra/local/stack.py down --state .stack
+
+# NVIDIA ModelOpt's ONNX PTQ, the `modelopt` peer of `vitq peers`, in a venv of its own (.venv-modelopt): the pinned
+# set in infra/modelopt-requirements.txt, each --no-deps; a .pth file adds the project venv's site-packages
+# (torch, onnx, onnxruntime, numpy, ... and vitq) behind its own. setuptools is removed from it so the project's
+# (>= 80, which ModelOpt asks for) is the one seen. See ../shared/ENVIRONMENT.md.
+modelopt: $(MODELOPT_STAMP)
+
+$(MODELOPT_STAMP): infra/modelopt-requirements.txt | $(STAMP)
+	test -x $(MODELOPT_VENV)/bin/python || $(BIN)/python -m venv $(MODELOPT_VENV)
+	$(MODELOPT_VENV)/bin/python -m pip install -q --no-deps -r infra/modelopt-requirements.txt
+	-$(MODELOPT_VENV)/bin/python -m pip uninstall -q -y setuptools
+	echo "import site; site.addsitedir('$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')')" \
+	  > "$$($(MODELOPT_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/vitq-project.pth"
+	$(MODELOPT_VENV)/bin/python -c "import modelopt, onnx, onnxruntime; from modelopt.onnx.quantization import quantize; \
+	  print('modelopt', modelopt.__version__, 'onnx', onnx.__version__, 'onnxruntime', onnxruntime.__version__)"
+	touch $(MODELOPT_STAMP)
 
 clean:
 	rm -rf data models artifacts reports dvc.lock mlflow.db mlartifacts

@@ -42,16 +42,18 @@ class CalibrationHistograms:
         self._fold: dict[str, tuple] = {}  # name -> (grid key, fine -> |x| bin index): cached while grids stay
         self._abs_buf = self._mask_buf = None  # scratch for |x| and |x| < e0, reused (see _abs)
 
-    def collect(self, name: str, x: torch.Tensor) -> None:
-        """Add one batch of tensor `name` (any shape, float32)."""
+    def collect(self, name: str, x: torch.Tensor, batch: str | None = None) -> None:
+        """Add one batch of tensor `name` (any shape, float32); `batch` names it in errors (e.g. "images 0-15")."""
         x = x.reshape(-1)
         if x.numel() == 0:
             return
-        mn_t, mx_t = torch.aminmax(x)
+        mn_t, mx_t = torch.aminmax(x)  # NaN if any value is NaN
         mn, mx = np.float32(mn_t.item()), np.float32(mx_t.item())
         if not (np.isfinite(mn) and np.isfinite(mx)):
-            raise DataError(f"calibration: tensor {name!r} has non-finite values (min {mn}, max {mx}); the model "
-                            "produces NaN/inf on the calibration images, so no range can be calibrated")
+            bad = int((~torch.isfinite(x)).sum())
+            raise DataError(f"calibration: tensor {name!r} has {bad} non-finite value(s) (NaN/inf) on "
+                            f"{batch or 'a calibration batch'}: the model overflows or divides by zero on these images, "
+                            "so no range can be calibrated; check the inputs' normalisation and the model's weights")
         if not self.counts:
             old_min, old_max = self.abs[name][2:] if name in self.abs else (mn, mx)
             self.abs[name] = (None, None, min(old_min, mn), max(old_max, mx))
@@ -83,7 +85,12 @@ class CalibrationHistograms:
                                    minlength=len(abs_edges) - 1).astype(np.int64)
         # Merge, as ORT: the |x| histogram grows at the end; the signed one by `offset` bins on both sides.
         if abs_new:
-            self.abs[name] = (abs_hist, abs_edges, mn, mx)
+            if name in self.abs:  # the grid rebuilt over an all-zero start (see _abs_edges): its zeros into bin 0
+                old, _, old_min, old_max = self.abs[name]
+                abs_hist[0] += old.sum()
+                self.abs[name] = (abs_hist, abs_edges, min(old_min, mn), max(old_max, mx))
+            else:
+                self.abs[name] = (abs_hist, abs_edges, mn, mx)
         else:
             old, _, old_min, old_max = self.abs[name]
             abs_hist[: len(old)] += old
@@ -106,10 +113,15 @@ class CalibrationHistograms:
 
     def _abs_edges(self, name: str, x: torch.Tensor, amax: np.float32) -> tuple[np.ndarray, bool]:
         """ORT's collect_absolute_value grid: the first batch spans [min |x|, max |x|] in num_bins bins; a later
-        batch with a larger |x| appends bins of the same width. Returns (edges, first batch?)."""
+        batch with a larger |x| appends bins of the same width. Returns (edges, a new grid?).
+        Unlike ORT, a tensor that was exactly zero so far gets a new grid over [0, max |x|] when nonzero values
+        come: its first grid is numpy's for a zero span, [-0.5, 0.5], whose bins of 1/num_bins would hold a later
+        small-valued batch in a few bins (a range off by up to 1/num_bins), or a large one in millions of bins."""
+        if name in self.abs and self.abs[name][2] == 0 == self.abs[name][3] and amax > 0:
+            return _grid(np.float32(0), amax, self.num_bins), True
         if name not in self.abs:
             amin = np.float32(self._abs(x).min().item())  # first batch only
-            return np.histogram(np.array([amin, amax], np.float32), bins=self.num_bins)[1].astype(np.float32), True
+            return _grid(amin, amax, self.num_bins), True
         edges = self.abs[name][1]
         if amax > edges[-1]:
             width = edges[1] - edges[0]
@@ -121,6 +133,8 @@ class CalibrationHistograms:
         """ORT's collect_value/merge_histogram grid: symmetric (-t, t), num_bins bins at first; a batch with a
         larger |x| adds whole bins of the old width on both sides. Returns (edges, bins added on each side, t)."""
         threshold = np.array(amax, dtype=np.float32)
+        if not _fits(-threshold, threshold, self.num_bins):
+            threshold = np.array(0, dtype=np.float32)  # |x| too small for the grid (below 1e-41): as zero, as ORT's scale
         if not self.signed or name not in self.value:
             return np.histogram(_EMPTY, self.num_bins, range=(-threshold, threshold))[1], 0, threshold
         old_hist, old_edges, _, _, old_threshold = self.value[name]
@@ -220,13 +234,46 @@ class CalibrationHistograms:
         collector = HistogramCollector("percentile", True, self.num_bins, self.num_quantized_bins, percentile, "same")
         collector.histogram_dict = self.abs
         with quiet_stdout():  # it prints
-            return {t: r[:2] for t, r in collector.compute_percentile().items()}
+            ranges = {t: r[:2] for t, r in collector.compute_percentile().items()}
+        # ORT's clipping to [min, max] leaves low > high where the percentile's bin edge lies below every value (the
+        # tensor's spread is under one bin: constant or near-constant, e.g. a uniform softmax); all-zero tensors come
+        # out as (0.5, -0.5). Those get their observed range: ORT's scale from (low, high) ignores a positive low, so
+        # the table would otherwise clip the tensor's every value to one bin below it (or, for zeros, be nonsense).
+        for t, (low, high) in ranges.items():
+            if low > high:
+                ranges[t] = self.abs[t][2], self.abs[t][3]
+        return ranges
 
     def entropy_range(self, name: str) -> tuple[float, float]:
         if not self.signed:
             raise ValueError("entropy ranges need the signed histograms (CalibrationHistograms(signed=True))")
         hist, edges, mn, mx, _ = self.value[name]
         return entropy_threshold(hist, edges, mn, mx, self.num_quantized_bins)
+
+
+def _fits(lo, hi, bins: int) -> bool:
+    """Whether `bins` equal float32 bins over [lo, hi] have distinct edges (numpy's histogram refuses the grid
+    otherwise: "Too many bins for data range"); a zero span counts as fitting (numpy widens it by 0.5 each side)."""
+    lo, hi = np.float32(lo), np.float32(hi)
+    if lo == hi:
+        return True
+    edges = np.linspace(lo, hi, bins + 1, dtype=np.float32)
+    return bool(np.all(edges[:-1] < edges[1:]))
+
+
+def _grid(amin: np.float32, amax: np.float32, bins: int) -> np.ndarray:
+    """ORT's first-batch |x| grid: `bins` equal bins over [amin, amax] (numpy's edges on float32 data). A span too
+    narrow for that many distinct float32 edges (a near-constant tensor, e.g. a uniform softmax: every value
+    1/49 within a few ulps), where ORT's collector crashes in numpy, gets [0, amax] instead: the same
+    values, in bins of amax / bins; and below even that (|x| < 1e-41, which ORT quantizes with scale 1 anyway),
+    numpy's own grid for a zero span, [amax - 0.5, amax + 0.5]."""
+    if _fits(amin, amax, bins):
+        lo, hi = amin, amax
+    elif _fits(0, amax, bins):
+        lo, hi = np.float32(0), amax
+    else:
+        lo = hi = amax
+    return np.histogram(np.array([lo, hi], np.float32), bins=bins)[1].astype(np.float32)
 
 
 def _histc(x: torch.Tensor, bins: int, lo: float, hi: float) -> np.ndarray:

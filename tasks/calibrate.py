@@ -125,7 +125,7 @@ def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, e
                     binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
         with torch.inference_mode():
             for name in names:
-                histograms.collect(name, torch.from_numpy(values[name]))
+                histograms.collect(name, torch.from_numpy(values[name]), batch=f"calibration images {lo}-{lo + len(batch) - 1}")
         progress.step(f"({min(lo + size, n)} images)")
     del session, binding
     return names, histograms
@@ -137,11 +137,19 @@ def attention_probabilities(prep_onnx: Path, names) -> set[str]:
     which a clipping method cuts (on the demo model entropy put them at 0.30-0.40 and the 99.999th percentile
     at 0.60-0.98 where the maxima are 0.91-1.00; before this rule, `make demo` with a defined entropy recipe
     quantizing attention scored 15.9 dB SQNR, 28.4 dB with it).
-    Their entropy search is skipped."""
+    Their entropy search is skipped. A softmax output that only changes layout on its way to the MatMul (Transpose,
+    Reshape, ...: timm efficientvit's cascaded group attention reads `softmax.transpose(-2, -1)`) counts too."""
     import onnx
 
     graph = onnx.load(str(prep_onnx), load_external_data=False).graph
-    return {n.output[0] for n in graph.node if n.op_type == "Softmax"} & set(names)
+    probabilities = set()
+    for n in graph.node:  # graph order: a layout op's input is seen before it
+        if n.op_type == "Softmax" or (n.op_type in _LAYOUT_OPS and n.input and n.input[0] in probabilities):
+            probabilities.add(n.output[0])
+    return probabilities & set(names)
+
+
+_LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity")  # same values, other layout
 
 
 def _entropy_ranges(histograms: CalibrationHistograms, names: list[str]) -> dict[str, tuple[float, float]]:

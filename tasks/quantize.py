@@ -73,6 +73,7 @@ def quantize_variant(
             tensorrt_ready=trt_note is None,
             tensorrt_note=trt_note,
             **recovery.layer_precision(layers, quantized),
+            exporter=VariantArtifact.exporter_beside(prep_onnx),
         )
         write_json(tmp / "variant.json", asdict(artifact))
     log.info(

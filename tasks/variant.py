@@ -25,6 +25,16 @@ class VariantArtifact:
     float_layers: list[str] = field(default_factory=list)
     float_attention: list[str] = field(default_factory=list)
     int8_mac_fraction: float | None = None
+    # What exported the FP32 graph it was quantized from ("dynamo" / "torchscript" / "onnx": export.json's
+    # `exporter`); None: not recorded (a variant.json written before the field, or no export.json beside it).
+    exporter: str | None = None
+
+    @staticmethod
+    def exporter_beside(prep_onnx: Path) -> str | None:
+        """The `exporter` of the export.json beside the FP32 graph `prep_onnx` (one without the field: "dynamo",
+        what wrote it then); None without an export.json."""
+        path = Path(prep_onnx).with_name("export.json")
+        return read_json(path).get("exporter", "dynamo") if path.is_file() else None
 
 
 def variant_dir(variants_dir: Path, name: str) -> Path:

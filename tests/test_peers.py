@@ -1,6 +1,6 @@
 """`vitq peers` on the tiny trained workspace: ONNX Runtime's default quantize_static (and NNCF's, where the
-optional extra is installed) beside a vitq recipe, one table with every row and field; a missing NNCF is one
-line and exit code 2 with nothing written."""
+optional extra is installed, and ModelOpt's, where `make modelopt` built its venv) beside a vitq recipe, one
+table with every row and field; a missing NNCF is one line and exit code 2 with nothing written."""
 
 import importlib.util
 import json
@@ -23,7 +23,8 @@ def ws(staged_workspace, tmp_path_factory):
 
 
 def test_peers_table_has_vitq_and_every_peer_on_the_same_case(ws):
-    names = ["ort"] + (["nncf", "nncf-ac"] if importlib.util.find_spec("nncf") else [])
+    names = (["ort"] + (["nncf", "nncf-ac"] if importlib.util.find_spec("nncf") else [])
+             + (["modelopt"] if peers.modelopt_python() else []))  # ModelOpt: where `make modelopt` built its venv
     out = ws.root / "reports" / "peers.json"
     result = peers.run_peers(ws, parse_params(tiny_params()), ["digits"], peers.check_peers(names),
                              ["onnx-w8a8-minmax"], out)
@@ -40,6 +41,11 @@ def test_peers_table_has_vitq_and_every_peer_on_the_same_case(ws):
     assert ort["tool"].startswith("onnxruntime.quantization.quantize_static") and ort["eight_bit"], ort
     assert ort["int8_mac_fraction"] == 1.0, f"ORT's defaults quantize every MatMul/Gemm: {ort['int8_mac_fraction']}"
     assert ort["sqnr_db"] > 10.0, f"ORT default INT8 logits SQNR {ort['sqnr_db']:.1f} dB on the tiny ViT"
+    if "modelopt" in names:  # its own placement: Q/DQ on every MatMul, the head (Gemm) left float
+        mo = rows["peer-modelopt"]
+        assert mo["tool"].startswith("modelopt.onnx.quantization.quantize") and mo["eight_bit"], mo
+        assert 0.9 < mo["int8_mac_fraction"] < 1.0 and mo["sqnr_db"] > 10.0, mo
+        assert "nvidia-modelopt" in written["versions"], written["versions"]
     qdq = onnx.load(str(ws.root / "artifacts" / "recovery" / "digits" / "variants" / "peer-ort" / "model.onnx"))
     assert any(n.op_type == "QuantizeLinear" for n in qdq.graph.node), "the peer's own Q/DQ graph is kept"
     table = (ws.root / "reports" / "peers.md").read_text()

@@ -1,7 +1,7 @@
 """`vitq` command line: `vitq run` (the Prefect flow), `vitq stage <name>` (one stage, as dvc.yaml
 calls it), `vitq recipes` (the registry), and the experiments in vitq/experiments/ (`vitq latency`,
-`vitq coreml-coverage`, `vitq recovery-accuracy`, `vitq peers`, `vitq calibration-bench`; the first three also called `bench`,
-`coreml-bench`, `recovery`).
+`vitq coreml-coverage`, `vitq recovery-accuracy`, `vitq peers`, `vitq calibration-bench`, `vitq zoo`; the first
+three also called `bench`, `coreml-bench`, `recovery`).
 Bad input: one line on stderr and exit code 2."""
 
 from __future__ import annotations
@@ -94,14 +94,16 @@ def _parser() -> argparse.ArgumentParser:
         sc.add_argument("--workdir", default=".")
         sc.add_argument("--out", default="reports/recovery_scale.json")
     for peers in _experiment(sub, "peers", None, _peers,
-                             "ONNX Runtime's and NNCF's INT8 next to vitq's recipes, same FP32 ONNX and images "
+                             "ONNX Runtime's, NNCF's and ModelOpt's INT8 next to vitq's recipes, same FP32 ONNX and images "
                              "(reports/peers.json, reports/peers.md)"):
         peers.add_argument("--cases", default="digits,outliers,outliers_multi,outliers_heavy,outliers_alternating",
                            help="comma-separated cases of `vitq recovery-accuracy`")
         peers.add_argument("--peers", default="ort,nncf,nncf-ac",
                            help="comma-separated: ort (onnxruntime quantize_static, defaults), nncf "
-                                "(nncf.quantize, TRANSFORMER), nncf-ac (nncf.quantize_with_accuracy_control); "
-                                "nncf and nncf-ac need the optional extra: pip install -e '.[nncf]'")
+                                "(nncf.quantize, TRANSFORMER), nncf-ac (nncf.quantize_with_accuracy_control), "
+                                "modelopt (NVIDIA ModelOpt's ONNX INT8 PTQ, its own venv and process); "
+                                "nncf and nncf-ac need the optional extra: pip install -e '.[nncf]'; modelopt: "
+                                "make modelopt")
         peers.add_argument("--recipes", default="onnx-w8a8-minmax,onnx-w8a8-auto",
                            help="comma-separated vitq ONNX recipes to run beside them")
         peers.add_argument("--workdir", default=".")
@@ -121,6 +123,28 @@ def _parser() -> argparse.ArgumentParser:
                         "'torchvision:<name>' (default: demo and the five reference ViTs)")
         cm.add_argument("--workdir", default=".")
         cm.add_argument("--out", default="reports/coreml.json")
+    for zoo in _experiment(sub, "zoo", None, _zoo,
+                           "the zoo matrix: 42 vision transformers through ONNX Runtime, TensorRT graphs, Core ML, "
+                           "ModelOpt and NNCF, each model and target in its own process (reports/zoo.json, docs/zoo.md)"):
+        zoo.add_argument("--models", default=None,
+                         help="comma-separated timm names or 'torchvision:<name>' (default: the whole list)")
+        zoo.add_argument("--slice", default=None, help="'ci': the 4 models CI runs")
+        zoo.add_argument("--targets", default=None,
+                         help="comma-separated cells: onnx, tensorrt, coreml, modelopt, nncf (default: all; onnx "
+                              "always runs: the others read its export)")
+        zoo.add_argument("--timeout", type=float, default=1200.0, help="seconds per model and target (default 1200)")
+        zoo.add_argument("--latency-seconds", type=float, default=15.0,
+                         help="about how long the batch-1 latency of FP32, dynamic and static INT8 is timed per model")
+        zoo.add_argument("--resume", action="store_true", help="keep the cells --out holds that passed; run the failed ones and those not run yet "
+                         "(with --keep: the exports there are reused)")
+        zoo.add_argument("--keep", default=None, help="folder to keep the models' exports and variants in "
+                         "(default: a temporary folder, removed)")
+        zoo.add_argument("--table-only", action="store_true",
+                         help="run nothing: write the table (and the MLflow runs) from what --out holds")
+        zoo.add_argument("--no-mlflow", action="store_true", help="do not log the MLflow runs (experiment vitq-zoo)")
+        zoo.add_argument("--workdir", default=".")
+        zoo.add_argument("--out", default="reports/zoo.json")
+        zoo.add_argument("--markdown", default="docs/zoo.md", help="the table's file ('' for none)")
     pool_help = "KEY=POOL: the work pool for 'prepare' or a target (onnx, coreml, tensorrt); repeatable"
     orch = sub.add_parser("orchestrate", help="run the pipeline on Prefect work pools (needs PREFECT_API_URL and "
                                                "`vitq deploy`); steps go to the pool of their target")
@@ -383,6 +407,41 @@ def _peers(args) -> int:
     result = peers.run_peers(ws, params, cases, chosen, recipes, ws.root / args.out)
     print(peers.peers_table(result))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
+    return 0
+
+
+def _zoo(args) -> int:
+    from vitq.experiments import zoo
+
+    models = zoo.select_models(args.models, args.slice)  # every name checked before the first model
+    cells = zoo.select_cells(args.targets)
+    if args.timeout <= 0 or args.latency_seconds <= 0:
+        raise VitqError(f"--timeout {args.timeout} and --latency-seconds {args.latency_seconds} must be > 0 seconds")
+    root = _workspace(args.workdir).root
+    out = root / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def progress(i, n, name, cell, rec):
+        what = (f"{rec['sqnr_db']:.1f} dB" if "sqnr_db" in rec else
+                f"{rec['static']['sqnr_db']:.1f} dB static" if "static" in rec else "ok") \
+            if rec["status"] == "ok" else f"FAILED in {rec['stage']}: {rec['cause']}"
+        print(f"[{i}/{n}] {name} {cell}: {what} ({rec['seconds']:.0f} s, peak {rec['peak_rss_mb'] or 0:.0f} MB)",
+              flush=True)
+
+    if args.table_only:
+        result = zoo.table_only(out, mlflow_root=None if args.no_mlflow else root)
+    else:
+        result = zoo.run_zoo(models, cells, out, args.timeout, Path(args.keep).resolve() if args.keep else None,
+                             resume=args.resume, mlflow_root=None if args.no_mlflow else root, on_cell=progress,
+                             latency_s=args.latency_seconds)
+    print(json.dumps(result["summary"], indent=1))
+    if args.markdown:
+        md = root / args.markdown
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(zoo.markdown(result))
+        print(f"wrote {args.out} and {args.markdown}")
+    else:
+        print(f"wrote {args.out}")
     return 0
 
 

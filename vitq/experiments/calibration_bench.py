@@ -1,8 +1,8 @@
 """`vitq calibration-bench`: the calibrate stage's time next to ONNX Runtime's FP32 forward pass over the
 same images, on this machine.
 
-The model is exported as the pipeline exports it (tasks/export.py: dynamo ONNX, then ORT's quantization
-pre-processing), then timed twice on the same inputs, batch for batch (`batch_size` images a run, ORT's
+The model is exported as the pipeline exports it (tasks/export.py: dynamo ONNX, TorchScript where dynamo fails,
+then ORT's quantization pre-processing), then timed twice on the same inputs, batch for batch (`batch_size` images a run, ORT's
 default threads in both): the plain FP32 forward pass (after one warm-up batch), and `calibrate_inputs` with
 every default calibration method, end to end (graph augmentation, session, the pass, every table), measuring
 what the calibrate stage measures with the preset recipes (the linear ops' inputs; not the attention MatMuls').
