@@ -46,6 +46,7 @@ class CalibrationResult:
     extra_percentiles: list[float] = field(default_factory=list)
     histograms_sha256: str | None = None  # content digest of `histograms.npz` (None: minmax alone, none kept)
     attention: bool = True  # the inputs of attention's activation-activation MatMuls measured too (quantize_attention)
+    residual: bool = False  # the skip inputs of residual Adds measured too (qdq_placement: tensorrt)
 
 
 HISTOGRAMS = "histograms.npz"  # the merged histograms the tables came from (tasks/_histograms.py), kept for the range search
@@ -56,9 +57,11 @@ def table_path(calibration_dir: Path, method: str, percentile: float | None = No
     return Path(calibration_dir) / (f"{method}.json" if percentile is None else f"{method}-{float(percentile)!r}.json")
 
 
-def _inputs_calibrater(attention: bool):
+def _inputs_calibrater(attention: bool, residual: bool = False):
     """ORT's `HistogramCalibrater`, selecting only the activations the `op_types` nodes read (their inputs),
-    and the inputs of attention's activation-activation MatMuls only if `attention`.
+    and the inputs of attention's activation-activation MatMuls only if `attention`; with `residual`, also the skip
+    inputs of the residual Adds after the weighted `op_types` nodes (the tensors `qdq_placement: tensorrt` quantizes:
+    tasks/targets/onnx/backend.py `residual_skip_inputs`; measured for every such Add, whatever a recipe excludes).
     ORT's own selection adds the nodes' outputs, which no table user reads: the quantizer puts no Q/DQ on the
     outputs of the op types it quantizes (OpTypesToExcludeOutputQuantization, tasks/targets/onnx/backend.py), the
     recovery recipes and the range search judge each layer's input; and the outputs are half the values a
@@ -68,7 +71,7 @@ def _inputs_calibrater(attention: bool):
     quantized graph is the same with and without the ranges left out."""
     from onnxruntime.quantization.calibrate import HistogramCalibrater
 
-    from vitq.tasks.targets.onnx.backend import activation_matmuls
+    from vitq.tasks.targets.onnx.backend import activation_matmuls, residual_skip_inputs, weight_gemms
 
     class InputsCalibrater(HistogramCalibrater):
         def select_tensors_to_calibrate(self, model):
@@ -76,23 +79,28 @@ def _inputs_calibrater(attention: bool):
             skip = set() if attention else set(activation_matmuls(model))
             read = {t for node in model.graph.node
                     if node.op_type in self.op_types_to_calibrate and node.name not in skip for t in node.input}
-            return tensors & read, value_infos
+            selected = tensors & read
+            if residual:
+                weighted = {n.name for n in model.graph.node if n.op_type in self.op_types_to_calibrate} & weight_gemms(model)
+                selected |= set(residual_skip_inputs(model, weighted)) & set(value_infos)
+            return selected, value_infos
 
     return InputsCalibrater
 
 
 def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, entropy: bool,
                        op_types=CALIBRATED_OP_TYPES, counts: bool = True,
-                       attention: bool = True) -> tuple[list[str], CalibrationHistograms]:
+                       attention: bool = True, residual: bool = False) -> tuple[list[str], CalibrationHistograms]:
     """One pass of model inputs `x` (N, C, H, W) through the model, `cfg.batch_size` images a run, every
     calibrated tensor into `CalibrationHistograms` (ORT's |x| histogram and, if `entropy`, its signed one;
-    with `counts=False`, min/max only); `attention`: the attention MatMuls' inputs too.
+    with `counts=False`, min/max only); `attention`: the attention MatMuls' inputs too; `residual`: the residual
+    Adds' skip inputs too.
     Returns (calibrated tensor names, histograms)."""
     import onnxruntime as ort
     import torch
 
     with tempfile.TemporaryDirectory(prefix="vitq-calib-") as scratch:
-        calibrater = _inputs_calibrater(attention)(  # ORT's calibrater, measuring the inputs of `op_types`, as outputs
+        calibrater = _inputs_calibrater(attention, residual)(  # ORT's calibrater, measuring the inputs of `op_types`, as outputs
             str(prep_onnx),
             op_types_to_calibrate=list(op_types),
             augmented_model_path=str(Path(scratch) / "augmented.onnx"),
@@ -163,22 +171,26 @@ def _entropy_ranges(histograms: CalibrationHistograms, names: list[str]) -> dict
 
 
 def calibrate(prep_onnx: Path, model_dir: Path, data_dir: Path, cfg: CalibrationConfig, out_dir: Path,
-              extra_percentiles: tuple[float, ...] = (), attention: bool = True) -> CalibrationResult:
-    """The calibrate stage: the workspace's calibration split, preprocessed as the model expects."""
+              extra_percentiles: tuple[float, ...] = (), attention: bool = True,
+              residual: bool = False) -> CalibrationResult:
+    """The calibrate stage: the workspace's calibration split, preprocessed as the model expects. `residual`: also
+    the skip inputs of residual Adds (a defined recipe with `qdq_placement: tensorrt`)."""
     spec = load_model_spec(model_dir)
     split = load_split(data_dir, "calibration")
     if len(split.images) == 0:
         raise DataError("the calibration split is empty; calibration needs at least one image")
     return calibrate_inputs(prep_onnx, model_inputs(split.images, spec.mean, spec.std), cfg, out_dir, extra_percentiles,
-                            attention)
+                            attention, residual)
 
 
 def calibrate_inputs(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, out_dir: Path,
-                     extra_percentiles: tuple[float, ...] = (), attention: bool = True) -> CalibrationResult:
+                     extra_percentiles: tuple[float, ...] = (), attention: bool = True,
+                     residual: bool = False) -> CalibrationResult:
     """Write the calibration tables `cfg.methods` of the model `prep_onnx` into `out_dir`, from model inputs
     `x` (N, C, H, W), one pass; and a percentile table at each of `extra_percentiles` (recipes' overrides),
     from the same |x| histograms. `attention`: also the ranges of attention's activation-activation MatMul
-    inputs (recipes with `quantize_attention`)."""
+    inputs (recipes with `quantize_attention`); `residual`: also the skip inputs of residual Adds (recipes with
+    `qdq_placement: tensorrt`)."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
 
     if len(x) == 0:
@@ -186,7 +198,8 @@ def calibrate_inputs(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, out
     start = time.perf_counter()
     n = len(x)
     counts = bool(set(cfg.methods) - {"minmax"}) or bool(extra_percentiles)  # minmax alone: no histogram to count
-    names, histograms = collect_histograms(prep_onnx, x, cfg, "entropy" in cfg.methods, counts=counts, attention=attention)
+    names, histograms = collect_histograms(prep_onnx, x, cfg, "entropy" in cfg.methods, counts=counts, attention=attention,
+                                           residual=residual)
 
     enum = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
             "entropy": CalibrationMethod.Entropy}
@@ -222,6 +235,7 @@ def calibrate_inputs(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, out
             extra_percentiles=[float(x) for x in extra_percentiles],
             histograms_sha256=histograms.digest() if counts else None,
             attention=attention,
+            residual=residual,
         )
         write_json(tmp / "calibration.json", asdict(result))
     log.info(

@@ -12,7 +12,11 @@ Rules, each reported with the node that breaks it:
 - orphan-q / orphan-dq: every QuantizeLinear output goes only to DequantizeLinear nodes with the
   same scale and zero point; every DequantizeLinear reads a QuantizeLinear or a constant;
 - float-only-consumer: no DequantizeLinear feeds an op TensorRT runs in floating point only
-  (Softmax, LayerNormalization, GELU's Erf, ...), where the Q/DQ pair would only add error.
+  (Softmax, LayerNormalization, GELU's Erf, ...), where the Q/DQ pair would only add error. Except a LayerNorm
+  reading the DequantizeLinear that also feeds a residual Add (an Add of two activations): TensorRT's documented
+  placement ("quantize the residual input in skip connections") makes its GEMM + residual Add fusion write that
+  tensor in INT8, so the LayerNorm reading it reads those integers whether the graph says so or not
+  (`qdq_placement: tensorrt`, tasks/targets/onnx/backend.py `quantize_residual_inputs`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ ORT_ONLY_QUANT_OPS = frozenset(
     {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv",
      "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearAdd", "QLinearMul"}
 )
+# Float-only ops that may read a residual Add's quantized skip input (the residual stream) from the same DequantizeLinear.
+RESIDUAL_STREAM_READERS = frozenset({"LayerNormalization"})
 _WEIGHT_AXIS = {"MatMul": lambda node, rank: rank - 1, "Conv": lambda node, rank: 0,
                 "ConvTranspose": lambda node, rank: 1,
                 "Gemm": lambda node, rank: 0 if node_attr(node, "transB", 0) else 1}
@@ -137,8 +143,10 @@ def check_qdq(model: onnx.ModelProto) -> list[Violation]:
             if node.input[0] not in consts and (src is None or src.op_type != "QuantizeLinear"):
                 what = src.op_type if src is not None else "a graph input"
                 out.append(Violation(name, "orphan-dq", f"reads {what}, must read QuantizeLinear or a constant"))
-            for c in consumers.get(node.output[0], []):
-                if c.op_type in TRT_FLOAT_ONLY_OPS:
+            users = consumers.get(node.output[0], [])
+            residual = any(u.op_type == "Add" and not any(i in consts for i in u.input) for u in users)
+            for c in users:
+                if c.op_type in TRT_FLOAT_ONLY_OPS and not (residual and c.op_type in RESIDUAL_STREAM_READERS):
                     out.append(Violation(name, "float-only-consumer",
                                          f"feeds {c.op_type} {c.name!r}, which TensorRT runs in float only"))
     return out

@@ -41,7 +41,8 @@ def run_export(ws: Workspace, p: Params) -> export.ExportResult:
 
 def run_calibrate(ws: Workspace, p: Params) -> calibrate.CalibrationResult:
     return calibrate.calibrate(ws.export_dir / "model.prep.onnx", ws.model_dir, ws.data_dir, p.calibration, ws.calibration_dir,
-                               p.quantize.extra_percentiles, p.quantize.calibrates_attention)
+                               p.quantize.extra_percentiles, p.quantize.calibrates_attention,
+                               p.quantize.calibrates_residual)
 
 
 def missing_runtime(name: str) -> str | None:

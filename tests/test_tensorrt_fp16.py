@@ -224,3 +224,27 @@ def test_the_check_names_a_layernorm_left_in_fp16():
     assert any("'ln_pow' computes in FLOAT16, wanted FLOAT" in p for p in problems), problems
     assert any("'softmax' computes in FLOAT16" in p for p in problems), problems
     assert tensorrt_fp16.placement_violations(tensorrt_fp16.to_fp16(src)[0], tensorrt_fp16.fp32_node_names(src)) == []
+
+
+def test_a_shape_cast_to_float_becomes_fp16():
+    """The TorchScript exporter computes attention's scale from a shape: Shape -> Gather -> Cast(to=FLOAT) -> Sqrt.
+    The converter typed that Cast's output FP16 but kept its `to` (twins, hiera failed the type check); it casts to
+    FP16 now, and the graph computes the same."""
+    from vitq.tasks.targets.tensorrt import fp16
+
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])
+    inits = [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w"), numpy_helper.from_array(np.array(1, np.int64), "i")]
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "i"], ["d"], name="gather"),
+             helper.make_node("Cast", ["d"], ["df"], to=TensorProto.FLOAT, name="scale_cast"),
+             helper.make_node("Sqrt", ["df"], ["r"], name="sqrt"),
+             helper.make_node("Div", ["x", "r"], ["xs"], name="div"),
+             helper.make_node("MatMul", ["xs", "w"], ["y"], name="mm")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x_info], [y_info], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    out, _, _ = fp16.to_fp16(model)
+    cast = next(n for n in out.graph.node if n.name == "scale_cast")
+    assert cast.attribute[0].i == TensorProto.FLOAT16
+    sess = ort.InferenceSession(fp16.fp16_emulation(out).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"x": np.full((2, 4), 4.0, np.float32)})[0], 2.0)

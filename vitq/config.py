@@ -218,6 +218,12 @@ class QuantizeConfig(_Strict):
         return tuple(sorted({t[1] for t in tables if t and t[1] is not None}))
 
     @property
+    def calibrates_residual(self) -> bool:
+        """Whether the calibrate stage measures the skip inputs of residual Adds: when a defined recipe places Q/DQ
+        there (`qdq_placement: tensorrt`; no preset does). Every defined recipe, configured or not, as above."""
+        return any(getattr(r, "qdq_placement", "weighted") != "weighted" for r in self.defined_recipes().values())
+
+    @property
     def calibrates_attention(self) -> bool:
         """Whether the calibrate stage measures the inputs of attention's activation-activation MatMuls (q, k^T,
         the softmax, v): when a preset or a defined recipe quantizes them (`quantize_attention`; the plain static

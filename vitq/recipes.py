@@ -133,18 +133,32 @@ class OnnxStaticConfig(RecipeConfig):
                              "precision; derive from a plain static recipe instead")
 
 
+QDQ_PLACEMENTS = ("weighted", "tensorrt")  # see TensorRTStaticConfig.qdq_placement
+
+
 @dataclass(frozen=True, kw_only=True)
 class TensorRTStaticConfig(OnnxStaticConfig):
     """A TensorRT engine (explicit quantization) built from the recipe's W8A8 Q/DQ graph."""
 
     target: str = "tensorrt"
+    # Where Q/DQ goes. "weighted": the inputs of the `op_types` nodes only. "tensorrt": also the skip input of each
+    # residual Add that follows a quantized weighted op, one Q/DQ pair that the LayerNorms reading the same tensor
+    # read too: TensorRT's Q/DQ placement recommendation "quantize the residual input in skip connections" (its
+    # GEMM + residual Add fusion then writes INT8; docs/targets.md). ModelOpt's ONNX PTQ quantizes as many residual Add
+    # and LayerNorm inputs, but on ViTs the Add's branch input, not the skip. Symmetric int8 ranges from the same
+    # calibration table (calibrate(..., residual=True)). A recipe of your own sets it (quantize.define:
+    # `{preset: tensorrt-w8a8-percentile, qdq_placement: tensorrt}`): the calibrate stage then measures the skip
+    # tensors too (Params.quantize.calibrates_residual), which no preset costs.
+    qdq_placement: Literal["weighted", "tensorrt"] = "weighted"
     OVERRIDABLE: ClassVar[tuple[str, ...]] = (
-        "calibration", "percentile", "op_types", "quantize_attention", "float_layers", "description")
+        "calibration", "percentile", "op_types", "quantize_attention", "float_layers", "qdq_placement", "description")
 
     def check(self) -> None:
         super().check()
         if not self.per_channel:
             raise ValueError("TensorRT explicit quantization needs per-channel weight scales (per_channel: true)")
+        if self.qdq_placement not in QDQ_PLACEMENTS:
+            raise ValueError(f"qdq_placement must be one of {', '.join(QDQ_PLACEMENTS)}, got {self.qdq_placement!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

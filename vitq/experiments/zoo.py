@@ -87,7 +87,27 @@ MODELS: tuple[ZooModel, ...] = (
     ZooModel("torchvision:swin_t", "Swin (torchvision)"),
     ZooModel("torchvision:maxvit_t", "MaxViT (torchvision)"),
 )
-CI_SLICE = ("vit_tiny_patch16_224", "efficientvit_m0", "levit_128s")  # small; two of them once failed
+# Why a model scores low where it does, found by tracing per-tensor errors (tasks/error_report.py) on the zoo's own
+# setting; the table prints them beside the numbers.
+REASONS = {
+    "convit_tiny": "ConViT's gated positional self-attention mixes a peaked positional softmax (max about 0.57) with a "
+                   "near-uniform content softmax (about 0.0014 per value): one int8 scale (step 0.0045) rounds the "
+                   "content part to zero, and attn @ v falls from 43.6 to 17.0 dB in its blocks. Where attention's "
+                   "products stay float (the TensorRT column; `quantize_attention: false`; `onnx-w8a8-auto`) it "
+                   "keeps about 31 dB. Its pos_proj MatMuls read a constant position table and stay float (their "
+                   "one range of 338 left dx, dy five int8 levels: 3.5 dB in block 1 before).",
+}
+PEER_NOTES = (
+    "ModelOpt (0.47, its defaults: entropy calibration, Q/DQ on attention's MatMuls, residual Adds and "
+    "LayerNormalization inputs, weights stored FP32 behind QuantizeLinear): on timm deit_small_patch16_224 with "
+    "these random weights its graph scores 8.2 dB; without Q/DQ on attention (`disable_mha_qdq`) 15.3 dB, and "
+    "neither its Add nor its LayerNormalization Q/DQ account for the rest (8.1 / 8.2 dB without them): the ranges "
+    "of its entropy and max calibration on the outlier channels do. NNCF's TRANSFORMER preset applies "
+    "SmoothQuant and leaves some attention MatMuls float."
+)
+# Small, and each failed somewhere before issue 29's fixes: EfficientViT-M's constant softmax (calibration), LeViT's
+# tiny activations (Core ML's scale floor), PVTv2's served-form check.
+CI_SLICE = ("efficientvit_m0", "levit_128s", "pvt_v2_b0")
 
 
 def model_spec(name: str) -> ZooModel:
@@ -95,20 +115,6 @@ def model_spec(name: str) -> ZooModel:
         if m.name == name:
             return m
     return ZooModel(name, "other")  # any timm / torchvision name given on the command line
-
-
-def build_model(spec: ZooModel):
-    """(FP32 module in eval mode, ExperimentModel) for a zoo entry; random weights (seed torch first)."""
-    from vitq.experiments._models import resolve_model
-    from vitq.tasks.zoo import FeatureMap
-
-    m = resolve_model(spec.name, None, torchvision=True)
-    if m.mean is None:  # torchvision: ImageNet normalisation, as its weights' transforms use
-        from dataclasses import replace
-
-        m = replace(m, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    model = m.build().eval()
-    return (FeatureMap(model).eval() if spec.dense else model), m
 
 
 def select_models(models: str | None, slice_: str | None) -> list[ZooModel]:
@@ -141,7 +147,8 @@ def select_cells(cells: str | None) -> list[str]:
     return [c for c in CELLS if c in chosen]
 
 
-def run_cell(name: str, cell: str, folder: Path, timeout_s: float, latency_s: float | None = None) -> dict:
+def run_cell(name: str, cell: str, folder: Path, timeout_s: float, latency_s: float | None = None,
+             dense: bool = False) -> dict:
     """One cell in its own process (own process group), killed at `timeout_s`; its record with wall seconds and
     peak RSS (MB) measured from here."""
     result = folder / f"{cell}.json"
@@ -152,7 +159,8 @@ def run_cell(name: str, cell: str, folder: Path, timeout_s: float, latency_s: fl
         env["VITQ_ZOO_LATENCY_S"] = str(latency_s)
     start = time.perf_counter()
     with open(logfile, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "vitq.experiments.zoo_cell", name, cell, str(folder), str(result)],
+        proc = subprocess.Popen([sys.executable, "-m", "vitq.experiments.zoo_cell", name, cell, str(folder), str(result),
+                                 *(["--dense"] if dense else [])],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         timed_out = False
         rusage = None
@@ -214,7 +222,7 @@ def run_zoo(models: list[ZooModel], cells: list[str], out: Path, timeout_s: floa
                 if cell in NEEDS_EXPORT and not (onnx_ok and (folder / "export" / "model.onnx").is_file()):
                     ran[cell] = {"status": "failed", "stage": "input", "cause": "no FP32 export (the onnx cell failed)"}
                 else:
-                    ran[cell] = run_cell(m.name, cell, folder, timeout_s, latency_s)
+                    ran[cell] = run_cell(m.name, cell, folder, timeout_s, latency_s, m.dense)
                 if on_cell is not None:
                     on_cell(i, len(models), m.name, cell, ran[cell])
                 row = _update(out, machine, settings, model=m, cells={cell: ran[cell]})
@@ -281,7 +289,8 @@ def _settings(timeout_s: float, latency_s: float | None = None) -> dict:
             "tensorrt_recipe": zoo_cell.TENSORRT_RECIPE, "coreml_recipe": zoo_cell.COREML_RECIPE,
             "calibration_images": zoo_cell.CALIBRATION_IMAGES, "validation_images": zoo_cell.VALIDATION_IMAGES,
             "images": "scikit-learn digits resized to each model's input size, RGB, normalised as the model expects",
-            "weights": "random (seed 0): nothing can be downloaded here", "timeout_s": timeout_s,
+            "weights": "random (timm / torchvision init, seed 0; weights initialised to zero drawn instead: "
+                       "zoo_cell.redraw_zero_init): nothing can be downloaded here", "timeout_s": timeout_s,
             "latency_seconds": latency_s or zoo_cell.LATENCY_SECONDS,
             "sqnr": "10 log10(sum fp32^2 / sum (fp32 - variant)^2) over every output element, vs the FP32 ONNX "
                     "export in ONNX Runtime"}
@@ -367,6 +376,12 @@ def _cell_text(rec: dict | None) -> str:
     return f"{_f(rec.get('sqnr_db'))} dB"
 
 
+def _in_list_order(models: dict) -> list[tuple[str, dict]]:
+    """The table's rows in MODELS' order (families together), whatever order the sweeps ran them in."""
+    order = {m.name: i for i, m in enumerate(MODELS)}
+    return sorted(models.items(), key=lambda kv: order.get(kv[0], len(order)))
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     s = result.get("summary") or summarize(result)
@@ -396,7 +411,7 @@ def markdown(result: dict) -> str:
         " | Core ML | ModelOpt | NNCF | peak RSS GB (max cell) | seconds (all cells) |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, row in result["models"].items():
+    for name, row in _in_list_order(result["models"]):
         c = row["cells"]
         onnx_rec = c.get("onnx", {})
         st = onnx_rec.get("static", {}) if onnx_rec.get("status") == "ok" else {}
@@ -417,7 +432,7 @@ def markdown(result: dict) -> str:
               "| model | FP32 ms | dynamic ms | static ms | FP32/static | dynamic/static | FP32 MB | static MB | "
               "export s | vitq calib+quant s | ModelOpt s | NNCF s |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, row in result["models"].items():
+    for name, row in _in_list_order(result["models"]):
         o = row["cells"].get("onnx", {})
         if o.get("status") != "ok":
             continue
@@ -428,6 +443,12 @@ def markdown(result: dict) -> str:
                      f"| {_f(lat.get('fp32_over_static'), '{:.2f}')} | {_f(lat.get('dynamic_over_static'), '{:.2f}')} "
                      f"| {_f(o.get('fp32_mb'))} | {_f(o['static'].get('size_mb'))} | {_f(o.get('export_s'))} "
                      f"| {_f(o['static'].get('quantize_s'))} | {_f(peer_s[0])} | {_f(peer_s[1])} |")
+    notes = [f"- `{name}`: {why}" for name, why in REASONS.items() if name in result["models"]]
+    lines += ["", "## Why some models score low", "", *notes, f"- Peers: {PEER_NOTES}"]
+    missing = [m.name for m in MODELS if m.name not in result["models"]]
+    if missing:
+        lines += ["", f"Not measured in this results file ({len(missing)} of the list; `vitq zoo --resume` runs them): "
+                  + ", ".join(f"`{n}`" for n in missing) + "."]
     failures = [(name, cell, rec) for name, row in result["models"].items() for cell, rec in row["cells"].items()
                 if rec.get("status") != "ok"]
     lines += ["", "## Failures (model, target, stage: cause)", ""]

@@ -1,6 +1,6 @@
 """One cell of the zoo matrix (`vitq zoo`): one model through one target form, in its own process.
 
-    python -m vitq.experiments.zoo_cell <model> <cell> <model folder> <result.json>
+    python -m vitq.experiments.zoo_cell <model> <cell> <model folder> <result.json> [--dense]
 
 Cells (`CELLS`, in the order the matrix runs them; tensorrt, modelopt and nncf read what `onnx` wrote into the
 model folder: `calibration.npy`, `validation.npy`, `export/model.onnx` + `model.prep.onnx`):
@@ -128,32 +128,64 @@ def coverage(folder: Path, quantized) -> dict:
     }
 
 
+def build_model(name: str, dense: bool = False):
+    """(FP32 module in eval mode, ExperimentModel, the names of the weights `redraw_zero_init` drew) for a timm or
+    `torchvision:<name>` model; random weights (seed torch first). `dense`: judged on its feature map."""
+    from vitq.experiments._models import resolve_model
+    from vitq.tasks.zoo import FeatureMap
+
+    m = resolve_model(name, None, torchvision=True)
+    if m.mean is None:  # torchvision: ImageNet normalisation, as its weights' transforms use
+        from dataclasses import replace
+
+        m = replace(m, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    model = m.build().eval()
+    redrawn = redraw_zero_init(model)
+    return (FeatureMap(model).eval() if dense else model), m, redrawn
+
+
+def redraw_zero_init(model) -> list[str]:
+    """Weights a fresh timm / torchvision model holds at zero, which leave a random-weight model's output constant
+    or tiny (Hiera's and others' zero-init heads, LeViT's zero-init residual BatchNorm gammas) and its SQNR
+    meaningless (inf on an all-zero output): drawn as a trained model would hold them (a matrix: normal, std 0.02;
+    a norm's gamma: 1). Returns their names; a model without such weights is unchanged."""
+    import torch
+
+    redrawn = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.numel() > 1 and not p.any():
+                p.fill_(1.0) if p.ndim == 1 else p.normal_(0.0, 0.02)
+                redrawn.append(name)
+    return redrawn
+
+
 # --- the cells ---------------------------------------------------------------------------------------------------
 
-def cell_onnx(name: str, folder: Path, stage: Stages) -> dict:
+def cell_onnx(name: str, dense: bool, folder: Path, stage: Stages) -> dict:
     import torch
 
     from vitq.api import Variant
     from vitq.config import ExportConfig
-    from vitq.experiments.zoo import build_model, model_spec
     from vitq.recipes import get_recipe
     from vitq.tasks import export
     from vitq.tasks.targets.base import Reference
     from vitq.tasks.targets.registry import get_target
 
     stage("model")
-    spec = model_spec(name)
     torch.manual_seed(0)
-    model, m = build_model(spec)
+    model, m, redrawn = build_model(name, dense)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     stage("data")
     calibration, validation = model_images(m, folder)
     stage("export")
+    (folder / "fp32_outputs.npy").unlink(missing_ok=True)  # the reference of an earlier export of this folder
     t = time.perf_counter()
     result = export.export_model(model, calibration, ExportConfig(), folder / "export")
     export_s = time.perf_counter() - t
     ref = reference_outputs(folder, validation)
-    record = {"params_m": round(params_m, 2), "input_size": list(m.input_size), "dense": spec.dense,
+    record = {"params_m": round(params_m, 2), "input_size": list(m.input_size), "dense": dense,
+              "zero_init_redrawn": len(redrawn),
               "exporter": getattr(result, "exporter", "dynamo"), "export_s": round(export_s, 2),
               "fp32_mb": round(result.size_mb, 2), "output_shape": list(ref.shape[1:])}
     variants = {}
@@ -300,18 +332,16 @@ def cell_tensorrt(name: str, folder: Path, stage: Stages) -> dict:
     return record
 
 
-def cell_coreml(name: str, folder: Path, stage: Stages) -> dict:
+def cell_coreml(name: str, dense: bool, folder: Path, stage: Stages) -> dict:
     import torch
 
-    from vitq.experiments.zoo import build_model, model_spec
     from vitq.recipes import get_recipe
     from vitq.tasks.targets.base import Reference
     from vitq.tasks.targets.registry import get_target
 
     stage("model")
-    spec = model_spec(name)
     torch.manual_seed(0)
-    model, m = build_model(spec)
+    model, m, _ = build_model(name, dense)
     stage("data")
     calibration, validation = model_images(m, folder)
     ref = torch_outputs(model, validation)  # converted from torch: judged against torch FP32
@@ -358,16 +388,17 @@ class PeerFailed(RuntimeError):
 
 def main(argv: list[str]) -> int:
     name, cell, folder, result_path = argv[0], argv[1], Path(argv[2]), Path(argv[3])
+    dense = "--dense" in argv[4:]  # judged on its feature map
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stage = Stages(folder, cell)
     start = time.perf_counter()
     try:
         if cell == "onnx":
-            record = cell_onnx(name, folder, stage)
+            record = cell_onnx(name, dense, folder, stage)
         elif cell == "tensorrt":
             record = cell_tensorrt(name, folder, stage)
         elif cell == "coreml":
-            record = cell_coreml(name, folder, stage)
+            record = cell_coreml(name, dense, folder, stage)
         elif cell in ("modelopt", "nncf"):
             record = cell_peer(cell, folder, stage)
         else:

@@ -18,6 +18,10 @@ torch 2.14 on Linux):
   graph is also the "torch counterpart" of the ML program: the validation stage runs it on Linux.
 - Attention must be explicit for the quantizer to see it (`vitq.tasks.attention.rewrite_attention`):
   `nn.MultiheadAttention` otherwise hides its projections and matmuls in a fused kernel.
+- What coremltools cannot take from timm's zoo is rewritten exactly (`rewrites.py`): bicubic upsampling (CrossViT)
+  is decomposed at `run_decompositions`, and rank-6/7 window partitions (Twins, Hiera) are rebuilt at rank <= 5 in
+  the program ct.convert reads. Linear / conv / matmul ops whose inputs are all constants (ConViT's pos_proj on its
+  relative-position table) stay float: Core ML folds them, and int8 would only perturb them.
 
 Coverage is read back from the saved ML program (`coverage`), not from what we meant to do.
 """
@@ -35,6 +39,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from vitq.tasks.targets.coreml import rewrites
+
 log = logging.getLogger("vitq.coreml")
 
 aten = torch.ops.aten
@@ -49,7 +55,12 @@ UNHANDLED_OPS = {
 }
 MIL_COMPUTE_OPS = ("linear", "matmul", "conv")
 MIL_INT8_WEIGHT_OPS = ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")
-EPS = 2**-14  # smallest activation scale: keeps all-zero tensors quantizable
+# Smallest quantization scale (activations and weights): keeps all-zero tensors quantizable. The ML program stores
+# scales in FP16; 2**-17 is 128 FP16 subnormal steps, so a scale there is within 0.4% (under half an int8 step) of
+# the FP32 scale the torch counterpart uses. The former floor, 2**-14 (FP16's smallest normal), left every tensor
+# with |x|max < 127 * 2**-14 = 0.0078 fewer than 127 levels: LeViT / EfficientViT activations at 1e-4..1e-3
+# (random-init BN statistics) got 3-15 levels, 10-12 dB SQNR at the logits instead of 27.
+EPS = 2**-17
 
 
 def _observer(kind: Observer, per_channel: bool):
@@ -111,6 +122,20 @@ class QuantizerReport:
     quantized: list[str] = field(default_factory=list)  # layer names with quantized inputs/weights
     kept_float: list[str] = field(default_factory=list)  # asked to stay float (mixed precision)
     unhandled: list[str] = field(default_factory=list)  # weight-bearing ops the quantizer cannot annotate
+    constant: list[str] = field(default_factory=list)  # ops on constants only (no model input): left float
+
+
+def input_dependent(graph, inputs: set[str] | None = None) -> set:
+    """The nodes whose value depends on a model input (a placeholder of the unlifted graph, or those named in
+    `inputs`: an ExportedProgram's user inputs); the rest compute constants (ConViT's positional scores from its
+    relative indices), which Core ML folds at conversion."""
+    out = set()
+    for node in graph.nodes:
+        if (node.op == "placeholder" and (inputs is None or node.name in inputs)) or any(a in out for a in node.all_input_nodes):
+            out.add(node)
+        if isinstance(node.meta.get("val"), (torch.SymInt, int, float, bool)):
+            out.discard(node)  # a size (sym_size of the batch): an expand of a constant to it is still a constant
+    return out
 
 
 def _make_quantizer(activations: bool, observer: Observer, float_layers: frozenset[str], report: QuantizerReport):
@@ -122,10 +147,16 @@ def _make_quantizer(activations: bool, observer: Observer, float_layers: frozens
 
         def annotate(self, model):
             act, weight = _act_spec(observer), _weight_spec()
+            live = input_dependent(model.graph)
             for node in model.graph.nodes:
                 if node.op == "call_function" and node.target in UNHANDLED_OPS:
                     report.unhandled.append(f"{layer_name(node)}: {UNHANDLED_OPS[node.target]}")
             for node, kind, name in compute_nodes(model.graph):
+                if node not in live:
+                    # A constant (e.g. a linear on a fixed index table): no int8 kernel runs for it, and int8 would
+                    # only perturb it; ConViT's pos_proj logits (|x| up to ~360) lose their softmax that way.
+                    report.constant.append(name)
+                    continue
                 if kind == "matmul":
                     if not activations:
                         continue  # activation x activation: nothing to store in int8
@@ -164,7 +195,7 @@ def quantize_pt2e(
     program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
     # Inference dialect: inlines regions the training dialect keeps opaque (timm's EfficientViT runs
     # its attention matmuls inside `torch.autocast(enabled=False)`); linear / conv2d / matmul stay.
-    graph = program.run_decompositions({}).module()
+    graph = program.run_decompositions(rewrites.DECOMPOSITIONS).module()
     report = QuantizerReport()
     prepared = prepare_pt2e(graph, _make_quantizer(activations, observer, frozenset(float_layers), report))
     with torch.no_grad():
@@ -172,6 +203,8 @@ def quantize_pt2e(
             prepared(batch)
             log.debug("coreml: calibration batch %d/%d", i + 1, len(calibration))
     converted = convert_pt2e(prepared)
+    if report.constant:
+        log.info("coreml: %d op(s) on constants only left float: %s", len(report.constant), report.constant)
     if report.unhandled:
         log.warning("coreml: %d weight-bearing op(s) left in float: %s", len(report.unhandled), report.unhandled)
     return converted, report
@@ -181,13 +214,15 @@ def export_program(module: torch.nn.Module, example: torch.Tensor, dynamic_batch
     """`torch.export` in the inference (ATen) dialect ct.convert accepts; batch size dynamic on request."""
     shapes = ({0: torch.export.Dim.AUTO},) if dynamic_batch else None
     example = torch.empty(example.shape, dtype=example.dtype).copy_(example)  # default strides: Core ML reads dim order
-    program = torch.export.export(module, (example,), dynamic_shapes=shapes).run_decompositions({})
+    program = torch.export.export(module, (example,), dynamic_shapes=shapes).run_decompositions(rewrites.DECOMPOSITIONS)
     # ct.convert has no `alias` op (a no-op view, e.g. from timm's identity layers): bypass it
     graph = program.graph_module.graph
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target == aten.alias.default:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
+    if not dynamic_batch:  # the program ct.convert reads: Core ML tensors have rank <= 5
+        rewrites.reduce_rank(graph)
     program.graph_module.recompile()
     return program
 
@@ -311,9 +346,13 @@ def coverage(program, layer_names: dict[str, list[str]] | None = None) -> list[C
 
 
 def program_layer_names(exported_program) -> dict[str, list[str]]:
-    """Torch layer names of the linear / conv / matmul nodes of a program, per kind, in order."""
+    """Torch layer names of the linear / conv / matmul nodes of a program, per kind, in order; those on constants
+    only are left out (ct.convert folds them into constants)."""
     out: dict[str, list[str]] = {}
-    for _, kind, name in compute_nodes(exported_program.graph):
+    live = input_dependent(exported_program.graph, set(exported_program.graph_signature.user_inputs))
+    for node, kind, name in compute_nodes(exported_program.graph):
+        if node not in live:
+            continue
         out.setdefault(kind, []).append(name)
     return out
 

@@ -709,7 +709,9 @@ def assert_same_outputs(reference: Path | bytes | onnx.ModelProto, candidate: Pa
 def quantize(recipe: OnnxDynamicConfig | OnnxStaticConfig, prep_onnx: Path, out_path: Path, table: Path | None,
              exclude_nodes=()) -> None:
     """Produce the recipe's quantized ONNX at `out_path` from the quantization-ready FP32 model;
-    `exclude_nodes` stay float (mixed precision, the recipe's float_layers)."""
+    `exclude_nodes` stay float (mixed precision, the recipe's float_layers). A recipe with `qdq_placement: tensorrt`
+    also gets Q/DQ on the skip input of each residual Add after a quantized weighted op (`residual_skip_inputs`,
+    `quantize_residual_inputs`), its range from the same table."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.calibrate import load_tensors_data
 
@@ -729,6 +731,10 @@ def quantize(recipe: OnnxDynamicConfig | OnnxStaticConfig, prep_onnx: Path, out_
     exclude = ([] if recipe.quantize_attention else activation_matmuls(model)) + list(exclude_nodes) + fixed
     tensors = load_tensors_data(table)
     _check_ranges(model, recipe.op_types, set(exclude), set(tensors.data), Path(table))
+    skips = {}
+    if getattr(recipe, "qdq_placement", "weighted") == "tensorrt":
+        skips = residual_skip_inputs(model, _quantized_gemms(model, recipe.op_types, set(exclude)))
+        _check_residual_ranges(skips, set(tensors.data), Path(table))
     quantize_static(
         model,
         str(out_path),
@@ -750,6 +756,120 @@ def quantize(recipe: OnnxDynamicConfig | OnnxStaticConfig, prep_onnx: Path, out_
             "OpTypesToExcludeOutputQuantization": list(recipe.op_types),
         },
     )
+    if skips:
+        quantized = onnx.load(str(out_path))
+        onnx.save(quantize_residual_inputs(quantized, skips, tensors.data), str(out_path))
+
+
+# Ops TensorRT fuses into a GEMM / convolution as its epilogue when their other input is a constant (bias, LayerScale's
+# gamma), and ops that only move values: a residual branch is traced back through them to its weighted op.
+_EPILOGUE_OPS = frozenset({"Add", "Sub", "Mul", "Div"})
+_MOVE_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast"})
+
+
+def _quantized_gemms(model: onnx.ModelProto, op_types, exclude: set[str]) -> set[str]:
+    """The weighted nodes (constant weight) of `op_types` that a static recipe quantizes: not excluded, not computing a
+    constant (`constant_input_linears`)."""
+    fixed = set(constant_input_linears(model, tuple(op_types)))
+    by_name = {n.name: n for n in model.graph.node}
+    return {name for name in weight_gemms(model)
+            if by_name[name].op_type in op_types and name not in exclude and name not in fixed}
+
+
+def residual_skip_inputs(model: onnx.ModelProto, weighted: set[str]) -> dict[str, list[str]]:
+    """The skip connections TensorRT can fuse with the weighted op before them: skip tensor -> the outputs of the
+    residual Adds reading it as their skip input (tensor names: unique, where node names may be empty).
+
+    A residual Add adds two activations, `skip` and `branch`, where `skip` is an ancestor of `branch` (the branch is
+    computed from it: a skip connection) and `branch` comes from a node in `weighted` (a quantized MatMul/Gemm/Conv)
+    through epilogue ops with a constant other input (bias Add, LayerScale Mul) and ops that only move values
+    (Reshape, Transpose, ...). In a pre-norm ViT that is each block's `x + proj(attn)` and `x + fc2(mlp)`: `x`, the
+    residual stream, is the skip; the first block's skip is the patch embedding (+ position embedding) output."""
+    fixed = input_independent(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def from_weighted(t: str) -> bool:
+        for _ in range(32):  # a branch's epilogue is a few ops long
+            n = producers.get(t)
+            if n is None:
+                return False
+            if n.name in weighted:
+                return True
+            data = [i for i in n.input if i and i not in fixed]
+            if len(data) != 1 or n.op_type not in _EPILOGUE_OPS | _MOVE_OPS:
+                return False
+            t = data[0]
+        return False
+
+    def is_ancestor(a: str, b: str) -> bool:
+        stack, seen = [b], set()
+        while stack:
+            t = stack.pop()
+            if t == a:
+                return True
+            n = producers.get(t)
+            if n is None or id(n) in seen:
+                continue
+            seen.add(id(n))
+            stack.extend(i for i in n.input if i and i not in fixed)
+        return False
+
+    skips: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        data = [i for i in n.input if i]
+        if n.op_type != "Add" or len(data) != 2 or data[0] == data[1] or any(i in fixed for i in data):
+            continue
+        for skip, branch in ((data[0], data[1]), (data[1], data[0])):
+            if from_weighted(branch) and is_ancestor(skip, branch):
+                skips.setdefault(skip, []).append(n.output[0])
+                break
+    return skips
+
+
+def quantize_residual_inputs(model: onnx.ModelProto, skips: dict[str, list[str]], ranges) -> onnx.ModelProto:
+    """`model` (a static Q/DQ graph) with the skip tensors of `skips` (`residual_skip_inputs`) quantized: one symmetric
+    int8 Q/DQ pair per tensor, its scale from `ranges` (the calibration table's TensorData, as ORT's quantize_static
+    computes it: max |range| / 127, zero point 0), read by the residual Adds and by every LayerNormalization reading
+    that tensor. One pair, not one per reader: TensorRT's fused GEMM + residual Add writes the stream in INT8 when its
+    skip input is INT8, so the LayerNorm reads those same integers (as ModelOpt's graphs have it). A skip tensor ORT
+    already quantized (it also feeds a MatMul) reuses that pair. Other readers keep the float tensor."""
+    from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
+
+    model, g, inits, producers, consumers = _indexed_copy(model)
+    qmin, qmax = get_qmin_qmax_for_qType(onnx.TensorProto.INT8, symmetric=True)
+    after: dict[int | None, list[onnx.NodeProto]] = {}  # producer (by id; None: a graph input) -> Q/DQ placed after it
+    for x, adds in skips.items():
+        existing = next((dq for q in consumers.get(x, []) if q.op_type == "QuantizeLinear"
+                         for dq in consumers.get(q.output[0], []) if dq.op_type == "DequantizeLinear"), None)
+        if existing is not None:
+            dq_out = existing.output[0]
+        else:
+            lo, hi = (np.asarray(v, np.float32) for v in ranges[x].range_value)
+            zero, scale = compute_scale_zp(lo, hi, qmin, qmax, symmetric=True)
+            scale_name, zp_name = f"{x}_residual_scale", f"{x}_residual_zero_point"
+            g.initializer.extend([numpy_helper.from_array(np.asarray(scale, np.float32).reshape(()), scale_name),
+                                  numpy_helper.from_array(np.asarray(zero, np.int8).reshape(()), zp_name)])
+            q_out, dq_out = f"{x}_residual_QuantizeLinear_Output", f"{x}_residual_DequantizeLinear_Output"
+            after.setdefault(id(producers[x]) if x in producers else None, []).extend([
+                onnx.helper.make_node("QuantizeLinear", [x, scale_name, zp_name], [q_out], name=f"{x}_residual_QuantizeLinear"),
+                onnx.helper.make_node("DequantizeLinear", [q_out, scale_name, zp_name], [dq_out],
+                                      name=f"{x}_residual_DequantizeLinear")])
+        for reader in consumers.get(x, []):
+            if (reader.op_type == "Add" and reader.output[0] in adds) or reader.op_type == "LayerNormalization":
+                reader.input[:] = [dq_out if i == x else i for i in reader.input]
+    _set_nodes(model, [*after.get(None, []), *(m for n in g.node for m in (n, *after.get(id(n), [])))])
+    return model
+
+
+def _check_residual_ranges(skips: dict[str, list[str]], ranged: set[str], table: Path) -> None:
+    from vitq.errors import VitqError
+
+    missing = sorted(set(skips) - ranged)
+    if missing:
+        raise VitqError(
+            f"calibration table {table} has no range for {missing[0]!r}, the skip input of the residual Add "
+            f"making {skips[missing[0]][0]!r} (qdq_placement: tensorrt): the calibrate stage measures the residual inputs only "
+            "when a recipe places Q/DQ on them (calibrate(..., residual=True)); rerun the calibrate stage")
 
 
 def _check_ranges(model: onnx.ModelProto, op_types, exclude: set[str], ranged: set[str], table: Path) -> None:

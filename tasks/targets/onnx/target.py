@@ -38,7 +38,8 @@ class OnnxGraphTarget(Target):
             method, percentile = recipe.table()
             calibrate.calibrate_inputs(prep, ref.calibration, CalibrationConfig(methods=(method,)), tables,
                                        extra_percentiles=(percentile,) if percentile is not None else (),
-                                       attention=bool(getattr(recipe, "quantize_attention", False)))
+                                       attention=bool(getattr(recipe, "quantize_attention", False)),
+                                       residual=getattr(recipe, "qdq_placement", "weighted") != "weighted")
         return quantize.quantize_variant(recipe.name, prep, tables, out_dir, self.serve_graph)
 
     def serve_graph(self, recipe: Recipe, folder: Path, quantized: onnx.ModelProto, variants_dir: Path) -> str:

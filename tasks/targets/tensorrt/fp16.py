@@ -223,11 +223,24 @@ def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str], int]:
             max_finite_val=FP16_MAX,
         )
     _restore_fp32_outputs(out)
+    _retarget_float_casts(out, fp32_names)
     problems = placement_violations(out, fp32_names)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise RuntimeError(f"the FP16 graph is not typed as intended: {problems[0]}{more}")
     return out, fp32_names, folded
+
+
+def _retarget_float_casts(model: onnx.ModelProto, fp32_names: set[str]) -> None:
+    """A Cast to FLOAT whose output the converter typed FLOAT16 (a shape turned into a number: the TorchScript
+    exporter's attention scale, `Shape -> Gather -> Cast(to=FLOAT) -> Sqrt`) casts to FLOAT16 instead; the
+    converter keeps the attribute and the graph fails its type check otherwise. Changes `model` in place."""
+    typed = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    for n in model.graph.node:
+        to = next((a for a in n.attribute if a.name == "to"), None) if n.op_type == "Cast" else None
+        if to is not None and to.i == TensorProto.FLOAT and n.name not in fp32_names \
+                and typed.get(n.output[0]) == TensorProto.FLOAT16:
+            to.i = TensorProto.FLOAT16
 
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
