@@ -147,3 +147,27 @@ def test_the_ci_slice_end_to_end(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name(zoo.EXPERIMENT).experiment_id])
     assert sorted(r.info.run_name for r in runs) == sorted(zoo.CI_SLICE)
     assert all("onnx.static.sqnr_db" in r.data.metrics and r.data.tags["onnx.status"] == "ok" for r in runs)
+
+
+def test_sigterm_of_the_sweep_ends_its_cell_too(tmp_path):
+    """`vitq zoo` stopped (SIGTERM, as Ctrl-C) while a cell runs: one line naming the model and cell, exit 143, and
+    no process of the cell left (it runs in its own process group, which the sweep kills)."""
+    import signal
+    import time
+
+    keep = tmp_path / "models"
+    proc = subprocess.Popen([sys.executable, "-m", "vitq.cli", "zoo", "--models", "vit_tiny_patch16_224", "--targets",
+                             "onnx", "--no-mlflow", "--keep", str(keep), "--workdir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stage = keep / "vit_tiny_patch16_224" / "onnx.stage.txt"
+    deadline = time.time() + 120
+    while not stage.is_file() and time.time() < deadline:  # the cell has started and named its stage
+        time.sleep(0.2)
+    assert stage.is_file(), proc.communicate(timeout=60)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, (out, err)
+    assert "interrupted" in err and "zoo vit_tiny_patch16_224 onnx" in err, err
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", f"zoo_cell vit_tiny_patch16_224 onnx {keep}"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", f"cell processes left: {left.stdout}"

@@ -414,6 +414,7 @@ def _zoo(args) -> int:
     from vitq.experiments import zoo
 
     models = zoo.select_models(args.models, args.slice)  # every name checked before the first model
+    interrupt.install()  # Ctrl-C / SIGTERM: the running cell's processes end with the sweep, one line says where
     cells = zoo.select_cells(args.targets)
     if args.timeout <= 0 or args.latency_seconds <= 0:
         raise VitqError(f"--timeout {args.timeout} and --latency-seconds {args.latency_seconds} must be > 0 seconds")

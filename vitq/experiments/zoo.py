@@ -16,6 +16,7 @@ child's rusage from wait4, its waited-for children included). Results:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -157,23 +158,30 @@ def run_cell(name: str, cell: str, folder: Path, timeout_s: float, latency_s: fl
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     if latency_s is not None:
         env["VITQ_ZOO_LATENCY_S"] = str(latency_s)
+    from vitq import interrupt
+
     start = time.perf_counter()
-    with open(logfile, "w") as out:
+    with open(logfile, "w") as out, interrupt.stage(f"zoo {name} {cell}"):
         proc = subprocess.Popen([sys.executable, "-m", "vitq.experiments.zoo_cell", name, cell, str(folder), str(result),
                                  *(["--dense"] if dense else [])],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # Ctrl-C / SIGTERM of the sweep: the cell's process group (ModelOpt's process included) goes with it.
+        unregister = interrupt.on_interrupt(lambda: _kill_group(proc.pid))
         timed_out = False
         rusage = None
-        while True:
-            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() - start > timeout_s:
-                timed_out = True
-                os.killpg(proc.pid, signal.SIGKILL)
-                _, status, rusage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.5)
+        try:
+            while True:
+                pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.perf_counter() - start > timeout_s:
+                    timed_out = True
+                    _kill_group(proc.pid)
+                    _, status, rusage = os.wait4(proc.pid, 0)
+                    break
+                time.sleep(0.5)
+        finally:
+            unregister()
         proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
     peak_mb = rusage.ru_maxrss / 1024 if rusage is not None else None  # Linux: kB
@@ -190,6 +198,11 @@ def run_cell(name: str, cell: str, folder: Path, timeout_s: float, latency_s: fl
         record = {"status": "failed", "stage": stage, "cause": why}
     record.update(seconds=round(seconds, 1), peak_rss_mb=round(peak_mb) if peak_mb else None)
     return record
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def run_zoo(models: list[ZooModel], cells: list[str], out: Path, timeout_s: float, workdir: Path | None = None,
@@ -209,9 +222,11 @@ def run_zoo(models: list[ZooModel], cells: list[str], out: Path, timeout_s: floa
             folder = root / m.name.replace(":", "_")
             exported = (folder / "export" / "model.onnx").is_file()
             known = _read(out).get("models", {}).get(m.name, {}).get("cells", {})
-            # --resume: a cell that passed is kept (onnx only while its export is there for the cells reading it)
-            done = {c for c, rec in known.items() if rec.get("status") == "ok" and (c != "onnx" or exported)}
-            todo = [c for c in cells if c not in done and not (c == "onnx" and not _needs_export(cells, done))]
+            # --resume: a cell that passed is kept; onnx runs again when a cell to run reads its export and it is gone
+            done = {c for c, rec in known.items() if rec.get("status") == "ok"}
+            todo = [c for c in cells if c not in done]
+            if "onnx" in cells and "onnx" not in todo and not exported and any(c in NEEDS_EXPORT for c in todo):
+                todo.insert(0, "onnx")
             if not todo:
                 log.info("zoo: %d/%d %s: already measured (--resume)", i, len(models), m.name)
                 continue
@@ -248,10 +263,6 @@ def table_only(out: Path, mlflow_root: Path | None = None) -> dict:
 
 
 NEEDS_EXPORT = ("tensorrt", "modelopt", "nncf")  # cells that read the onnx cell's FP32 export
-
-
-def _needs_export(cells: list[str], done: set[str]) -> bool:
-    return any(c in NEEDS_EXPORT and c not in done for c in cells)
 
 
 def _read(out: Path) -> dict:
