@@ -248,3 +248,25 @@ def test_a_shape_cast_to_float_becomes_fp16():
     assert cast.attribute[0].i == TensorProto.FLOAT16
     sess = ort.InferenceSession(fp16.fp16_emulation(out).SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(None, {"x": np.full((2, 4), 4.0, np.float32)})[0], 2.0)
+
+
+def test_resize_scales_stay_float():
+    """Resize's scales are FLOAT by the ONNX spec; the converter made a constant one FLOAT16 (EfficientFormerV2's
+    upsampling failed the FP16 graph's type check). The FP16 graph keeps them FLOAT and computes the same."""
+    from vitq.tasks.targets.tensorrt import fp16
+
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 2, 2])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 4, 4])
+    scales = helper.make_node("Constant", [], ["scales"], name="scales_const",
+                              value=numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+    nodes = [scales, helper.make_node("Resize", ["x", "", "scales"], ["r"], mode="linear", name="resize"),
+             helper.make_node("Relu", ["r"], ["y"], name="relu")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x_info], [y_info]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    out, _, _ = fp16.to_fp16(model)
+    value = next(a.t for n in out.graph.node if n.name == "scales_const" for a in n.attribute if a.name == "value")
+    assert value.data_type == TensorProto.FLOAT
+    x = np.arange(16, dtype=np.float32).reshape(2, 2, 2, 2)
+    sess = ort.InferenceSession(fp16.fp16_emulation(out).SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], ref.run(None, {"x": x})[0], rtol=1e-3)

@@ -224,6 +224,7 @@ def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str], int]:
         )
     _restore_fp32_outputs(out)
     _retarget_float_casts(out, fp32_names)
+    _float_resize_scales(out)
     problems = placement_violations(out, fp32_names)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -241,6 +242,25 @@ def _retarget_float_casts(model: onnx.ModelProto, fp32_names: set[str]) -> None:
         if to is not None and to.i == TensorProto.FLOAT and n.name not in fp32_names \
                 and typed.get(n.output[0]) == TensorProto.FLOAT16:
             to.i = TensorProto.FLOAT16
+
+
+def _float_resize_scales(model: onnx.ModelProto) -> None:
+    """Resize's `roi` and `scales` are FLOAT whatever the data's type (the ONNX spec); the converter turned constant
+    ones into FLOAT16 (EfficientFormerV2's upsampling failed the type check): back to FLOAT. In place."""
+    inits = {i.name: i for i in model.graph.initializer}
+    constants = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+    for n in model.graph.node:
+        if n.op_type != "Resize":
+            continue
+        for name in n.input[1:3]:
+            t = inits.get(name) if name else None
+            if t is None and name in constants:
+                t = next((a.t for a in constants[name].attribute if a.name == "value"), None)
+            if t is not None and t.data_type == TensorProto.FLOAT16:
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+                for v in model.graph.value_info:  # the converter typed it FLOAT16 there too
+                    if v.name == name:
+                        v.type.tensor_type.elem_type = TensorProto.FLOAT
 
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -261,11 +281,15 @@ def node_precisions(model: onnx.ModelProto) -> dict[str, int | None]:
     """Node name -> the float type it computes in: TensorProto.FLOAT / FLOAT16 when all its float inputs and
     outputs have it, MIXED when they differ, None without float tensors; Casts (the boundaries) are skipped."""
     types = tensor_types(model)
+    # Resize's roi and scales are FLOAT by the spec whatever the data's type: parameters, not what it computes in.
+    params = {t for n in model.graph.node if n.op_type == "Resize" for t in n.input[1:3] if t}
     out: dict[str, int | None] = {}
     for n in model.graph.node:
         if n.op_type == "Cast":
             continue
-        floats = {types.get(t) for t in (*n.input, *n.output) if t and types.get(t) in FLOAT_TYPES}
+        ins = [t for i, t in enumerate(n.input) if not (n.op_type == "Resize" and i in (1, 2))]
+        outs = [t for t in n.output if t not in params]  # a Constant making them computes nothing
+        floats = {types.get(t) for t in (*ins, *outs) if t and types.get(t) in FLOAT_TYPES}
         out[n.name] = floats.pop() if len(floats) == 1 else (MIXED if floats else None)
     return out
 
