@@ -97,6 +97,25 @@ REASONS = {
                    "products stay float (the TensorRT column; `quantize_attention: false`; `onnx-w8a8-auto`) it "
                    "keeps about 31 dB. Its pos_proj MatMuls read a constant position table and stay float (their "
                    "one range of 338 left dx, dy five int8 levels: 3.5 dB in block 1 before).",
+    "nextvit_small": "Core ML: timm initialises NextViT's convs and linears with std 0.02 whatever their width and its "
+                     "BatchNorms do not rescale in eval mode, so these random-weight activations shrink to |x| 1e-4 "
+                     "to 1e-5 from stage 1 on: below 127 x 2^-17 (the scale floor that keeps Core ML's FP16 scales "
+                     "normal), 105 of its 121 activation quantizers hold 0.1-4 rms steps (7.4 dB; floors 2^-20 / "
+                     "2^-24 would give 25 / 32 dB, with FP16-subnormal scales Core ML would not run as judged). An "
+                     "artefact of random weights: trained NextViT has activations of order 1.",
+    "mobilevitv2_050": "Core ML: no single op; its 130 int8 quantizers (65 per-channel weights, 65 per-tensor conv "
+                       "inputs) each cost 30-59 dB at the logits and together 22 dB (weights) and 24 dB "
+                       "(activations), 18 dB combined; the separable attention's token softmax is not quantized "
+                       "(mul/sum, no matmul). Keeping the stem and stages 0-1 float (10 of 65 layers) gains 2.4 dB. "
+                       "Its ONNX Runtime and TensorRT graphs (17.1 dB) were not traced apart; the same accumulation "
+                       "is the likely cause.",
+    "beit_base_patch16_224": "Core ML 19.2 dB against 39.2 dB in ONNX Runtime: not investigated yet.",
+    "vit_small_patch14_dinov2": "DINOv2's LayerScale starts at 1e-5, so in random weights every block adds about 1e-5 "
+                                "of the residual stream: the output is the patch embedding through the final norm, "
+                                "which quantizing the blocks barely moves (SQNR near 100 dB is no evidence here).",
+    "vit_small_patch14_reg4_dinov2": "As DINOv2 above: LayerScale 1e-5 in random weights, blocks nearly silent.",
+    "cait_xxs24_224": "CaiT's LayerScale starts at 1e-5 as DINOv2's: its blocks are nearly silent in random weights, "
+                      "so its high SQNRs (ModelOpt's 115 dB keeps the head float) are no evidence.",
 }
 PEER_NOTES = (
     "ModelOpt (0.47, its defaults: entropy calibration, Q/DQ on attention's MatMuls, residual Adds and "
