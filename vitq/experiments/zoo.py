@@ -118,7 +118,8 @@ REASONS = {
                       "so its high SQNRs (ModelOpt's 115 dB keeps the head float) are no evidence.",
 }
 PEER_NOTES = (
-    "ModelOpt (0.47, its defaults: entropy calibration, Q/DQ on attention's MatMuls, residual Adds and "
+    "(Figures in this note and in REASONS come from one-off per-tensor traces of this session, not from a command "
+    "in the repository; the table's own numbers do.) ModelOpt (0.47, its defaults: entropy calibration, Q/DQ on attention's MatMuls, residual Adds and "
     "LayerNormalization inputs, weights stored FP32 behind QuantizeLinear): on timm deit_small_patch16_224 with "
     "these random weights its graph scores 8.2 dB; without Q/DQ on attention (`disable_mha_qdq`) 15.3 dB, and "
     "neither its Add nor its LayerNormalization Q/DQ account for the rest (8.1 / 8.2 dB without them): the ranges "
@@ -292,13 +293,11 @@ def _update(out: Path, machine: dict, settings: dict, model: ZooModel | None = N
             fresh: bool = False, summary: bool = False):
     """Merge into `out` under an exclusive lock (`<out>.lock`): a model's cells, or the summary. Returns the model's
     merged row (with `model`), else the whole result."""
-    import fcntl
-
+    from vitq.experiments.zoo_cell import file_lock
     from vitq.tasks._io import write_json
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(out.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(out.with_name(out.name + ".lock")):
         result = {} if fresh else _read(out)
         result.setdefault("models", {})
         result["machine"], result["settings"] = machine, {**result.get("settings", {}), **settings}

@@ -24,6 +24,7 @@ and peak RSS (wait4) around it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -224,7 +225,7 @@ def model_images(m, folder: Path) -> tuple[np.ndarray, np.ndarray]:
         return np.load(folder / "calibration.npy"), np.load(folder / "validation.npy")
     c, h, _ = m.input_size
     images = folder.parent / f"data-{c}x{h}"
-    with _lock(folder.parent / f"data-{c}x{h}.lock"):  # sweeps of other targets may make it at the same time
+    with file_lock(folder.parent / f"data-{c}x{h}.lock"):  # sweeps of other targets may make it at the same time
         if not (images / "meta.json").is_file():
             data.prepare_data(DataConfig(image_size=h, channels=c, validation_size=VALIDATION_IMAGES, holdout_size=0,
                                          calibration_size=CALIBRATION_IMAGES), seed=0, out_dir=images)
@@ -235,18 +236,14 @@ def model_images(m, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return calibration, validation
 
 
-class _lock:
-    def __init__(self, path: Path):
-        self.path = path
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock on `path` (created), held for the block: sweeps of other targets share a folder and a file."""
+    import fcntl
 
-    def __enter__(self):
-        import fcntl
-
-        self.f = open(self.path, "w")
-        fcntl.flock(self.f, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc):
-        self.f.close()
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def torch_outputs(model, x: np.ndarray) -> np.ndarray:
