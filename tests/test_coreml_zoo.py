@@ -127,6 +127,65 @@ def test_w8a8_window_partition_keeps_its_int8_linear_at_rank_5(tmp_path):
     assert [r.layer for r in linear] == ["qkv"] and linear[0].activation_quantized and linear[0].int8_weight
 
 
+class _LinearBN(nn.Module):
+    """LeViT's LinearNorm: a Linear then a BatchNorm1d over its features (no conv for prepare_pt2e to fold into)."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 2, 2)
+        self.bn0 = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, c)
+        self.bn = nn.BatchNorm1d(c)
+        for bn in (self.bn0, self.bn):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+            bn.bias.data.uniform_(-1, 1)
+
+    def forward(self, x):
+        t = self.bn0(self.conv(x)).flatten(2).transpose(1, 2)  # (B, N, C)
+        return self.bn(self.fc(t).flatten(0, 1)).reshape(t.shape)
+
+
+def test_batch_norms_not_after_a_conv_become_scale_and_shift():
+    bn = torch.ops.aten._native_batch_norm_legit_no_training.default
+    model = _LinearBN().eval()
+    x = torch.randn(4, 3, 8, 8)
+    program = torch.export.export(model, (x,)).run_decompositions({}).module()
+    want = program(x)
+    assert rewrites.batch_norms_as_affine(program) == 2
+    assert not any(n.target == bn for n in program.graph.nodes)
+    torch.testing.assert_close(program(x), want, rtol=1e-5, atol=1e-5)
+    converted, report = backend.quantize_pt2e(model, [x], activations=True)
+    assert not any(n.target == bn for n in converted.graph.nodes) and "fc" in report.quantized
+
+
+class _DepthToSpace(nn.Module):
+    """A dense head's last op: per-patch pixels back to an image through a rank-6 view and permute, returned as
+    is (the rewritten node is the program's output)."""
+
+    def __init__(self, c: int = 8, outputs: int = 3, patch: int = 2):
+        super().__init__()
+        self.outputs, self.patch = outputs, patch
+        self.head = nn.Linear(c, outputs * patch * patch)
+
+    def forward(self, x):  # (B, gh, gw, C)
+        n, gh, gw, _ = x.shape
+        y = self.head(x).reshape(n, gh, gw, self.outputs, self.patch, self.patch)
+        return y.permute(0, 3, 1, 4, 2, 5).reshape(n, self.outputs, gh * self.patch, gw * self.patch)
+
+
+def test_a_rewritten_output_keeps_its_name_and_converts(tmp_path):
+    pytest.importorskip("coremltools")
+    model = _DepthToSpace().eval()
+    x = torch.randn(1, 4, 4, 8)
+    program = backend.export_program(model, x)
+    assert _max_rank(program) <= 5
+    returned = program.graph_module.graph.output_node().args[0]
+    assert [s.arg.name for s in program.graph_signature.output_specs] == [n.name for n in returned]
+    torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=1e-6)
+    ml = backend.convert(program, output_name="masks")
+    assert [o.name for o in ml.get_spec().description.output] == ["masks"]
+
+
 @pytest.mark.parametrize("shape,perm", [((2, 3, 4, 5, 6, 7), (0, 2, 4, 1, 3, 5)), ((2, 3, 4, 5, 6, 7), (5, 4, 3, 2, 1, 0)),
                                         ((2, 3, 1, 5, 2, 7, 3), (3, 0, 4, 2, 1, 5, 6)), ((2, 3, 4, 5, 6, 7), (3, 0, 1, 4, 2, 5))])
 def test_permute_steps_compose_to_the_permute(shape, perm):

@@ -202,6 +202,7 @@ def quantize_pt2e(
         for i, batch in enumerate(calibration):
             prepared(batch)
             log.debug("coreml: calibration batch %d/%d", i + 1, len(calibration))
+    rewrites.batch_norms_as_affine(prepared)
     converted = convert_pt2e(prepared)
     if report.constant:
         log.info("coreml: %d op(s) on constants only left float: %s", len(report.constant), report.constant)
@@ -224,7 +225,19 @@ def export_program(module: torch.nn.Module, example: torch.Tensor, dynamic_batch
     if not dynamic_batch:  # the program ct.convert reads: Core ML tensors have rank <= 5
         rewrites.reduce_rank(graph)
     program.graph_module.recompile()
+    _sync_output_names(program)
     return program
+
+
+def _sync_output_names(program) -> None:
+    """The signature names the program's outputs by node; ct.convert looks them up by those names. A rewrite that
+    replaced an output node (a rank-6 reshape at the very end, an alias) leaves the old name: point it at the new."""
+    from torch.export.graph_signature import TensorArgument
+
+    returned = program.graph_module.graph.output_node().args[0]
+    for spec, node in zip(program.graph_signature.output_specs, returned):
+        if isinstance(spec.arg, TensorArgument) and isinstance(node, torch.fx.Node) and spec.arg.name != node.name:
+            spec.arg = TensorArgument(name=node.name)
 
 
 def convert(program, input_name: str = "image", output_name: str = "logits", output_names: tuple[str, ...] = ()):

@@ -12,6 +12,9 @@
   permutes, `select` / `unbind`, and one-dim reductions (`amax`, `amin`, `sum`, `mean`). Anything else keeps its
   high-rank tensor (coremltools then names it). A Linear or an elementwise op (quantize / dequantize included) on
   a high-rank tensor runs on its rank <= 5 data.
+- `batch_norms_as_affine`: an inference BatchNorm that prepare_pt2e did not fold into a conv (LeViT's and
+  EfficientViT-M's Linear + BatchNorm1d) becomes a per-channel multiply and add by constants. Left as a batch norm,
+  it makes convert_pt2e trace its QAT conv-BN patterns (96 small exports, ~35 s) that never match a PTQ graph.
 """
 
 from __future__ import annotations
@@ -92,6 +95,60 @@ DECOMPOSITIONS = {
     aten.upsample_bicubic2d.default: upsample_bicubic2d,
     aten.upsample_bicubic2d.vec: upsample_bicubic2d_vec,
 }
+
+
+# --- batch norms left after prepare_pt2e ----------------------------------------------------------------
+
+def batch_norms_as_affine(gm: torch.fx.GraphModule) -> int:
+    """Every `_native_batch_norm_legit_no_training` in `gm` -> x * scale + shift (per channel, dim 1), in
+    place; returns how many. Same arithmetic as the batch norm's, to float rounding."""
+    bn = aten._native_batch_norm_legit_no_training.default
+    graph, count = gm.graph, 0
+
+    def value(node):
+        return None if node is None else functools.reduce(getattr, node.target.split("."), gm).detach()
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != bn:
+            continue
+        x, weight, bias, mean, var = (node.args[i] for i in range(5))
+        eps = node.args[6]
+        if not all(a is None or (isinstance(a, torch.fx.Node) and a.op == "get_attr") for a in (weight, bias)):
+            continue
+        if not all(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in (mean, var)):
+            continue
+        users = list(node.users)
+        if not all(u.target is operator.getitem for u in users) or any(u.args[1] != 0 and u.users for u in users):
+            continue
+        rank = len(x.meta["val"].shape) if isinstance(x.meta.get("val"), torch.Tensor) else None
+        if rank is None or rank < 2:
+            continue
+        scale = torch.rsqrt(value(var) + eps)
+        if weight is not None:
+            scale = scale * value(weight)
+        shift = -value(mean) * scale
+        if bias is not None:
+            shift = shift + value(bias)
+        view = (-1,) + (1,) * (rank - 2)
+        names = []
+        for kind, t in (("scale", scale), ("shift", shift)):
+            attr = f"_vitq_bn{count}_{kind}"
+            gm.register_buffer(attr, t.reshape(view).contiguous())
+            names.append(attr)
+        with graph.inserting_before(node):
+            sc, sh = graph.get_attr(names[0]), graph.get_attr(names[1])
+            out = graph.call_function(aten.add.Tensor, (graph.call_function(aten.mul.Tensor, (x, sc)), sh))
+        out.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        for u in users:
+            if u.args[1] == 0:
+                u.replace_all_uses_with(out)
+            graph.erase_node(u)
+        graph.erase_node(node)
+        count += 1
+    if count:
+        graph.eliminate_dead_code()
+        gm.recompile()
+        log.info("coreml: %d batch norm(s) not after a conv run as a per-channel scale and shift", count)
+    return count
 
 
 # --- rank <= 5 ---------------------------------------------------------------------------------------------
