@@ -60,6 +60,36 @@ def test_bicubic_model_converts_to_an_ml_program():
     assert len(ml.get_spec().description.output) == 1
 
 
+# --- fold ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size,kernel,dilation,padding,stride", [((14, 14), 3, 1, 1, 1), ((13, 11), 3, 1, 1, 2),
+                                                                  ((8, 9), 2, 1, 0, 2), ((10, 10), 3, 2, 2, 1)])
+def test_fold_decomposition_matches_torch(size, kernel, dilation, padding, stride):
+    (h, w), k, d, p, s = size, kernel, dilation, padding, stride
+    blocks = ((h + 2 * p - d * (k - 1) - 1) // s + 1) * ((w + 2 * p - d * (k - 1) - 1) // s + 1)
+    x = torch.randn(2, 4 * k * k, blocks)
+    want = F.fold(x, size, k, dilation=d, padding=p, stride=s)
+    torch.testing.assert_close(rewrites.col2im(x, size, (k, k), (d, d), (p, p), (s, s)), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rewrites.col2im(x[0], size, (k, k), (d, d), (p, p), (s, s)), want[0], rtol=0, atol=1e-6)
+
+
+class _Outlook(nn.Module):
+    """VOLO's outlook attention, shortened: unfold 3x3 windows at stride 2, weight them, fold them back."""
+
+    def forward(self, x):
+        cols = F.unfold(x, 3, padding=1, stride=2)
+        return F.fold(cols * cols.sigmoid(), x.shape[-2:], 3, padding=1, stride=2)
+
+
+def test_fold_below_its_kernel_stride_converts_and_matches():
+    pytest.importorskip("coremltools")
+    x = torch.randn(1, 4, 14, 14)
+    program = backend.export_program(_Outlook().eval(), x)
+    assert not any(n.target == torch.ops.aten.col2im.default for n in program.graph.nodes)
+    torch.testing.assert_close(program.module()(x), _Outlook()(x), rtol=0, atol=1e-5)
+    backend.convert(program)
+
+
 # --- rank <= 5 ----------------------------------------------------------------------------------------------
 
 class _WindowPartition(nn.Module):
@@ -156,6 +186,33 @@ def test_batch_norms_not_after_a_conv_become_scale_and_shift():
     torch.testing.assert_close(program(x), want, rtol=1e-5, atol=1e-5)
     converted, report = backend.quantize_pt2e(model, [x], activations=True)
     assert not any(n.target == bn for n in converted.graph.nodes) and "fc" in report.quantized
+
+
+class _RelPos(nn.Module):
+    """MViTv2's decomposed relative positions: attention viewed 6-D, plus per-row and per-column terms broadcast
+    along the last two dims, viewed back."""
+
+    def forward(self, attn, rel_h, rel_w):  # (B, heads, qh*qw, kh*kw), (B, heads, qh, qw, kh), (.., kw)
+        b, h, qh, qw, kh = rel_h.shape
+        kw = rel_w.shape[-1]
+        a = attn.view(b, h, qh, qw, kh, kw) + rel_h[:, :, :, :, :, None] + rel_w[:, :, :, :, None, :]
+        return a.view(b, h, qh * qw, kh * kw).softmax(-1)
+
+
+def test_broadcast_adds_on_a_6d_view_run_at_rank_5_and_exact():
+    pytest.importorskip("coremltools")
+    args = (torch.randn(2, 3, 4 * 5, 2 * 3), torch.randn(2, 3, 4, 5, 2), torch.randn(2, 3, 4, 5, 3))
+
+    class Wrap(nn.Module):  # export_program takes one input
+        def forward(self, x):
+            return _RelPos()(x[..., :6].reshape(2, 3, 20, 6), x[..., 6:8].reshape(2, 3, 4, 5, 2),
+                             x[..., 8:].reshape(2, 3, 4, 5, 3))
+
+    x = torch.cat([a.reshape(2, 3, 20, -1) for a in args], -1)
+    program = backend.export_program(Wrap().eval(), x)
+    assert _max_rank(program) <= 5
+    assert torch.equal(program.module()(x), _RelPos()(*args))
+    backend.convert(program)
 
 
 class _DepthToSpace(nn.Module):

@@ -270,3 +270,25 @@ def test_resize_scales_stay_float():
     sess = ort.InferenceSession(fp16.fp16_emulation(out).SerializeToString(), providers=["CPUExecutionProvider"])
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], ref.run(None, {"x": x})[0], rtol=1e-3)
+
+
+@pytest.mark.parametrize("fill", [None, 0.5])
+def test_a_float_constant_of_shape_fills_fp16(fill):
+    """torchvision Swin builds its attention mask with ConstantOfShape and no fill (a FLOAT 0) from a constant shape;
+    the converter typed its output FP16 but kept the FLOAT fill (torchvision swin_t's FP16 graph failed the type
+    check). It fills FP16 now, and computes the same."""
+    from vitq.tasks.targets.tensorrt import fp16
+
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])
+    value = {} if fill is None else {"value": numpy_helper.from_array(np.array([fill], np.float32), "v")}
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["z"], name="zeros", **value),
+             helper.make_node("Add", ["x", "z"], ["y"], name="add")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x_info], [y_info],
+                                                [numpy_helper.from_array(np.array([2, 4], np.int64), "shape")]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    out, _, _ = fp16.to_fp16(model)
+    written = next(a.t for n in out.graph.node if n.name == "zeros" for a in n.attribute if a.name == "value")
+    assert written.data_type == TensorProto.FLOAT16
+    sess = ort.InferenceSession(fp16.fp16_emulation(out).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"x": np.ones((2, 4), np.float32)})[0], 1 + (fill or 0))

@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
                            "ModelOpt and NNCF, each model and target in its own process (reports/zoo.json, docs/zoo.md)"):
         zoo.add_argument("--models", default=None,
                          help="comma-separated timm names or 'torchvision:<name>' (default: the whole list)")
-        zoo.add_argument("--slice", default=None, help="'ci': the 4 models CI runs")
+        zoo.add_argument("--slice", default=None, help="'ci': the 3 models CI runs (tests/test_zoo.py)")
         zoo.add_argument("--targets", default=None,
                          help="comma-separated cells: onnx, tensorrt, coreml, modelopt, nncf (default: all; onnx "
                               "always runs: the others read its export)")

@@ -5,13 +5,16 @@
   its input image with it) as, per spatial axis, four `index_select`s of the input with fixed indices times fixed
   per-output weights, read from torch's own kernel (Keys' cubic, A = -0.75, border indices clamped) for the
   static sizes at export time, so any batch size runs.
+- `DECOMPOSITIONS` also writes fold (`aten.col2im`, which coremltools converts only with stride >= kernel; VOLO's
+  outlook attention folds 3x3 windows at a smaller stride) as pads and adds of each kernel offset's columns.
 - `reduce_rank`: Core ML tensors have rank <= 5, but window partitioning (Twins, Hiera) views a tensor as 6-D or
   7-D, permutes it and views it back. Each such chain is rebuilt from reshapes and permutes of rank <= 5: size-1
   dims are dropped, input dims that stay adjacent through the permute are merged, and a permute still above
   rank 5 is done as a few rank-4 block swaps. The consumers of a high-rank tensor that it rewrites: views,
   permutes, `select` / `unbind`, and one-dim reductions (`amax`, `amin`, `sum`, `mean`). Anything else keeps its
   high-rank tensor (coremltools then names it). A Linear or an elementwise op (quantize / dequantize included) on
-  a high-rank tensor runs on its rank <= 5 data.
+  a high-rank tensor runs on its rank <= 5 data; a broadcasting one (MViTv2 adds its relative positions to a 6-D
+  view of attention) with adjacent dims merged where every argument has both or neither.
 - `batch_norms_as_affine`: an inference BatchNorm that prepare_pt2e did not fold into a conv (LeViT's and
   EfficientViT-M's Linear + BatchNorm1d) becomes a per-channel multiply and add by constants. Left as a batch norm,
   it makes convert_pt2e trace its QAT conv-BN patterns (96 small exports, ~35 s) that never match a PTQ graph.
@@ -91,9 +94,45 @@ def upsample_bicubic2d_vec(x, output_size, align_corners, scale_factors):
     return upsample_bicubic2d(x, output_size, align_corners, sh, sw)
 
 
+# --- fold (col2im) -------------------------------------------------------------------------------------
+
+def col2im(x, output_size, kernel_size, dilation, padding, stride):
+    """`F.fold` from pads and adds: each kernel offset's column block, spread by the stride (zeros between) and
+    shifted to its offset on a canvas, summed; the canvas cropped by the padding. coremltools converts fold only
+    with stride >= kernel ("Only supports stride >= kernel_size for col2im"; VOLO's outlook attention folds 3x3
+    at stride 1 or 2). Same sums as torch's, to float rounding of their order."""
+    import torch.nn.functional as F
+
+    unbatched = x.dim() == 2
+    if unbatched:
+        x = x.unsqueeze(0)
+    (h, w), (kh, kw), (dh, dw), (ph, pw), (sh, sw) = (tuple(int(v) for v in a) for a in
+                                                        (output_size, kernel_size, dilation, padding, stride))
+    lh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    lw = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    b, c = x.shape[0], x.shape[1] // (kh * kw)
+    blocks = x.reshape(b, c, kh * kw, lh, lw)
+    canvas_h, canvas_w = max((lh - 1) * sh + dh * (kh - 1) + 1, ph + h), max((lw - 1) * sw + dw * (kw - 1) + 1, pw + w)
+    total = None
+    for k in range(kh * kw):
+        i, j = divmod(k, kw)
+        t = blocks[:, :, k]  # (B, C, lh, lw)
+        if sw > 1:  # zeros between columns, then between rows
+            t = F.pad(t.unsqueeze(-1), (0, sw - 1)).reshape(b, c, lh, lw * sw)
+        if sh > 1:
+            t = F.pad(t.unsqueeze(3), (0, 0, 0, sh - 1)).reshape(b, c, lh * sh, t.shape[-1])
+        t = t[:, :, :(lh - 1) * sh + 1, :(lw - 1) * sw + 1]
+        top, left = i * dh, j * dw
+        t = F.pad(t, (left, canvas_w - left - t.shape[-1], top, canvas_h - top - t.shape[-2]))
+        total = t if total is None else total + t
+    out = total[:, :, ph:ph + h, pw:pw + w]
+    return out.squeeze(0) if unbatched else out
+
+
 DECOMPOSITIONS = {
     aten.upsample_bicubic2d.default: upsample_bicubic2d,
     aten.upsample_bicubic2d.vec: upsample_bicubic2d_vec,
+    aten.col2im.default: col2im,
 }
 
 
@@ -255,6 +294,29 @@ class _Emitter:
         return self(aten.reshape.default, x, [int(d) for d in shape])
 
 
+def _broadcast_at_rank_5(node, rep, shape) -> list | None:
+    """[(data, shape to view it as)] per argument of elementwise `node` (of high-rank `shape`), where merging pairs
+    of adjacent dims, full in every tensor argument or 1 in it, brings them all to rank <= 5; None if no merge does.
+    Arguments that are not tensors pass as (arg, None)."""
+    tensors = []
+    for a in node.args:
+        if isinstance(a, torch.fx.Node):
+            data, s = rep[a] if a in rep else (a, _shape(a))
+            if s is None or len(s) > len(shape):
+                return None
+            tensors.append((data, [1] * (len(shape) - len(s)) + list(s)))
+    out = list(shape)
+    while len(out) > MAX_RANK:
+        pair = next((i for i in range(len(out) - 1)
+                     if all(s[i:i + 2] == out[i:i + 2] or s[i:i + 2] == [1, 1] for _, s in tensors)), None)
+        if pair is None:
+            return None
+        out = out[:pair] + [out[pair] * out[pair + 1]] + out[pair + 2:]
+        tensors = [(d, s[:pair] + [s[pair] * s[pair + 1]] + s[pair + 2:]) for d, s in tensors]
+    found = iter(tensors)
+    return [next(found) if isinstance(a, torch.fx.Node) else (a, None) for a in node.args]
+
+
 def reduce_rank(graph) -> dict[str, int]:
     """Rewrite every chain of view / permute ops through tensors of rank > 5 (static sizes) into ops of rank <= 5,
     in place. Returns {"rewritten": high-rank nodes made dead, "left": high-rank nodes still used}."""
@@ -291,6 +353,12 @@ def reduce_rank(graph) -> dict[str, int]:
                 emit = _Emitter(graph, node)
                 rows = emit.reshape(rep[src][0], (math.prod(shape[:-1]), shape[-1]))
                 rep[node] = (emit(node.target, rows, *node.args[1:], **node.kwargs), shape)
+            elif node.target in elementwise and src in rep:  # broadcasting (MViTv2's rel-pos: attn + rel_h[..., None])
+                operands = _broadcast_at_rank_5(node, rep, shape)
+                if operands is not None:
+                    emit = _Emitter(graph, node)
+                    args = [emit.reshape(data, merged) if merged is not None else data for data, merged in operands]
+                    rep[node] = (emit(node.target, *args, **node.kwargs), shape)
             continue
         if src not in rep:
             continue

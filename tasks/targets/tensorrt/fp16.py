@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 log = logging.getLogger("vitq.tensorrt")
 
@@ -234,14 +234,22 @@ def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str], int]:
 
 def _retarget_float_casts(model: onnx.ModelProto, fp32_names: set[str]) -> None:
     """A Cast to FLOAT whose output the converter typed FLOAT16 (a shape turned into a number: the TorchScript
-    exporter's attention scale, `Shape -> Gather -> Cast(to=FLOAT) -> Sqrt`) casts to FLOAT16 instead; the
-    converter keeps the attribute and the graph fails its type check otherwise. Changes `model` in place."""
+    exporter's attention scale, `Shape -> Gather -> Cast(to=FLOAT) -> Sqrt`) casts to FLOAT16 instead, and a
+    ConstantOfShape so typed (torchvision Swin's attention mask: no fill given, a FLOAT 0) fills with a FLOAT16 value; the
+    converter keeps their attributes and the graph fails its type check otherwise. Changes `model` in place."""
     typed = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
     for n in model.graph.node:
+        if n.name in fp32_names or typed.get(n.output[0] if n.output else "") != TensorProto.FLOAT16:
+            continue
         to = next((a for a in n.attribute if a.name == "to"), None) if n.op_type == "Cast" else None
-        if to is not None and to.i == TensorProto.FLOAT and n.name not in fp32_names \
-                and typed.get(n.output[0]) == TensorProto.FLOAT16:
+        if to is not None and to.i == TensorProto.FLOAT:
             to.i = TensorProto.FLOAT16
+        if n.op_type == "ConstantOfShape":  # its fill value sets its output type; none is a FLOAT 0
+            value = next((a for a in n.attribute if a.name == "value"), None)
+            if value is None:
+                n.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.zeros(1, np.float16))))
+            elif value.t.data_type == TensorProto.FLOAT:
+                value.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(value.t).astype(np.float16)))
 
 
 def _float_resize_scales(model: onnx.ModelProto) -> None:
