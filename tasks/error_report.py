@@ -7,99 +7,33 @@ error accumulated up to that point, `vs_fp32_sqnr_db`), on calibration images. F
 weight (a constant that a DequantizeLinear reads, int32 biases included): SQNR of the dequantized
 weight vs the float weight of the FP32 model. Sorted worst first, written as CSV and a bar plot.
 
-The pairs come from the graph itself; ORT's `qdq_loss_debug` records the tensors and gives the
-metric (its own name-suffix matching is not used, so no Q/DQ pair is skipped for its name). The
-FP32 model's tensors are recorded once per float reference and images in a process, and shared by
-every variant validated against them (`float_activations`).
+The pairs come from the graph itself (ORT's `qdq_loss_debug` name-suffix matching is not used, so no Q/DQ pair
+is skipped for its name). Memory stays bounded: both models run batch by batch with only the measured tensors as
+outputs, and each batch only adds to per-tensor sums of squares (the SQNR of every element, as ORT's
+`compute_signal_to_quantization_noice_ratio` computes it, without keeping the tensors); a batch's tensors fit a
+byte budget.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
+import logging
 import math
-import shutil
 import tempfile
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from vitq.tasks.conformance import graph_constants, node_attr
-from vitq.tasks.export import INPUT_NAME
+
+log = logging.getLogger("vitq.validate")
 
 WORST_PLOTTED = 30
-# FP32 activations kept in memory: the export's reference (shared by the plain static variants) and
-# one variant's own (smoothquant/qat). Evicting one only means recording it again.
-FLOAT_MEMO_SIZE = 2
 # ONNX Runtime's quantizer names: `<w>_quantized` is weight `w` in int8; a quantized graph output
 # `x` is renamed `x_QuantizeLinear_Input` before its Q/DQ pair.
 _WEIGHT_SUFFIX = "_quantized"
 _OUTPUT_SUFFIX = "_QuantizeLinear_Input"
-
-_memo: OrderedDict[tuple, dict[str, list[np.ndarray]]] = OrderedDict()
-_memo_lock = threading.Lock()  # guards _memo and _key_locks
-_key_locks: dict[tuple, threading.Lock] = {}  # one recording per key at a time (variants run in threads)
-
-
-class _Reader:
-    """The CalibrationDataReader protocol over an in-memory batch list."""
-
-    def __init__(self, batches: list[np.ndarray]):
-        self._it = iter([{INPUT_NAME: b} for b in batches])
-
-    def get_next(self):
-        return next(self._it, None)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = self.get_next()
-        if item is None:
-            raise StopIteration
-        return item
-
-
-def _record(onnx_path: Path, images: np.ndarray, batch_size: int) -> dict[str, list[np.ndarray]]:
-    """Every float tensor of the model on `images`, one array per batch (graph optimisations off,
-    so Q/DQ pairs run as written)."""
-    from onnxruntime.quantization.qdq_loss_debug import collect_activations, modify_model_output_intermediate_tensors
-
-    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-    with tempfile.TemporaryDirectory(prefix="vitq-qdq-debug-") as tmp:
-        # ORT writes `<model>-inferred.onnx` beside the file it reads: give it a private copy, not a
-        # workspace file that concurrently validated variants read too.
-        src, augmented = Path(tmp) / "model.onnx", Path(tmp) / "augmented.onnx"
-        shutil.copyfile(onnx_path, src)
-        modify_model_output_intermediate_tensors(str(src), str(augmented))
-        return collect_activations(str(augmented), _Reader(batches))
-
-
-def float_activations(float_onnx: Path, images: np.ndarray, batch_size: int = 16) -> dict[str, list[np.ndarray]]:
-    """The FP32 model's float tensors on `images`, recorded once per (model file content, images,
-    batch size) in this process and shared by the variants that ask for the same; keyed by content,
-    so a rewritten model file is recorded again, never served from memory."""
-    with open(float_onnx, "rb") as f:
-        model_digest = hashlib.file_digest(f, "sha256").hexdigest()
-    images = np.ascontiguousarray(images)
-    key = (model_digest, hashlib.sha256(images.tobytes()).hexdigest(), images.shape, str(images.dtype), batch_size)
-    with _memo_lock:
-        key_lock = _key_locks.setdefault(key, threading.Lock())
-    with key_lock:
-        with _memo_lock:
-            if key in _memo:
-                _memo.move_to_end(key)
-                return _memo[key]
-        acts = _record(Path(float_onnx), images, batch_size)
-        with _memo_lock:
-            _memo[key] = acts
-            while len(_memo) > FLOAT_MEMO_SIZE:
-                _memo.popitem(last=False)
-        return acts
-
 
 def quantized_tensors(model: onnx.ModelProto) -> tuple[dict[str, str], dict[str, tuple]]:
     """The Q/DQ pairs of a graph: activations {tensor a QuantizeLinear reads: its DequantizeLinear's
@@ -169,12 +103,73 @@ def weight_errors(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto) -> d
     return out
 
 
-def tensor_errors(float_onnx: Path, qdq_onnx: Path, images: np.ndarray, batch_size: int = 16) -> list[dict]:
+def default_memory_budget() -> int:
+    """Bytes the report's per-batch tensors may take when none is set (params: memory_budget_mb): a quarter of
+    the memory available now, at most 2 GiB; validations side by side each read what is left when they start."""
+    import psutil
+
+    return int(min(2 << 30, psutil.virtual_memory().available // 4))
+
+
+def _session_with_outputs(path: Path, names: list[str], tmp: Path):
+    """An ONNX Runtime session over the model at `path` with `names` (float tensors) as extra outputs; graph
+    optimisations off, so Q/DQ pairs run as written. Models over 2 GB go through external data."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    model.graph.output.extend(helper_value_info(n) for n in names if n not in present)
+    out = tmp / f"{path.stem}.outputs.onnx"
+    large = model.ByteSize() > (1 << 31) - (64 << 20)
+    onnx.save(model, str(out), save_as_external_data=large, location=f"{out.name}.data" if large else None)
+    del model
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
+
+
+def helper_value_info(name: str) -> onnx.ValueInfoProto:
+    return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+
+
+def _run(sess, names: list[str], batch: np.ndarray) -> dict[str, np.ndarray]:
+    """`names`' values on `batch`; the model's input is the batch itself (a Q/DQ pair may read it directly)."""
+    fed = sess.get_inputs()[0].name
+    fetched = [n for n in names if n != fed]
+    out = dict(zip(fetched, sess.run(fetched, {fed: batch})))
+    if fed in names:
+        out[fed] = batch
+    return out
+
+
+class _Sums:
+    """sum(ref^2) and sum((ref - x)^2) over batches, in float64: SQNR over every element without keeping any."""
+
+    __slots__ = ("signal", "noise")
+
+    def __init__(self):
+        self.signal = self.noise = 0.0
+
+    def add(self, ref: np.ndarray, x: np.ndarray) -> None:
+        ref = ref.astype(np.float64, copy=False)
+        self.signal += float(np.vdot(ref, ref))
+        diff = ref - x
+        self.noise += float(np.vdot(diff, diff))
+
+    def db(self) -> float:
+        eps = np.finfo(float).eps  # as onnxruntime's compute_signal_to_quantization_noice_ratio
+        return 20 * math.log10(max(math.sqrt(self.signal), eps) / max(math.sqrt(self.noise), eps))
+
+
+def tensor_errors(float_onnx: Path, qdq_onnx: Path, images: np.ndarray, batch_size: int = 16,
+                  memory_budget: int | None = None) -> list[dict]:
     """Rows {kind, tensor, qdq_sqnr_db, vs_fp32_sqnr_db}, worst (lowest SQNR) first: one per quantized
     activation and weight of the Q/DQ graph `qdq_onnx`, against the FP32 model `float_onnx` it was
-    quantized from. `vs_fp32_sqnr_db` is None for weights (their row is the FP32 comparison)."""
-    from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio as sqnr
+    quantized from. `vs_fp32_sqnr_db` is None for weights (their row is the FP32 comparison).
 
+    Streams: both models run batch by batch with only the measured tensors as outputs, and each batch adds to
+    per-tensor sums, then is dropped. A batch holds at most `memory_budget` bytes of those tensors (default:
+    `default_memory_budget()`), found from a first batch of one image, and at most `batch_size` images."""
     from vitq.tasks.conformance import ORT_ONLY_QUANT_OPS
 
     qdq_model, float_model = onnx.load(str(qdq_onnx)), onnx.load(str(float_onnx))
@@ -184,23 +179,41 @@ def tensor_errors(float_onnx: Path, qdq_onnx: Path, images: np.ndarray, batch_si
             f"{qdq_onnx} runs {', '.join(fused)}: its quantized tensors have no Q/DQ pair to measure; "
             "pass the variant's Q/DQ graph (VariantArtifact.qdq_artifact)"
         )
-    float_acts = float_activations(float_onnx, images, batch_size)
-    qdq_acts = _record(Path(qdq_onnx), images, batch_size)
-    rows = []
-    for before, after in quantized_tensors(qdq_model)[0].items():
-        missing = [t for t in (before, after) if t not in qdq_acts]
-        if missing:
-            raise RuntimeError(f"ONNX Runtime recorded no float values for {missing} of {qdq_onnx} (no type from shape inference)")
-        # A quantized graph output `x` is `x_QuantizeLinear_Input` before its pair, `x` after.
-        name = after if before == after + _OUTPUT_SUFFIX else before
-        fp32 = float_acts.get(name)
-        rows.append({
-            "kind": "activation", "tensor": name, "qdq_sqnr_db": sqnr(qdq_acts[before], qdq_acts[after]),
-            "vs_fp32_sqnr_db": sqnr(fp32, qdq_acts[after]) if fp32 is not None else None,
-        })
+    pairs = quantized_tensors(qdq_model)[0]
+    float_names = {n for node in float_model.graph.node for n in node.output} | {i.name for i in float_model.graph.input}
+    # A quantized graph output `x` is `x_QuantizeLinear_Input` before its pair, `x` after.
+    named = {before: (after if before == after + _OUTPUT_SUFFIX else before) for before, after in pairs.items()}
+    fp32_of = {before: name for before, name in named.items() if name in float_names}
+    rows_weights = weight_errors(float_model, qdq_model)
+    del qdq_model, float_model
+    budget = memory_budget or default_memory_budget()
+    local = {b: _Sums() for b in pairs}
+    vs_fp32 = {b: _Sums() for b in fp32_of}
+    with tempfile.TemporaryDirectory(prefix="vitq-qdq-debug-") as tmp:
+        q_names = sorted(set(pairs) | set(pairs.values()))
+        f_names = sorted(set(fp32_of.values()))
+        q_sess = _session_with_outputs(Path(qdq_onnx), q_names, Path(tmp))
+        f_sess = _session_with_outputs(Path(float_onnx), f_names, Path(tmp)) if f_names else None
+        start, step = 0, 1
+        while start < len(images):
+            batch = images[start:start + step]
+            q_out, f_out = _run(q_sess, q_names, batch), _run(f_sess, f_names, batch) if f_sess else {}
+            for before, after in pairs.items():
+                local[before].add(q_out[before], q_out[after])
+                if before in fp32_of:
+                    vs_fp32[before].add(f_out[fp32_of[before]], q_out[after])
+            if start == 0:  # sized from one image: 2x for the float64 temporaries beside them
+                per_image = 2 * sum(a.nbytes for a in (*q_out.values(), *f_out.values())) / max(len(batch), 1)
+                step = int(max(1, min(batch_size, budget // max(per_image, 1))))
+                log.debug("error report: %.0f MB of tensors per image, batches of %d (budget %.0f MB)",
+                          per_image / 2**20, step, budget / 2**20)
+            start += len(batch)
+            del q_out, f_out
+    rows = [{"kind": "activation", "tensor": named[b], "qdq_sqnr_db": local[b].db(),
+             "vs_fp32_sqnr_db": vs_fp32[b].db() if b in vs_fp32 else None} for b in pairs]
     rows += [
         {"kind": "weight", "tensor": name, "qdq_sqnr_db": db, "vs_fp32_sqnr_db": None}
-        for name, db in weight_errors(float_model, qdq_model).items()
+        for name, db in rows_weights.items()
     ]
     return sorted(rows, key=lambda r: (r["qdq_sqnr_db"], r["kind"], r["tensor"]))
 

@@ -1,8 +1,5 @@
 import csv
 import math
-import threading
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -65,39 +62,76 @@ def test_report_covers_every_qdq_tensor_of_the_variant(ws):
     assert all(math.isfinite(s) and s > 10 for s in vs_fp32), f"activation vs FP32 SQNR {min(vs_fp32):.1f} dB"
 
 
-def test_fp32_activations_are_recorded_once_per_float_reference(ws, tmp_path, monkeypatch):
-    p = parse_params(tiny_params())
-    stages.run_reference(ws, p)
-    names = ["onnx-w8a8-minmax", "onnx-w8a8-percentile"]
-    for name in names:
-        stages.quantize_one(ws, name)
-    monkeypatch.setattr(error_report, "_memo", OrderedDict())
-    recorded, lock, record = [], threading.Lock(), error_report._record
+def _chain(n: int = 6, width: int = 256 * 256) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(FP32, Q/DQ) graphs of `n` chained Mul-by-constant nodes on (N, width) float tensors, each Mul's input behind
+    a Q/DQ pair in the second: per image, n tensors of width floats to measure, in each graph."""
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["n", width])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])
+    inits = [numpy_helper.from_array(np.array(1.01, np.float32), "k"), numpy_helper.from_array(np.array(0.02, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z")]
+    fnodes, qnodes, prev = [], [], "pixels"
+    for i in range(n):
+        out = "y" if i == n - 1 else f"t{i}"
+        fnodes.append(helper.make_node("Mul", [prev, "k"], [out], name=f"mul{i}"))
+        qnodes += [helper.make_node("QuantizeLinear", [prev, "s", "z"], [f"q{i}"]),
+                   helper.make_node("DequantizeLinear", [f"q{i}", "s", "z"], [f"dq{i}"]),
+                   helper.make_node("Mul", [f"dq{i}", "k"], [out], name=f"mul{i}")]
+        prev = out
+    make = lambda nodes: helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),  # noqa: E731
+                                           opset_imports=[helper.make_opsetid("", 17)])
+    return make(fnodes), make(qnodes)
 
-    def counting_record(path, images, batch_size):
-        with lock:
-            recorded.append(path.resolve())
-        return record(path, images, batch_size)
 
-    monkeypatch.setattr(error_report, "_record", counting_record)
-    with ThreadPoolExecutor(2) as pool:  # as the flow runs variants: concurrently, in threads
-        list(pool.map(lambda n: stages.validate_one(ws, p, n), names))
-    float_ref = (ws.export_dir / "model.prep.onnx").resolve()
-    assert recorded.count(float_ref) == 1, recorded
-    assert len(recorded) == 1 + len(names), "each variant's Q/DQ graph is recorded"
+def test_streamed_report_matches_onnxruntimes_sqnr_over_all_images(tmp_path):
+    """Streaming (sums per batch) gives what ORT's qdq_loss_debug gives on every tensor of every image at once."""
+    from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio as sqnr
 
-    # Keyed by the file's content: a rewritten model is recorded again, never served from memory.
-    model = onnx.load(str(float_ref))
-    path = tmp_path / "float.onnx"
-    onnx.save(model, str(path))
-    x = np.random.default_rng(0).standard_normal((4, *_input_shape(model))).astype(np.float32)
-    first = error_report.float_activations(path, x)
-    assert error_report.float_activations(path, x) is first and recorded.count(path.resolve()) == 1
-    init = model.graph.initializer[0]
-    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 2, init.name))
-    onnx.save(model, str(path))
-    second = error_report.float_activations(path, x)
-    assert recorded.count(path.resolve()) == 2 and second is not first
+    fmodel, qmodel = _chain(3, 64)
+    onnx.save(fmodel, str(tmp_path / "f.onnx")), onnx.save(qmodel, str(tmp_path / "q.onnx"))
+    x = np.random.default_rng(0).standard_normal((10, 64)).astype(np.float32)
+    rows = error_report.tensor_errors(tmp_path / "f.onnx", tmp_path / "q.onnx", x, batch_size=3)
+    assert {r["tensor"] for r in rows} == {"pixels", "t0", "t1"}
+    f = [x, x * np.float32(1.01), x * np.float32(1.01) * np.float32(1.01)]
+    q, cur = [], x
+    for _ in range(3):  # each tensor of the Q/DQ graph and its value after the pair
+        dq = np.clip(np.rint(cur / np.float32(0.02)), -128, 127).astype(np.float32) * np.float32(0.02)
+        q.append((cur, dq))
+        cur = dq * np.float32(1.01)
+    for r, name in zip(sorted(rows, key=lambda r: r["tensor"]), ["pixels", "t0", "t1"]):
+        i = ["pixels", "t0", "t1"].index(name)
+        assert r["qdq_sqnr_db"] == pytest.approx(sqnr(q[i][0], q[i][1]), abs=1e-4)  # ORT sums in float32
+        assert r["vs_fp32_sqnr_db"] == pytest.approx(sqnr(f[i], q[i][1]), abs=1e-4)
+
+
+def test_report_memory_stays_within_its_budget_whatever_the_images(tmp_path, budget=16 << 20):
+    """64 images x 18 tensors (12 of the Q/DQ graph, 6 of the FP32 one) x 256 KB: 288 MB held at once before;
+    through a 16 MB budget the process's peak RSS (the kernel's, in a child process) grows by far less."""
+    import subprocess
+    import sys
+    import textwrap
+
+    fmodel, qmodel = _chain(6, 256 * 256)
+    onnx.save(fmodel, str(tmp_path / "f.onnx")), onnx.save(qmodel, str(tmp_path / "q.onnx"))
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from pathlib import Path
+        from vitq.tasks import error_report
+
+        def hwm():  # peak RSS since the last reset, kB (Linux)
+            return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+        x = np.random.default_rng(0).standard_normal((64, 256 * 256)).astype(np.float32)
+        open("/proc/self/clear_refs", "w").write("5")  # resets the peak to what is resident now
+        base = hwm()
+        rows = error_report.tensor_errors(Path({str(tmp_path / "f.onnx")!r}), Path({str(tmp_path / "q.onnx")!r}), x,
+                                          batch_size=64, memory_budget={budget})
+        assert len(rows) == 6, rows
+        print((hwm() - base) // 1024)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grown_mb = int(proc.stdout.split()[-1])
+    held_mb = 64 * 6 * 3 * (256 * 256 * 4) >> 20  # before/after of each pair, and the FP32 tensor: all images at once
+    assert grown_mb < held_mb / 4, f"peak RSS grew {grown_mb} MB; holding every tensor is {held_mb} MB"
 
 
 def test_both_weight_patterns_are_measured():

@@ -317,3 +317,38 @@ def test_a_transposed_softmax_keeps_its_observed_range(tmp_path):
 
 # The real model (timm efficientvit_m0, whose transposed softmax crashed numpy's histogram) runs in the zoo's CI
 # slice: tests/test_zoo.py::test_the_ci_slice_end_to_end.
+
+
+# --- attention over a (B, H, W, C) grid ---------------------------------------------------------------------------------
+
+class _GridAttention(torch.nn.Module):
+    """VOLO's Attention: tokens kept as a (B, H, W, C) grid; qkv reshaped to (B, H*W, 3, heads, d) from it."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads, self.embed = heads, torch.nn.Conv2d(3, dim, 4, 4)
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim, bias=False), torch.nn.Linear(dim, dim)  # VOLO: no qkv bias
+        self.head = torch.nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+        b, h, w, c = x.shape
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # as timm's fused_attn exports
+        y = self.proj(o.transpose(1, 2).reshape(b, h, w, c))
+        return self.head(y.mean((1, 2)))
+
+
+@pytest.mark.parametrize("recipe", ["onnx-w8a8-percentile", "onnx-w8-dynamic"])
+def test_attention_over_a_grid_is_served_and_matches_its_qdq_graph(recipe, tmp_path):
+    """VOLO-D1's static variant failed its served-form check with an ORT Reshape error: the int8 attention rewrite
+    read qkv as (B, S, 3D) where it is (B, H, W, 3D). The heads now read S as the graph names it (or the block is
+    left as the graph has it), and the served form computes what the Q/DQ graph computes."""
+    import vitq
+
+    torch.manual_seed(0)
+    x = torch.randn(24, 3, 32, 32)
+    variant = vitq.quantize(_GridAttention().eval(), recipe, calibration=x, workdir=tmp_path)
+    report = variant.validate(x[:8])
+    assert report.metrics.sqnr_db > 20, report

@@ -426,7 +426,7 @@ def _zoo(args) -> int:
         what = (f"{rec['sqnr_db']:.1f} dB" if "sqnr_db" in rec else
                 f"{rec['static']['sqnr_db']:.1f} dB static" if "static" in rec else "ok") \
             if rec["status"] == "ok" else f"FAILED in {rec['stage']}: {rec['cause']}"
-        print(f"[{i}/{n}] {name} {cell}: {what} ({rec['seconds']:.0f} s, peak {rec['peak_rss_mb'] or 0:.0f} MB)",
+        print(f"[{i}/{n}] {name} {cell}: {what} ({rec.get('seconds', 0):.0f} s, peak {rec.get('peak_rss_mb') or 0:.0f} MB)",
               flush=True)
 
     if args.table_only:

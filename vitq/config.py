@@ -356,6 +356,10 @@ class Params(_Strict):
     seed: int = 0
     experiment: str | None = None  # MLflow experiment; default: the model name
     max_workers: int = Field(2, ge=1)  # variants quantized / validated concurrently
+    # MB the per-batch working sets that grow with images x tensors may take in all (the per-tensor error report;
+    # shared by the max_workers validations); null: a quarter of the memory available when the stage starts,
+    # at most 2 GB per worker. Never changes a result, so no stage depends on it.
+    memory_budget_mb: int | None = Field(None, ge=64)
     task: TaskConfig = TaskConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()

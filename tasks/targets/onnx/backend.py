@@ -333,6 +333,7 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     Returns the rewritten model (a copy) and each rewritten block's output (the tensor after its heads merge, in
     graph order; `assert_same_at` compares the first)."""
     model, g, inits, producers, consumers = _indexed_copy(model)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in g.value_info if v.type.tensor_type.HasField("shape")}
 
     def const(name: str):
         if name in inits:
@@ -352,7 +353,7 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
         return nodes
 
     def head(name: str):
-        """(qkv tensor, which of q/k/v, heads, head size) of Squeeze(Slice(Transpose[2,0,3,1,4](Reshape(qkv)))), as
+        """(qkv tensor, which of q/k/v, heads, head size, S) of Squeeze(Slice(Transpose[2,0,3,1,4](Reshape(qkv)))), as
         exported, or with the Slice above the Transpose, as ORT's transpose optimizer leaves it (model.prep.onnx)."""
         for ops, slice_axis in ((("Squeeze", "Slice", "Transpose", "Reshape"), 0),
                                 (("Squeeze", "Transpose", "Slice", "Reshape"), 2)):
@@ -368,7 +369,7 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
                 continue
             if int(axis[0]) != slice_axis or int(end[0]) - int(start[0]) != 1 or min(shape[3:]) < 1:
                 continue
-            return nodes[3].input[0], int(start[0]), int(shape[3]), int(shape[4])
+            return nodes[3].input[0], int(start[0]), int(shape[3]), int(shape[4]), int(shape[1])
         return None
 
     def only_user(name: str, op: str):
@@ -462,11 +463,18 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
         q, k, v = head(q_scale[0].input[0]), head(k_scale[3].input[0]), head(v_in)
         if not (q and k and v) or len({q[0], k[0], v[0]}) != 1 or (q[1], k[1], v[1]) != (0, 1, 2):
             continue
-        qkv, heads, size = q[0], q[2], q[3]
+        qkv, heads, size, seq = q[0], q[2], q[3], q[4]
+        # qkv as (B, S, 3D), or with S spread over more dims (VOLO: (B, H, W, 3D)), which the fused float kernel
+        # cannot read and the int8 heads read through S as the graph's Reshape names it
+        flat_rows = ranks.get(qkv) in (None, 3)
+        if not flat_rows and seq < 1:
+            continue
         parts = [f"{qkv}_{p}" for p in "qkv"]
         split = onnx.helper.make_node("Split", [qkv], parts, axis=-1, num_outputs=3, name=f"{qkv}_Split_qkv")
         quantizers = (q_q, k_q, q_probs, v_q)
         if all(n is None for n in quantizers):
+            if not flat_rows:
+                continue
             replaced[id(reshape)] = [split, onnx.helper.make_node(
                 "MultiHeadAttention", parts, [reshape.output[0]], domain="com.microsoft", num_heads=heads,
                 scale=float(cq.ravel()[0] * ck.ravel()[0]), name=f"{softmax.name}_MultiHeadAttention")]
@@ -484,7 +492,9 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
             nodes, flat, seq = projected
             heads_shape = init(f"{p}_heads_shape", np.array([-1, seq, heads, size], np.int64))
         else:  # from the float projection: split, scale as the Q/DQ graph does (the same roundings), quantize
-            nodes, flat, heads_shape = [split], [], init(f"{p}_heads_shape", np.array([0, 0, heads, size], np.int64))
+            nodes, flat = [split], []
+            heads_shape = init(f"{p}_heads_shape", np.array([0, 0, heads, size] if flat_rows else [-1, seq, heads, size],
+                                                            np.int64))
             for part, c, quant, zp in zip(parts, scales, quants, zps):
                 if c is not None:
                     nodes.append(onnx.helper.make_node("Mul", [part, c], [f"{part}_scaled"], name=f"{part}_Mul"))

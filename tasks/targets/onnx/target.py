@@ -91,8 +91,9 @@ class OnnxGraphTarget(Target):
             own_float = folder / "float.prep.onnx"  # smoothquant/qat weights
             float_ref = own_float if own_float.is_file() else ws.export_dir / "model.prep.onnx"
             # On the Q/DQ graph, not the served file: a fused form (model.ort.onnx) or an engine has no Q/DQ pairs left.
+            budget = (p.memory_budget_mb << 20) // p.max_workers if p.memory_budget_mb else None
             rows = error_report.tensor_errors(float_ref, folder / art.qdq_artifact,
-                                              data.model_inputs(images, spec.mean, spec.std))
+                                              data.model_inputs(images, spec.mean, spec.std), memory_budget=budget)
             csv_path, png_path = ws.error_report_for(name, out_dir)
             error_report.write_error_report(rows, csv_path, png_path, name)
         return result
