@@ -104,6 +104,28 @@ def test_interrupted_run_stops_cleanly_and_the_next_run_continues(tmp_path):
     assert (ws / "reports" / "summary.json").is_file()
 
 
+@pytest.mark.slow
+def test_kill_9_of_a_run_leaves_no_process_of_it(tmp_path):
+    """SIGKILL (as the OOM killer sends) to `vitq run` alone, mid-stage: it runs no handler, yet its temporary
+    Prefect server (a session of its own) and everything else it started are gone within seconds (vitq/watchdog.py)."""
+    ws = make_workspace(tmp_path / "ws", tiny_params(quantize={"recipes": ["onnx-w8-dynamic"], "carry": {}}))
+    env = run_env(ws)
+    proc = subprocess.Popen([VITQ, "run"], cwd=ws, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline, logs = time.monotonic() + 900, ws / "reports" / "logs"
+    while not any("calibrate: running" in f.read_text(errors="replace") for f in logs.glob("run-*.log")):
+        assert proc.poll() is None and time.monotonic() < deadline, f"calibrate never started (exit {proc.returncode})"
+        time.sleep(0.1)
+    started = [p for p in _processes_of(env["PREFECT_HOME"]) if p.pid != proc.pid]
+    assert any("uvicorn" in " ".join(p.cmdline()) for p in started), [p.cmdline() for p in started]
+    os.kill(proc.pid, signal.SIGKILL)  # the process only, not its group: what the OOM killer does
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while (left := _processes_of(env["PREFECT_HOME"])) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, [p.cmdline() for p in left]
+
+
 def test_partial_outputs_are_found_and_removed(tmp_path):
     kept = tmp_path / "artifacts" / "variants" / "onnx-w8a8-minmax" / "model.onnx"
     kept.parent.mkdir(parents=True)

@@ -501,7 +501,10 @@ def _run(args) -> int:
             preflight(ws, params)
             _console.info("log file: %s (-v shows it here)", _shown(log.path), extra=logs.CONSOLE)
             os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+            from vitq import watchdog
             from vitq.flows.pipeline import run_pipeline
+
+            watchdog.start()  # a kill -9 / OOM kill of this process leaves none of its server or stage processes
 
             summary = run_pipeline(ws.root, params, force=args.force)
     from vitq.tasks.report import summary_table
