@@ -47,6 +47,7 @@ class CalibrationResult:
     histograms_sha256: str | None = None  # content digest of `histograms.npz` (None: minmax alone, none kept)
     attention: bool = True  # the inputs of attention's activation-activation MatMuls measured too (quantize_attention)
     residual: bool = False  # the skip inputs of residual Adds measured too (qdq_placement: tensorrt)
+    batch_size: int | None = None  # images a pass (the first pass sets the histograms' grid); None: not recorded
 
 
 HISTOGRAMS = "histograms.npz"  # the merged histograms the tables came from (tasks/_histograms.py), kept for the range search
@@ -88,14 +89,43 @@ def _inputs_calibrater(attention: bool, residual: bool = False):
     return InputsCalibrater
 
 
+DEFAULT_BATCH = 32  # images a calibration pass at most when calibration.batch_size is null
+PASS_OVERHEAD = 2  # a pass holds its measured tensors and about as much again (ONNX Runtime's own activations)
+
+
+def pass_size(session, x: np.ndarray, batch_size: int | None, budget: int | None) -> int:
+    """Images a calibration pass: `batch_size`, or (None) as many as fit `budget` bytes, at most DEFAULT_BATCH.
+    The bytes per image are measured on one image (a pass not counted); a `batch_size` over the budget is refused
+    in one line naming both knobs."""
+    from vitq.errors import VitqError
+    from vitq.tasks._memory import budget_bytes, mb
+
+    budget = budget or budget_bytes(None)
+    want = batch_size or DEFAULT_BATCH
+    if want <= 1 or len(x) <= 1:
+        return max(1, want)
+    per_image = PASS_OVERHEAD * sum(o.nbytes for o in session.run(None, {INPUT_NAME: np.ascontiguousarray(x[:1])}))
+    fits = int(budget // max(per_image, 1))
+    if batch_size is not None and min(batch_size, len(x)) > fits:
+        raise VitqError(f"calibration.batch_size {batch_size}: a pass of {min(batch_size, len(x))} images holds about "
+                        f"{mb(per_image * min(batch_size, len(x)))} ({mb(per_image)} an image), over the memory budget "
+                        f"of {mb(budget)}: set calibration.batch_size to {max(fits, 1)} or less (or null: fitted), or "
+                        "raise memory_budget_mb")
+    size = max(1, min(want, fits))
+    log.log(logging.INFO if size < want and batch_size is None and len(x) > size else logging.DEBUG,
+            "calibrate: %d images a pass (%s an image, budget %s)", size, mb(per_image), mb(budget))
+    return size
+
+
 def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, entropy: bool,
                        op_types=CALIBRATED_OP_TYPES, counts: bool = True,
-                       attention: bool = True, residual: bool = False) -> tuple[list[str], CalibrationHistograms]:
-    """One pass of model inputs `x` (N, C, H, W) through the model, `cfg.batch_size` images a run, every
-    calibrated tensor into `CalibrationHistograms` (ORT's |x| histogram and, if `entropy`, its signed one;
-    with `counts=False`, min/max only); `attention`: the attention MatMuls' inputs too; `residual`: the residual
-    Adds' skip inputs too.
-    Returns (calibrated tensor names, histograms)."""
+                       attention: bool = True, residual: bool = False,
+                       budget: int | None = None) -> tuple[list[str], CalibrationHistograms, int]:
+    """One pass of model inputs `x` (N, C, H, W) through the model, `cfg.batch_size` images a run (`pass_size`:
+    fitted to `budget` bytes when it is None), every calibrated tensor into `CalibrationHistograms` (ORT's |x|
+    histogram and, if `entropy`, its signed one; with `counts=False`, min/max only); `attention`: the attention
+    MatMuls' inputs too; `residual`: the residual Adds' skip inputs too.
+    Returns (calibrated tensor names, histograms, images a run)."""
     import onnxruntime as ort
     import torch
 
@@ -114,7 +144,7 @@ def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, e
         session = ort.InferenceSession(calibrater.augmented_model_path, options, providers=["CPUExecutionProvider"])
         del calibrater
     histograms = CalibrationHistograms(cfg.num_bins, cfg.num_quantized_bins, signed=entropy, counts=counts)
-    n, size = len(x), cfg.batch_size
+    n, size = len(x), pass_size(session, x, cfg.batch_size, budget)
     batches = range(0, n, size)
     progress = Progress(log, "calibrate: batch", len(batches))
     outputs: dict[str, np.ndarray] = {}  # the buffers ORT writes every full batch into (no allocation per run)
@@ -136,7 +166,7 @@ def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, e
                 histograms.collect(name, torch.from_numpy(values[name]), batch=f"calibration images {lo}-{lo + len(batch) - 1}")
         progress.step(f"({min(lo + size, n)} images)")
     del session, binding
-    return names, histograms
+    return names, histograms, size
 
 
 def attention_probabilities(prep_onnx: Path, names) -> set[str]:
@@ -172,7 +202,7 @@ def _entropy_ranges(histograms: CalibrationHistograms, names: list[str]) -> dict
 
 def calibrate(prep_onnx: Path, model_dir: Path, data_dir: Path, cfg: CalibrationConfig, out_dir: Path,
               extra_percentiles: tuple[float, ...] = (), attention: bool = True,
-              residual: bool = False) -> CalibrationResult:
+              residual: bool = False, budget: int | None = None) -> CalibrationResult:
     """The calibrate stage: the workspace's calibration split, preprocessed as the model expects. `residual`: also
     the skip inputs of residual Adds (a defined recipe with `qdq_placement: tensorrt`)."""
     spec = load_model_spec(model_dir)
@@ -180,12 +210,12 @@ def calibrate(prep_onnx: Path, model_dir: Path, data_dir: Path, cfg: Calibration
     if len(split.images) == 0:
         raise DataError("the calibration split is empty; calibration needs at least one image")
     return calibrate_inputs(prep_onnx, model_inputs(split.images, spec.mean, spec.std), cfg, out_dir, extra_percentiles,
-                            attention, residual)
+                            attention, residual, budget)
 
 
 def calibrate_inputs(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, out_dir: Path,
                      extra_percentiles: tuple[float, ...] = (), attention: bool = True,
-                     residual: bool = False) -> CalibrationResult:
+                     residual: bool = False, budget: int | None = None) -> CalibrationResult:
     """Write the calibration tables `cfg.methods` of the model `prep_onnx` into `out_dir`, from model inputs
     `x` (N, C, H, W), one pass; and a percentile table at each of `extra_percentiles` (recipes' overrides),
     from the same |x| histograms. `attention`: also the ranges of attention's activation-activation MatMul
@@ -198,8 +228,8 @@ def calibrate_inputs(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, out
     start = time.perf_counter()
     n = len(x)
     counts = bool(set(cfg.methods) - {"minmax"}) or bool(extra_percentiles)  # minmax alone: no histogram to count
-    names, histograms = collect_histograms(prep_onnx, x, cfg, "entropy" in cfg.methods, counts=counts, attention=attention,
-                                           residual=residual)
+    names, histograms, batch = collect_histograms(prep_onnx, x, cfg, "entropy" in cfg.methods, counts=counts,
+                                                  attention=attention, residual=residual, budget=budget)
 
     enum = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
             "entropy": CalibrationMethod.Entropy}
@@ -236,6 +266,7 @@ def calibrate_inputs(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, out
             histograms_sha256=histograms.digest() if counts else None,
             attention=attention,
             residual=residual,
+            batch_size=batch,
         )
         write_json(tmp / "calibration.json", asdict(result))
     log.info(

@@ -103,14 +103,6 @@ def weight_errors(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto) -> d
     return out
 
 
-def default_memory_budget() -> int:
-    """Bytes the report's per-batch tensors may take when none is set (params: memory_budget_mb): a quarter of
-    the memory available now, at most 2 GiB; validations side by side each read what is left when they start."""
-    import psutil
-
-    return int(min(2 << 30, psutil.virtual_memory().available // 4))
-
-
 def _session_with_outputs(path: Path, names: list[str], tmp: Path):
     """An ONNX Runtime session over the model at `path` with `names` (float tensors) as extra outputs; graph
     optimisations off, so Q/DQ pairs run as written. Models over 2 GB go through external data."""
@@ -169,7 +161,8 @@ def tensor_errors(float_onnx: Path, qdq_onnx: Path, images: np.ndarray, batch_si
 
     Streams: both models run batch by batch with only the measured tensors as outputs, and each batch adds to
     per-tensor sums, then is dropped. A batch holds at most `memory_budget` bytes of those tensors (default:
-    `default_memory_budget()`), found from a first batch of one image, and at most `batch_size` images."""
+    half the available memory: tasks/_memory.py), found from a first batch of one image, and at most `batch_size`
+    images."""
     from vitq.tasks.conformance import ORT_ONLY_QUANT_OPS
 
     qdq_model, float_model = onnx.load(str(qdq_onnx)), onnx.load(str(float_onnx))
@@ -186,7 +179,9 @@ def tensor_errors(float_onnx: Path, qdq_onnx: Path, images: np.ndarray, batch_si
     fp32_of = {before: name for before, name in named.items() if name in float_names}
     rows_weights = weight_errors(float_model, qdq_model)
     del qdq_model, float_model
-    budget = memory_budget or default_memory_budget()
+    from vitq.tasks._memory import budget_bytes
+
+    budget = memory_budget or budget_bytes(None)
     local = {b: _Sums() for b in pairs}
     vs_fp32 = {b: _Sums() for b in fp32_of}
     with tempfile.TemporaryDirectory(prefix="vitq-qdq-debug-") as tmp:

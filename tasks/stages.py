@@ -17,6 +17,7 @@ import yaml
 
 from vitq.tasks import benchmark, calibrate, data, export, model, report, tradeoff, validate
 from vitq.tasks._io import file_digest, read_json, write_json
+from vitq.tasks._memory import budget_bytes
 from vitq.tasks.layout import Workspace
 from vitq.tasks.variant import VariantArtifact, load_variant, variant_dir
 from vitq.tasks.targets.registry import get_target
@@ -42,7 +43,7 @@ def run_export(ws: Workspace, p: Params) -> export.ExportResult:
 def run_calibrate(ws: Workspace, p: Params) -> calibrate.CalibrationResult:
     return calibrate.calibrate(ws.export_dir / "model.prep.onnx", ws.model_dir, ws.data_dir, p.calibration, ws.calibration_dir,
                                p.quantize.extra_percentiles, p.quantize.calibrates_attention,
-                               p.quantize.calibrates_residual)
+                               p.quantize.calibrates_residual, budget_bytes(p.memory_budget_mb))
 
 
 def missing_runtime(name: str) -> str | None:

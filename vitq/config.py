@@ -115,7 +115,9 @@ class CalibrationConfig(_Strict):
     percentile: float = Field(99.999, gt=50, le=100)  # of |x|, for the percentile table
     num_bins: int = Field(2048, ge=128)  # histogram bins for percentile and entropy
     num_quantized_bins: int = Field(128, ge=16)  # entropy (KL) candidate thresholds
-    batch_size: int = Field(32, ge=1)
+    # images a pass; null: as many as fit the memory budget (memory_budget_mb), at most 32 (calibration.json
+    # records the batch used); a number: that many, refused in one line when a pass of them would not fit
+    batch_size: int | None = Field(None, ge=1)
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -356,9 +358,10 @@ class Params(_Strict):
     seed: int = 0
     experiment: str | None = None  # MLflow experiment; default: the model name
     max_workers: int = Field(2, ge=1)  # variants quantized / validated concurrently
-    # MB the per-batch working sets that grow with images x tensors may take in all (the per-tensor error report;
-    # shared by the max_workers validations); null: a quarter of the memory available when the stage starts,
-    # at most 2 GB per worker. Never changes a result, so no stage depends on it.
+    # MB the per-batch working sets that grow with images x tensors may take in all (the per-tensor error report,
+    # calibration's pass; shared by the max_workers validations); null: 2048, or half the memory available when
+    # the stage starts if less (tasks/_memory.py). Only calibration's fitted pass (calibration.batch_size: null)
+    # can move a range, by a histogram bin; the batch it used is in calibration.json.
     memory_budget_mb: int | None = Field(None, ge=64)
     task: TaskConfig = TaskConfig()
     data: DataConfig = DataConfig()

@@ -65,7 +65,7 @@ def candidate_ranges(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, per
         names = histograms.names()
         log.info("calibration search: candidates from the calibrate stage's histograms (%s)", Path(saved).name)
     else:
-        names, histograms = collect_histograms(prep_onnx, x, cfg, entropy=True, attention=False)  # layers' inputs
+        names, histograms, _ = collect_histograms(prep_onnx, x, cfg, entropy=True, attention=False)  # layers' inputs
     if tensors is not None:  # entropy (KL) is the slow part: only for the tensors that will be judged
         names = [n for n in names if n in set(tensors)]
         histograms.select(names)

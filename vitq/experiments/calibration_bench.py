@@ -57,14 +57,14 @@ def run_calibration_bench(m: ExperimentModel, images: int, cfg: CalibrationConfi
         export_model(model, x[:2], ExportConfig(), Path(scratch) / "export")
         del model
         prep = Path(scratch) / "export" / "model.prep.onnx"
-        log.info("calibration-bench: %s: FP32 forward, %d images", m.name, images)
-        fp32_s = fp32_forward_seconds(prep, x, cfg.batch_size)
         log.info("calibration-bench: %s: calibrate (%s), %d images", m.name, ", ".join(cfg.methods), images)
         start = time.perf_counter()
         # as the calibrate stage with the preset recipes: the static presets quantize attention's products too
         result = calibrate_inputs(prep, x, cfg, Path(scratch) / "calibration",
                                   attention=QuantizeConfig().calibrates_attention)
         calibrate_s = time.perf_counter() - start
+        log.info("calibration-bench: %s: FP32 forward, %d images", m.name, images)
+        fp32_s = fp32_forward_seconds(prep, x, result.batch_size)  # the same batches as calibration's
     record = {
         "model": m.name,
         "images": images,
@@ -72,7 +72,7 @@ def run_calibration_bench(m: ExperimentModel, images: int, cfg: CalibrationConfi
         "calibrate_s": round(calibrate_s, 3),
         "ratio": round(calibrate_s / fp32_s, 3),  # calibrate / FP32 forward, same images and batches
         "machine": {**machine_info(), "load_average_at_start": load_average, "torch_threads": torch.get_num_threads()},
-        "batch_size": cfg.batch_size,
+        "batch_size": result.batch_size,
         "methods": list(cfg.methods),
         "num_bins": cfg.num_bins,
         "tensors": result.tensors,

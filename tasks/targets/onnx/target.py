@@ -77,6 +77,7 @@ class OnnxGraphTarget(Target):
         """Validation of a variant produced from the ONNX graph, with its per-tensor error report, into `out_dir`
         (default: the variant's validation folder)."""
         from vitq.tasks import data, error_report, model, validate
+        from vitq.tasks._memory import budget_bytes
         from vitq.tasks.variant import load_variant, variant_dir
 
         art = load_variant(ws.variants_dir, name)
@@ -91,9 +92,9 @@ class OnnxGraphTarget(Target):
             own_float = folder / "float.prep.onnx"  # smoothquant/qat weights
             float_ref = own_float if own_float.is_file() else ws.export_dir / "model.prep.onnx"
             # On the Q/DQ graph, not the served file: a fused form (model.ort.onnx) or an engine has no Q/DQ pairs left.
-            budget = (p.memory_budget_mb << 20) // p.max_workers if p.memory_budget_mb else None
             rows = error_report.tensor_errors(float_ref, folder / art.qdq_artifact,
-                                              data.model_inputs(images, spec.mean, spec.std), memory_budget=budget)
+                                              data.model_inputs(images, spec.mean, spec.std),
+                                              memory_budget=budget_bytes(p.memory_budget_mb, p.max_workers))
             csv_path, png_path = ws.error_report_for(name, out_dir)
             error_report.write_error_report(rows, csv_path, png_path, name)
         return result
