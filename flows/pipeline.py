@@ -33,7 +33,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from vitq.flows import tracking
 from vitq.flows.dvc_state import DvcStages
 from vitq.flows.prefect_server import prefect_api
-from vitq.tasks import stages
+from vitq.tasks import _memory, stages
 from vitq.tasks.layout import Workspace
 from vitq.tasks.model import load_model_spec
 from vitq.tasks.targets.registry import worker_tags
@@ -101,6 +101,8 @@ class _Runner:
                 self.say_skipped()
             interrupt.begin_stage(name)  # what an interruption names, until `done`
             log.info("%s: running", name)
+            if not variant:  # stages run one at a time: the process's peak RSS from here is theirs
+                _memory.reset_peak()
             self.started[name] = time.perf_counter()
             return True
         log.info("%s: up to date (dvc.lock), skipped", name)
@@ -117,15 +119,18 @@ class _Runner:
             log.info("up to date (dvc.lock), skipped: %s", ", ".join(self.skipped), extra=CONSOLE)
             self.skipped = []
 
-    def done(self, name: str, say: bool = True) -> None:
-        """`say`: its line on the console (a variant's stages have one line for the variant, `variant_task`'s)."""
+    def done(self, name: str, say: bool = True, in_process: bool = True) -> None:
+        """`say`: its line on the console (a variant's stages have one line for the variant, `variant_task`'s),
+        with the peak RSS of this process while it ran (`in_process`: it ran here, not in a subprocess)."""
+        seconds = time.perf_counter() - self.started.pop(name)
+        peak = _memory.peak_rss() if in_process else None
         with interrupt.deferred():  # dvc.lock is written in place: never cut it in half
             self.dvc.commit(name)
         interrupt.end_stage(name)
         self.ran.append(name)
-        start = self.started.pop(name)
         if say:
-            log.info("%s: done in %.1f s", name, time.perf_counter() - start, extra=CONSOLE)
+            log.info("%s: done in %.1f s%s", name, seconds, f", peak RSS {_memory.mb(peak)}" if peak else "",
+                     extra=CONSOLE)
 
 
 @flow(name="vitq-pipeline")
@@ -175,7 +180,7 @@ def vitq_pipeline(root: str, force: bool = False) -> dict:
     # One task times FP32 and every variant side by side, never concurrently with other work.
     if run.stale("benchmark"):
         benchmark_task.with_options(name="benchmark", tags=cpu)(ws)
-        run.done("benchmark")
+        run.done("benchmark", in_process=False)
     if run.stale("report"):
         stage_task.with_options(name="report", tags=cpu)("report", ws, params)
         run.done("report")

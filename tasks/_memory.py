@@ -23,3 +23,26 @@ def budget_bytes(memory_budget_mb: int | None, workers: int = 1) -> int:
 
 def mb(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:,.0f} MB"
+
+
+def reset_peak() -> bool:
+    """Start a new peak-RSS window for this process (Linux: /proc/self/clear_refs); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int | None:
+    """This process's peak RSS in bytes since `reset_peak` (Linux: VmHWM), else since it started (getrusage)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak << 10)  # bytes on macOS, kB on Linux

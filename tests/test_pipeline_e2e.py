@@ -83,8 +83,9 @@ def test_the_console_is_quiet_and_the_log_file_holds_the_rest(ran):
     for noise in ("Finished in state", "Updating lock file", "Generating lock file", "Starting temporary server",
                   "Downloading artifacts", "Failed to load", "Warning", "%|", "\r"):
         assert noise not in console, (noise, console)
-    for name in ("data", "model", "export", "calibrate", "reference", "plan", "benchmark", "report"):
-        assert re.search(rf"^{name}: done in [\d.]+ s$", console, re.M), name
+    for name in ("data", "model", "export", "calibrate", "reference", "plan", "report"):  # with this process's peak
+        assert re.search(rf"^{name}: done in [\d.]+ s, peak RSS [\d,]+ MB$", console, re.M), name
+    assert re.search(r"^benchmark: done in [\d.]+ s$", console, re.M)  # its own process
     for recipe in tiny_params()["quantize"]["recipes"]:  # a line per variant
         line = rf"^{recipe}: (quantize \+ validate done in [\d.]+ s|not run here: .+)$"
         assert re.search(line, console, re.M), recipe
