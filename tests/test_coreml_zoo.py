@@ -90,6 +90,29 @@ def test_fold_below_its_kernel_stride_converts_and_matches():
     backend.convert(program)
 
 
+class _PatchThenPosition(nn.Module):
+    """VOLO's stem: a conv patch embedding, permuted to (B, H, W, C), plus a position embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, 4)
+        self.pos = nn.Parameter(torch.randn(1, 4, 4, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head((self.embed(x).permute(0, 2, 3, 1) + self.pos).flatten(1, 2)).mean(1)
+
+
+def test_w8a8_conv_then_transpose_then_add_converts(tmp_path):
+    """coremltools' fuse_conv_bias crashed on an int8 conv -> transpose -> add (VOLO-D1's Core ML cell)."""
+    pytest.importorskip("coremltools")
+    model = _PatchThenPosition().eval()
+    x = torch.randn(4, 3, 16, 16)
+    converted, report = backend.quantize_pt2e(model, [x], activations=True)
+    assert "embed" in report.quantized
+    backend.convert(backend.export_program(converted, x[:1])).save(str(tmp_path / "m.mlpackage"))
+
+
 # --- rank <= 5 ----------------------------------------------------------------------------------------------
 
 class _WindowPartition(nn.Module):

@@ -123,6 +123,20 @@ def _parser() -> argparse.ArgumentParser:
                         "'torchvision:<name>' (default: demo and the five reference ViTs)")
         cm.add_argument("--workdir", default=".")
         cm.add_argument("--out", default="reports/coreml.json")
+    for sc in _experiment(sub, "scale", None, _scale,
+                          "the default `vitq init` + `vitq run` on swin_t, ViT-B/16, ViT-L/16 and SAM's encoder at "
+                          "1024x1024, each run's wall time and peak RSS, per stage too (reports/scale.json, docs/scale.md)"):
+        sc.add_argument("--models", default=None, help="comma-separated 'timm:<name>' / 'torchvision:<name>' "
+                        "(default: torchvision:swin_t, timm:vit_base_patch16_224, timm:vit_large_patch16_224, "
+                        "timm:samvit_base_patch16)")
+        sc.add_argument("--runs", type=int, default=2, help="runs per model (default 2)")
+        sc.add_argument("--images", type=int, default=48, help="validation images (calibration: half as many)")
+        sc.add_argument("--timeout", type=float, default=3600.0, help="seconds per run before it is killed")
+        sc.add_argument("--workdir", default=".")
+        sc.add_argument("--scratch", default=None, help="folder for the users' folders and workspaces "
+                        "(default: reports/scale-runs under --workdir)")
+        sc.add_argument("--out", default="reports/scale.json")
+        sc.add_argument("--markdown", default="docs/scale.md", help="the table's file ('' for none)")
     for zoo in _experiment(sub, "zoo", None, _zoo,
                            "the zoo matrix: 42 vision transformers through ONNX Runtime, TensorRT graphs, Core ML, "
                            "ModelOpt and NNCF, each model and target in its own process (reports/zoo.json, docs/zoo.md)"):
@@ -407,6 +421,16 @@ def _peers(args) -> int:
     result = peers.run_peers(ws, params, cases, chosen, recipes, ws.root / args.out)
     print(peers.peers_table(result))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
+    return 0
+
+
+def _scale(args) -> int:
+    from vitq.experiments import scale
+
+    root = _workspace(args.workdir).root
+    scratch = Path(args.scratch).resolve() if args.scratch else root / "reports" / "scale-runs"
+    scale.main(args.models, args.runs, scratch, root / args.out, root / args.markdown if args.markdown else None,
+               args.timeout, args.images)
     return 0
 
 

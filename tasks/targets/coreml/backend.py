@@ -246,11 +246,18 @@ def convert(program, input_name: str = "image", output_name: str = "logits", out
     `output_name`."""
     import coremltools as ct
 
+    pipeline = ct.PassPipeline.DEFAULT
+    if any(n.op == "call_function" and "dequantize" in str(n.target) for n in program.graph.nodes):
+        # coremltools' fuse_conv_bias reads a conv's weight as a constant in its conv -> transpose -> add pattern;
+        # a dequantized int8 weight has none ("'NoneType' object has no attribute 'dtype'": VOLO's patch embedding
+        # then its position embedding). With int8 weights it could fuse nothing anyway: skipped.
+        pipeline.remove_passes(["common::fuse_conv_bias"])
     ml = ct.convert(
         program,
         minimum_deployment_target=ct.target.iOS17,
         compute_precision=ct.precision.FLOAT16,
         skip_model_load=True,  # loading compiles the model, which only macOS can do
+        pass_pipeline=pipeline,
     )
     spec = ml.get_spec()
     names = tuple(output_names) if len(output_names) > 1 else (output_name,)
