@@ -110,7 +110,13 @@ def test_w8a8_conv_then_transpose_then_add_converts(tmp_path):
     x = torch.randn(4, 3, 16, 16)
     converted, report = backend.quantize_pt2e(model, [x], activations=True)
     assert "embed" in report.quantized
-    backend.convert(backend.export_program(converted, x[:1])).save(str(tmp_path / "m.mlpackage"))
+    import tempfile
+    from pathlib import Path
+
+    before = set(Path(tempfile.gettempdir()).glob("tmp*.mlpackage"))
+    backend.convert(backend.export_program(converted, x[:1]), save_to=tmp_path / "m.mlpackage")
+    assert (tmp_path / "m.mlpackage").is_dir()
+    assert set(Path(tempfile.gettempdir()).glob("tmp*.mlpackage")) <= before, "coremltools' temporary packages left"
 
 
 # --- rank <= 5 ----------------------------------------------------------------------------------------------

@@ -240,10 +240,13 @@ def _sync_output_names(program) -> None:
             spec.arg = TensorArgument(name=node.name)
 
 
-def convert(program, input_name: str = "image", output_name: str = "logits", output_names: tuple[str, ...] = ()):
+def convert(program, input_name: str = "image", output_name: str = "logits", output_names: tuple[str, ...] = (),
+            save_to: Path | None = None):
     """ExportedProgram -> Core ML ML program (iOS17: int8 activations need it), FP16 compute. Its outputs are
     named `output_names` in order where the model has several (`vitq.tasks.model.named_outputs`), else
-    `output_name`."""
+    `output_name`. `save_to`: saved there as an .mlpackage, and coremltools' temporary packages (a copy of the
+    weights each, which it removes only when the process exits: a long-lived worker, or a killed one, filled its
+    disk with them) removed at once."""
     import coremltools as ct
 
     pipeline = ct.PassPipeline.DEFAULT
@@ -271,7 +274,16 @@ def convert(program, input_name: str = "image", output_name: str = "logits", out
     for old, new in zip(converted, names):
         if old != new:
             ct.utils.rename_feature(spec, old, new)
-    return ct.models.MLModel(spec, weights_dir=ml.weights_dir, skip_model_load=True)
+    named = ct.models.MLModel(spec, weights_dir=ml.weights_dir, skip_model_load=True)
+    if save_to is None:
+        return named
+    named.save(str(save_to))
+    import shutil
+
+    for model in (ml, named):
+        if getattr(model, "is_temp_package", False) and model.package_path:
+            shutil.rmtree(model.package_path, ignore_errors=True)
+    return None
 
 
 @dataclass(frozen=True)

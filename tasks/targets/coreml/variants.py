@@ -73,7 +73,7 @@ def _build_variant(
     torch.export.save(backend.export_program(program_module, batches[0][: min(2, len(batches[0]))], dynamic_batch=True), str(out / PROGRAM))
     program = backend.export_program(program_module, example)
     log.info("coreml: %s: converting to an ML program", recipe.name)
-    backend.convert(program, output_names=names).save(str(out / PACKAGE))
+    backend.convert(program, output_names=names, save_to=out / PACKAGE)
     mil = backend.load_program(out / PACKAGE)
     rows = backend.coverage(mil, backend.program_layer_names(program))
     with open(out / COVERAGE, "w", newline="") as f:
