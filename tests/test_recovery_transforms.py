@@ -278,3 +278,47 @@ def test_attention_sensitivity_rows_quantize_only_or_float_only_that_product():
                               weight_only_sqnr_db=40.0, act_only_sqnr_db=31.0)
     ranked = rank([linear, *rows])
     assert [(r.rank, r.layer) for r in ranked] == [(1, "blocks.0.attn#qk"), (2, "head"), (3, "blocks.0.attn#av")]
+
+
+class _FunctionalQkvBlock(torch.nn.Module):
+    """torchvision Swin's shape: the attention module owns `qkv` but calls `F.linear(x, self.qkv.weight, ...)`
+    on windows of its input, so a hook on `qkv` never fires."""
+
+    class Attn(torch.nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+        def forward(self, x):  # (B, H, W, C): padded, then windows, as torchvision does
+            x = torch.nn.functional.pad(x, (0, 0, 0, 1, 0, 1)).flatten(1, 2)
+            q, k, v = torch.nn.functional.linear(x, self.qkv.weight, self.qkv.bias).chunk(3, -1)
+            o = torch.softmax(q @ k.transpose(1, 2) / 4, -1) @ v
+            return torch.nn.functional.linear(o, self.proj.weight, self.proj.bias)[:, :9]
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.embed, self.norm1, self.attn = torch.nn.Conv2d(3, dim, 4, 4), torch.nn.LayerNorm(dim), self.Attn(dim)
+        self.head = torch.nn.Linear(dim, 10)
+
+    def forward(self, x):
+        t = self.embed(x).permute(0, 2, 3, 1)  # (B, 3, 3, C)
+        return self.head((t.flatten(1, 2) + self.attn(self.norm1(t))).mean(1))
+
+
+def test_smoothquant_measures_a_functionally_called_linear_through_its_owner():
+    """torchvision swin_t's onnx-w8a8-auto and -smoothquant variants crashed with KeyError 'features.1.0.attn.qkv'
+    (the default `vitq run`): the pair's statistics now come from its owner's input, and smoothing keeps FP32."""
+    from vitq.tasks.recovery.smoothquant import search_alpha, smoothing_pairs
+
+    torch.manual_seed(0)
+    model = _FunctionalQkvBlock().eval()
+    with torch.no_grad():
+        model.norm1.weight.uniform_(0.5, 4.0)
+    x = np.random.default_rng(0).standard_normal((8, 3, 12, 12)).astype(np.float32)
+    assert smoothing_pairs(model) == [("norm1", "attn.qkv")]
+    smoothed, result = search_alpha(model, x, (0.3, 0.6))
+    assert result.pairs == [("norm1", "attn.qkv")]
+    assert not torch.allclose(smoothed.attn.qkv.weight, model.attn.qkv.weight)
+    with torch.no_grad():
+        ref, got = model(torch.from_numpy(x)), smoothed(torch.from_numpy(x))
+    assert (got - ref).abs().max() < 1e-4 * ref.abs().max()

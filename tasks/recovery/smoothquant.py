@@ -101,6 +101,26 @@ def _simulated_sqnr(model: nn.Module, act_amax: dict[str, float], x_judge: np.nd
     return compare_outputs(ref, out, None, None).sqnr_db
 
 
+def _paired_statistics(model: nn.Module, chan: dict, pairs, owners: dict) -> tuple[dict, list]:
+    """Per-channel |max| of each paired Linear's input. A Linear its owner calls functionally (torchvision's Swin:
+    `F.linear(x, self.qkv.weight, ...)` inside the attention, so no hook on the Linear fires) takes its owner's
+    input's: the same channels (the windows are pads, shifts and reshapes of it). Pairs with neither are dropped
+    (logged). Returns (the Linears' statistics, owners' removed; the pairs kept)."""
+    modules = dict(model.named_modules())
+    kept, dropped = [], []
+    for norm, lin in pairs:
+        owner = chan.get(owners[lin])
+        if lin not in chan and owner is not None and owner.shape == (modules[lin].in_features,):
+            chan[lin] = owner
+        (kept if lin in chan else dropped).append((norm, lin))
+    if dropped:
+        log.warning("smoothquant: %d pair(s) left unsmoothed: their Linear's input was never seen (%s)", len(dropped),
+                    ", ".join(lin for _, lin in dropped[:3]))
+    stats = {n: c for n, c in chan.items() if n not in set(owners.values()) or n in modules and
+             isinstance(modules[n], nn.Linear)}
+    return stats, kept
+
+
 def search_alpha(model: nn.Module, x: np.ndarray, alphas, batch_size: int = 128,
                  x_judge: np.ndarray | None = None) -> tuple[nn.Module, SmoothQuantResult]:
     """Smooth a copy of `model` with the alpha whose simulated W8A8 logits are closest to FP32 on `x_judge`
@@ -117,7 +137,11 @@ def search_alpha(model: nn.Module, x: np.ndarray, alphas, batch_size: int = 128,
     # One pass over the calibration images: every layer's input |max| per channel (the last dimension). Smoothing
     # leaves every layer's input as it was except the paired Linears', whose channel j is divided by s_j: their
     # ranges after smoothing are max_j(max|X_j| / s_j), exact without another pass.
-    chan = input_amax(model, quantizable_modules(model), x, batch_size, per_channel=True)
+    owners = {lin: lin.rpartition(".")[0] for _, lin in pairs}
+    chan = input_amax(model, [*quantizable_modules(model), *sorted(set(owners.values()))], x, batch_size, per_channel=True)
+    chan, pairs = _paired_statistics(model, chan, pairs, owners)
+    if not pairs:
+        raise ValueError("SmoothQuant found no LayerNorm -> Linear pair whose Linear's input it could measure")
     amax = {n: float(c.max()) for n, c in chan.items()}
     base = _simulated_sqnr(copy.deepcopy(model), amax, x_judge, ref, batch_size)
     scores = {}
