@@ -53,9 +53,14 @@ def prefect_api() -> Iterator[None]:
     forget = interrupt.on_interrupt(lambda: _kill_group(server))
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield
-            for worker in (APILogWorker, EventsWorker):  # deliver what is queued while the server is up
-                worker.drain_all(timeout=10)
+            try:
+                yield
+            finally:
+                # deliver what is queued while the server is up, a failed run's logs too: left queued, Prefect's
+                # log worker printed "--- Error logging to API --- All connection attempts failed" at exit
+                for worker in (APILogWorker, EventsWorker):
+                    with contextlib.suppress(Exception):
+                        worker.drain_all(timeout=10)
     finally:
         _kill_group(server)
         server.stop()  # forgets Prefect's instance

@@ -22,7 +22,8 @@ def budget_bytes(memory_budget_mb: int | None, workers: int = 1) -> int:
 
 
 def mb(n_bytes: float) -> str:
-    return f"{n_bytes / 2**20:,.0f} MB"
+    n = n_bytes / 2**20
+    return f"{n:,.0f} MB" if n >= 10 else f"{n:.2g} MB"
 
 
 def reset_peak() -> bool:

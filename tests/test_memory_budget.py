@@ -91,3 +91,21 @@ def test_calibration_peak_stays_within_the_budget(tmp_path):
     (small_batch, small_mb), (big_batch, big_mb) = grown[8 << 20], grown[1 << 34]
     assert small_batch == 2 and big_batch == 32, grown
     assert small_mb < big_mb / 3, grown  # measured, not assumed: the budget is what bounds it
+
+
+@pytest.mark.slow
+def test_a_run_whose_calibration_cannot_fit_says_so_in_one_line(tmp_path):
+    """`vitq run` with a calibration batch over the budget: the calibrate stage refuses before its pass, the run
+    ends with exit 2 and that one line (naming the knobs), and nothing else on stderr (Prefect's log worker no
+    longer prints "--- Error logging to API ---" after a failed run: its queue is delivered while the server is up)."""
+    from conftest import VITQ, make_workspace, run_env, tiny_params
+
+    ws = make_workspace(tmp_path / "ws", tiny_params(memory_budget_mb=64, calibration={"batch_size": 100000},
+                                                     data={"calibration_size": 1500},  # ~0.1 MB an image
+                                                     quantize={"recipes": ["onnx-w8-dynamic"], "carry": {}}))
+    proc = subprocess.run([VITQ, "run"], cwd=ws, env=run_env(tmp_path), capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "calibration.batch_size 100000" in out and "memory_budget_mb" in out, out[-3000:]
+    assert "Error logging to API" not in out and "Traceback" not in out, out[-3000:]
+    assert not (ws / "artifacts" / "calibration").exists() or not any((ws / "artifacts" / "calibration").iterdir())
