@@ -93,7 +93,10 @@ def test_interrupted_run_stops_cleanly_and_the_next_run_continues(tmp_path):
     rc, _, lines = _interrupt_at(ws, "quantize@onnx-w8a8-minmax: running", signal.SIGTERM)
     _assert_clean_stop(ws, rc, lines, signal.SIGTERM, "quantize@onnx-w8a8-minmax")
     assert {"data", "model", "export"} <= _skipped(lines), lines  # finished before the first interruption
-    assert any(line.startswith("calibrate: done in") for line in lines), lines  # interrupted the first time: rerun
+    # Interrupted the first time: it runs again, unless the signal came while its outputs were being committed
+    # (dvc.lock is never cut in half: the exit waits for the commit), which a tiny model's one-batch calibration
+    # can reach on a loaded machine; then it is up to date, never half-done.
+    assert any(line.startswith("calibrate: done in") for line in lines) or "calibrate" in _skipped(lines), lines
 
     done = subprocess.run([VITQ, "run"], cwd=ws, env=run_env(ws), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
