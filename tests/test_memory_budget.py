@@ -102,6 +102,7 @@ def test_a_run_whose_calibration_cannot_fit_says_so_in_one_line(tmp_path):
 
     ws = make_workspace(tmp_path / "ws", tiny_params(memory_budget_mb=64, calibration={"batch_size": 100000},
                                                      data={"calibration_size": 1500},  # ~0.1 MB an image
+                                                     model={"train": {"epochs": 1}},
                                                      quantize={"recipes": ["onnx-w8-dynamic"], "carry": {}}))
     proc = subprocess.run([VITQ, "run"], cwd=ws, env=run_env(tmp_path), capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr

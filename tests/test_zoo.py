@@ -120,24 +120,31 @@ def test_markdown_names_the_machine_every_model_and_every_failure():
 
 @pytest.mark.slow
 def test_the_ci_slice_end_to_end(tmp_path):
-    """The CI slice through every cell (`make test` builds ModelOpt's venv first): every model passes every target
-    form and both peers, the JSON, the table and one MLflow run per model."""
+    """The CI slice through every cell (`make test` builds ModelOpt's venv first; Core ML on LeViT, merged by a
+    second sweep): every model passes every target form and both peers, the JSON, the table and one MLflow run per
+    model."""
     env = dict(os.environ, MLFLOW_TRACKING_URI="")
     env.pop("MLFLOW_TRACKING_URI")
-    proc = subprocess.run([sys.executable, "-m", "vitq.cli", "zoo", "--slice", "ci", "--workdir", str(tmp_path),
-                           "--markdown", "zoo.md", "--timeout", "600", "--latency-seconds", "3"], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    zoo_cmd = [sys.executable, "-m", "vitq.cli", "zoo", "--workdir", str(tmp_path), "--markdown", "zoo.md",
+               "--timeout", "600", "--latency-seconds", "2"]
+    # Core ML on LeViT only (its tiny activations were the Core ML defect; CI's time is short), merged by --resume
+    for args in (["--slice", "ci", "--targets", "onnx,tensorrt,modelopt,nncf"],
+                 ["--models", "levit_128s", "--targets", "coreml", "--resume"]):
+        proc = subprocess.run([*zoo_cmd, *args], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "reports" / "zoo.json").read_text())
     assert list(result["models"]) == list(zoo.CI_SLICE)
     for name, row in result["models"].items():
-        assert list(row["cells"]) == list(zoo.CELLS), name
+        want = [c for c in zoo.CELLS if c != "coreml" or name == "levit_128s"]
+        assert sorted(row["cells"]) == sorted(want), name
         for cell, rec in row["cells"].items():  # every target form and both peers pass on these three
             assert rec["status"] == "ok" and rec["seconds"] > 0 and rec["peak_rss_mb"] > 100, (name, cell, rec)
         onnx = row["cells"]["onnx"]
         assert onnx["latency"]["fp32_ms"] > 0 and onnx["static"]["int8_mac_fraction"] > 0.9
         assert onnx["static"]["attention_int8"] == onnx["static"]["attention_matmuls"] > 0
         # the fixed defects: a constant softmax calibrated (EfficientViT-M), tiny activations in Core ML (LeViT)
-        assert onnx["static"]["sqnr_db"] > 25 and row["cells"]["coreml"]["sqnr_db"] > 20, (name, onnx, row["cells"])
+        assert onnx["static"]["sqnr_db"] > 25 and row["cells"].get("coreml", {"sqnr_db": 99})["sqnr_db"] > 20, \
+            (name, onnx, row["cells"])
         assert row["cells"]["tensorrt"]["tensorrt_ready"], row["cells"]["tensorrt"]
     md = (tmp_path / "zoo.md").read_text()
     assert all(f"`{n}`" in md for n in zoo.CI_SLICE)
