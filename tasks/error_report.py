@@ -103,25 +103,19 @@ def weight_errors(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto) -> d
     return out
 
 
-def _session_with_outputs(path: Path, names: list[str], tmp: Path):
-    """An ONNX Runtime session over the model at `path` with `names` (float tensors) as extra outputs; graph
-    optimisations off, so Q/DQ pairs run as written. Models over 2 GB go through external data."""
+def _session_with_outputs(model: onnx.ModelProto, names: list[str], out: Path):
+    """An ONNX Runtime session over `model` (changed: `names`, float tensors, become extra outputs), written to
+    `out`; graph optimisations off, so Q/DQ pairs run as written. Models over 2 GB go through external data."""
     import onnxruntime as ort
 
-    model = onnx.load(str(path))
     present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
-    model.graph.output.extend(helper_value_info(n) for n in names if n not in present)
-    out = tmp / f"{path.stem}.outputs.onnx"
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                              for n in names if n not in present)
     large = model.ByteSize() > (1 << 31) - (64 << 20)
     onnx.save(model, str(out), save_as_external_data=large, location=f"{out.name}.data" if large else None)
-    del model
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
-
-
-def helper_value_info(name: str) -> onnx.ValueInfoProto:
-    return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
 
 
 def _run(sess, names: list[str], batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -178,7 +172,6 @@ def tensor_errors(float_onnx: Path, qdq_onnx: Path, images: np.ndarray, batch_si
     named = {before: (after if before == after + _OUTPUT_SUFFIX else before) for before, after in pairs.items()}
     fp32_of = {before: name for before, name in named.items() if name in float_names}
     rows_weights = weight_errors(float_model, qdq_model)
-    del qdq_model, float_model
     from vitq.tasks._memory import budget_bytes
 
     budget = memory_budget or budget_bytes(None)
@@ -187,8 +180,10 @@ def tensor_errors(float_onnx: Path, qdq_onnx: Path, images: np.ndarray, batch_si
     with tempfile.TemporaryDirectory(prefix="vitq-qdq-debug-") as tmp:
         q_names = sorted(set(pairs) | set(pairs.values()))
         f_names = sorted(set(fp32_of.values()))
-        q_sess = _session_with_outputs(Path(qdq_onnx), q_names, Path(tmp))
-        f_sess = _session_with_outputs(Path(float_onnx), f_names, Path(tmp)) if f_names else None
+        # the models loaded above, each read once (the float one is dropped unused when nothing compares with it)
+        q_sess = _session_with_outputs(qdq_model, q_names, Path(tmp) / "qdq.onnx")
+        f_sess = _session_with_outputs(float_model, f_names, Path(tmp) / "float.onnx") if f_names else None
+        del qdq_model, float_model
         start, step = 0, 1
         while start < len(images):
             batch = images[start:start + step]

@@ -33,3 +33,10 @@ def test_stage_lines_are_read_and_tabled():
     md = scale.markdown(result)
     assert "AMD EPYC, 2 cores" in md and "| `timm:vit_base_patch16_224` | classification | 224 | 1 | ok | 600.0 | 5,100 |" in md
     assert "calibrate 40 (2,900)" in md
+
+
+def test_a_run_that_failed_in_init_is_a_row_too():
+    result = {"machine": {"cpu": "x", "cores": 2, "system": "Linux"}, "runs": [
+        {"model": "timm:samvit_base_patch16", "task": "dense", "input": 1024, "run": 1, "status": "failed",
+         "stage": "init", "cause": "bad"}]}
+    assert "| `timm:samvit_base_patch16` | dense | 1024 | 1 | failed | – | – |" in scale.markdown(result)

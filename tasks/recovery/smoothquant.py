@@ -116,9 +116,8 @@ def _paired_statistics(model: nn.Module, chan: dict, pairs, owners: dict) -> tup
     if dropped:
         log.warning("smoothquant: %d pair(s) left unsmoothed: their Linear's input was never seen (%s)", len(dropped),
                     ", ".join(lin for _, lin in dropped[:3]))
-    stats = {n: c for n, c in chan.items() if n not in set(owners.values()) or n in modules and
-             isinstance(modules[n], nn.Linear)}
-    return stats, kept
+    owner_names = set(owners.values())  # containers of a Linear, never measured for their own sake
+    return {n: c for n, c in chan.items() if n not in owner_names}, kept
 
 
 def search_alpha(model: nn.Module, x: np.ndarray, alphas, batch_size: int = 128,

@@ -69,8 +69,7 @@ def user_folder(source: str, task: str, size: int, root: Path, images: int) -> l
             for i, k in enumerate(rng.choice(pool, n // CLASSES + 1)):
                 pixels = (digits.images[k] / 16 * 255).astype(np.uint8)
                 Image.fromarray(pixels).resize((size, size)).convert("RGB").save(folder / f"{c}-{i}.png")
-    opts = ["--model", source, "--checkpoint", str(checkpoint), "--data", str(root / "images"), "--task", task]
-    return opts
+    return ["--model", source, "--checkpoint", str(checkpoint), "--data", str(root / "images"), "--task", task]
 
 
 def _wait4(proc: subprocess.Popen, timeout_s: float) -> tuple[int, float, bool]:
@@ -91,8 +90,6 @@ def _wait4(proc: subprocess.Popen, timeout_s: float) -> tuple[int, float, bool]:
 
 def run_once(source: str, root: Path, timeout_s: float, images: int) -> dict:
     """`vitq init` then the default `vitq run` for `source` under `root`; the record of the run."""
-    from vitq.tasks._io import write_json  # noqa: F401  (vitq importable in this interpreter)
-
     task, size = MODELS.get(source, ("classification", 224))
     started = time.perf_counter()
     opts = user_folder(source, task, size, root / "user", images)
@@ -156,8 +153,9 @@ def markdown(result: dict) -> str:
         slow = sorted(r.get("stages", {}).items(), key=lambda kv: -kv[1]["seconds"])[:4]
         text = "; ".join(f"{k} {v['seconds']:.0f}" + (f" ({v['peak_rss_mb']:,.0f})" if v["peak_rss_mb"] else "")
                          for k, v in slow)
+        peak = f"{r['peak_rss_mb']:,}" if r.get("peak_rss_mb") is not None else "–"  # none: init failed
         rows.append(f"| `{r['model']}` | {r['task']} | {r['input']} | {r['run']} | {r['status']} | "
-                    f"{r.get('run_s', '–')} | {r.get('peak_rss_mb', '–'):,} | {text} |")
+                    f"{r.get('run_s', '–')} | {peak} | {text} |")
     return "\n".join(rows) + "\n"
 
 
