@@ -94,7 +94,7 @@ def _inputs_present(ws: Workspace) -> bool:
 
 @task(cache_policy=NO_CACHE)
 def run_stage(name: str, ws: Workspace, params: Params) -> None:
-    stages.STAGES[name](ws, params)
+    stages.run_stage(name, ws, params)
 
 
 @flow(name="vitq-prepare")

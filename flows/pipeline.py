@@ -33,7 +33,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from vitq.flows import tracking
 from vitq.flows.dvc_state import DvcStages
 from vitq.flows.prefect_server import prefect_api
-from vitq.tasks import _memory, stages
+from vitq.tasks import parallel, resources, stages
 from vitq.tasks.layout import Workspace
 from vitq.tasks.model import load_model_spec
 from vitq.tasks.targets.registry import worker_tags
@@ -50,7 +50,7 @@ log = logging.getLogger("vitq.flow")
 
 @task(cache_policy=NO_CACHE, retries=0)
 def stage_task(name: str, ws: Workspace, params: Params) -> None:
-    stages.STAGES[name](ws, params)
+    stages.run_stage(name, ws, params)
 
 
 @task(cache_policy=NO_CACHE)
@@ -62,7 +62,10 @@ def variant_task(ws: Workspace, params: Params, recipe: str, steps: tuple[str, .
     if why:
         log.info("%s: not run here: %s", recipe, why, extra=CONSOLE)
     else:
-        log.info("%s: %s done in %.1f s", recipe, " + ".join(steps), time.perf_counter() - start, extra=CONSOLE)
+        records = [stages.stage_record(ws, step, recipe) or {} for step in steps]
+        worst = max(records, key=lambda r: r.get("peak_rss_mb") or 0)
+        log.info("%s: %s done in %.1f s%s", recipe, " + ".join(steps), time.perf_counter() - start,
+                 resources.console_suffix(worst), extra=CONSOLE)
 
 
 @task(cache_policy=NO_CACHE)
@@ -101,8 +104,6 @@ class _Runner:
                 self.say_skipped()
             interrupt.begin_stage(name)  # what an interruption names, until `done`
             log.info("%s: running", name)
-            if not variant:  # stages run one at a time: the process's peak RSS from here is theirs
-                _memory.reset_peak()
             self.started[name] = time.perf_counter()
             return True
         log.info("%s: up to date (dvc.lock), skipped", name)
@@ -119,17 +120,16 @@ class _Runner:
             log.info("up to date (dvc.lock), skipped: %s", ", ".join(self.skipped), extra=CONSOLE)
             self.skipped = []
 
-    def done(self, name: str, say: bool = True, in_process: bool = True) -> None:
+    def done(self, name: str, say: bool = True) -> None:
         """`say`: its line on the console (a variant's stages have one line for the variant, `variant_task`'s),
-        with the peak RSS of this process while it ran (`in_process`: it ran here, not in a subprocess)."""
+        with the peak RSS its record gives (tasks/resources.py)."""
         seconds = time.perf_counter() - self.started.pop(name)
-        peak = _memory.peak_rss() if in_process else None
         with interrupt.deferred():  # dvc.lock is written in place: never cut it in half
             self.dvc.commit(name)
         interrupt.end_stage(name)
         self.ran.append(name)
         if say:
-            log.info("%s: done in %.1f s%s", name, seconds, f", peak RSS {_memory.mb(peak)}" if peak else "",
+            log.info("%s: done in %.1f s%s", name, seconds, resources.console_suffix(stages.stage_record(self.ws, name)),
                      extra=CONSOLE)
 
 
@@ -171,16 +171,20 @@ def vitq_pipeline(root: str, force: bool = False) -> dict:
             if step in todo[r]:
                 run.done(st, say=False)
 
-    stages.run_variants(
-        list(params.quantize.variants), stale=stale, done=done,
-        submit=lambda r: variant_task.with_options(name=f"{r}[{','.join(todo[r])}]", tags=worker_tags(r)).submit(
-            ws, params, r, todo[r]),
-    )
+    n_workers = parallel.workers(params.max_workers)
+    with parallel.variant_phase(n_workers) as threads:
+        log.info("variants: %d at a time, %d thread(s) each (max_workers: %s; %d cores)", n_workers, threads,
+                 params.max_workers or "null: from the machine", parallel.cores())
+        stages.run_variants(
+            list(params.quantize.variants), stale=stale, done=done,
+            submit=lambda r: variant_task.with_options(name=f"{r}[{','.join(todo[r])}]", tags=worker_tags(r)).submit(
+                ws, params, r, todo[r]),
+        )
 
     # One task times FP32 and every variant side by side, never concurrently with other work.
     if run.stale("benchmark"):
         benchmark_task.with_options(name="benchmark", tags=cpu)(ws)
-        run.done("benchmark", in_process=False)
+        run.done("benchmark")
     if run.stale("report"):
         stage_task.with_options(name="report", tags=cpu)("report", ws, params)
         run.done("report")
@@ -201,8 +205,9 @@ def vitq_pipeline(root: str, force: bool = False) -> dict:
 
 
 def run_pipeline(root: Path, params: Params, force: bool = False) -> dict:
-    """Run the flow with `params.max_workers` concurrent variant tasks (Prefect's temporary server
-    when PREFECT_API_URL is unset, started in a session of its own so Ctrl-C reaches only this process)."""
-    runner = ThreadPoolTaskRunner(max_workers=params.max_workers)
+    """Run the flow with `params.max_workers` concurrent variant tasks (null: from the machine, tasks/parallel.py;
+    Prefect's temporary server when PREFECT_API_URL is unset, started in a session of its own so Ctrl-C reaches
+    only this process)."""
+    runner = ThreadPoolTaskRunner(max_workers=parallel.workers(params.max_workers))
     with prefect_api():
         return vitq_pipeline.with_options(task_runner=runner)(str(root), force)

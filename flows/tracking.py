@@ -116,6 +116,19 @@ _VARIANT_METRICS = (
 )
 
 
+def stage_resource_metrics(summary: dict, ran: list[str]) -> dict[str, float]:
+    """`stage.<stage>.seconds` and `.peak_rss_mb` of each stage this run ran (summary.json's records; a variant's
+    stage `quantize@r` as `stage.quantize.r.*`: MLflow keys take no '@')."""
+    out = {}
+    for r in summary.get("stages") or []:
+        if r["stage"] in ran:
+            key = "stage." + r["stage"].replace("@", ".")
+            out[f"{key}.seconds"] = float(r["seconds"])
+            if r.get("peak_rss_mb") is not None:
+                out[f"{key}.peak_rss_mb"] = float(r["peak_rss_mb"])
+    return out
+
+
 def log_pipeline_run(
     ws: Workspace,
     params: Params,
@@ -156,7 +169,10 @@ def log_pipeline_run(
     with mlflow.start_run(experiment_id=exp_id, run_name=f"{summary['model']}-pipeline", tags=tags) as parent:
         mlflow.log_params(_flatten(params.model_dump(mode="json", by_alias=True)))
         base = {f"baseline_{k}": v for k, v in summary["baseline"].items() if isinstance(v, (int, float))}
-        mlflow.log_metrics({**base, **stage_metrics})
+        mlflow.log_metrics({**base, **stage_metrics, **stage_resource_metrics(summary, ran)})
+        path = summary.get("critical_path") or []
+        if path:
+            mlflow.set_tag("critical_path", " -> ".join(f"{c['stage']} ({c['seconds']:.0f} s)" for c in path)[:5000])
         datasets = data_inputs(ws)
         _log_inputs(datasets)
         for f in (ws.summary_file, ws.report_file, ws.params_file, ws.benchmark_file):
@@ -185,6 +201,9 @@ def log_pipeline_run(
                 record = json.loads(meta.read_text())
                 metrics = {k: float(v[k]) for k in _VARIANT_METRICS if v.get(k) is not None}
                 metrics["passed"] = float(v["passed"])
+                metrics.update({f"{step}_seconds": float(sec) for step, sec in (v.get("seconds") or {}).items()})
+                if v.get("peak_rss_mb") is not None:
+                    metrics["peak_rss_mb"] = float(v["peak_rss_mb"])
                 metrics.update(_output_metrics(v.get("outputs") or {}))
                 if record.get("int8_mac_fraction") is not None:  # share of Linear/Conv MACs in INT8
                     metrics["int8_mac_fraction"] = float(record["int8_mac_fraction"])

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vitq.tasks import parallel
 from vitq.tasks._histograms import CalibrationHistograms
 from vitq.tasks._progress import Progress
 from vitq.tasks._io import atomic_dir, read_json, write_json
@@ -141,6 +142,7 @@ def collect_histograms(prep_onnx: Path, x: np.ndarray, cfg: CalibrationConfig, e
         names = sorted(calibrater.tensors_to_calibrate)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ORT's calibrater: its values
+        options.intra_op_num_threads = parallel.session_threads()  # a recovery variant's calibration: its share
         session = ort.InferenceSession(calibrater.augmented_model_path, options, providers=["CPUExecutionProvider"])
         del calibrater
     histograms = CalibrationHistograms(cfg.num_bins, cfg.num_quantized_bins, signed=entropy, counts=counts)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from vitq.tasks import parallel
 from vitq.tasks.conformance import graph_constants, node_attr
 
 log = logging.getLogger("vitq.validate")
@@ -115,6 +116,7 @@ def _session_with_outputs(model: onnx.ModelProto, names: list[str], out: Path):
     onnx.save(model, str(out), save_as_external_data=large, location=f"{out.name}.data" if large else None)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = parallel.session_threads()  # beside other variants: this worker's share of the cores
     return ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
 
 

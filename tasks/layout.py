@@ -55,6 +55,10 @@ class Workspace:
         return folder / f"{name}.errors.csv", folder / f"{name}.errors.png"
 
     @property
+    def stage_records_dir(self) -> Path:  # <dvc stage>.json: each stage's wall time and peak RSS (tasks/resources.py)
+        return self.root / "reports" / "stages"
+
+    @property
     def benchmark_file(self) -> Path:
         return self.root / "reports" / "benchmark.json"
 

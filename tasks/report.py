@@ -29,8 +29,12 @@ def build_summary(
     bench: BenchmarkResult | None,
     not_run: dict[str, str],
     artifact_root: str,
+    records: dict[str, dict] | None = None,
+    critical: list[dict] | None = None,
 ) -> dict:
-    """Assemble summary.json. `not_run` maps variant name -> why it could not run on this machine."""
+    """Assemble summary.json. `not_run` maps variant name -> why it could not run on this machine. `records`:
+    each DVC stage's wall time and peak RSS (tasks/resources.py), `critical`: the run's critical path."""
+    records = records or {}
     base_t = bench.models.get("fp32") if bench else None
     out = []
     for art, val in variants:
@@ -48,6 +52,7 @@ def build_summary(
             why = bench.not_measured.get(art.name) if bench else None
             not_measured["latency_ms_p50"] = why or "not benchmarked in this run"
         speedup = bench.speedup(art.name) if bench else None
+        own = [r for r in records.values() if r["stage"].split("@", 1)[-1] == art.name and "@" in r["stage"]]
         out.append(
             {
                 "name": art.name,
@@ -75,6 +80,9 @@ def build_summary(
                 # ONNX Runtime, fp16-tensorrt, coreml-fp16): false keeps the variant from the registry alias.
                 "speedup_baseline": t.baseline if t else None,
                 "faster_than_baseline": None if speedup is None else speedup > 1.0,
+                # what making it cost: each of its stages' wall seconds, the process's peak RSS while they ran
+                "seconds": {r["stage"].split("@")[0].removeprefix("carry-"): r["seconds"] for r in own} or None,
+                "peak_rss_mb": max((r["peak_rss_mb"] for r in own if r.get("peak_rss_mb")), default=None),
                 "passed": val.passed,
                 "fail_reasons": val.reasons,
                 "not_measured": not_measured,
@@ -102,6 +110,9 @@ def build_summary(
         "not_run": [{"name": n, "reason": r} for n, r in sorted(not_run.items())],
         "machine": bench.machine if bench else None,
         "benchmark_settings": bench.settings if bench else None,
+        # each DVC stage's last run: wall seconds, peak RSS MB, when, on which host, beside which stages
+        "stages": [{k: v for k, v in r.items()} for r in records.values()],
+        "critical_path": critical or [],
     }
 
 
@@ -187,6 +198,42 @@ def write_report(summary: dict, summary_path: Path, report_path: Path) -> str:
                 f"{_fmt(o['cosine'], '.4f')}{'' if o['passed'] else ', FAIL'}" for name, o in v["outputs"].items()))
     for nr in summary["not_run"]:
         lines.append(f"- {nr['name']} not run: {nr['reason']}")
+    lines += time_section(summary)
     with atomic_file(report_path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return table
+
+
+def time_section(summary: dict) -> list[str]:
+    """report.md's "Where the time went": each stage's wall time and peak RSS, and the critical path."""
+    records = summary.get("stages") or []
+    if not records:
+        return []
+    rows = [("stage", "seconds", "peak RSS MB", "peak", "made", "ran beside")]
+    newest = max(r["ended"] for r in records)
+    first_of_run = min((r["started"] for r in records if r["stage"] in
+                        {c["stage"] for c in summary.get("critical_path") or []}), default=newest)
+    for r in records:
+        made = "this run" if r["ended"] >= first_of_run else "earlier (reused)"
+        rows.append((r["stage"], f"{r['seconds']:.1f}", _fmt(r.get("peak_rss_mb"), ",.0f"), r.get("peak", "-"), made,
+                     ", ".join(r.get("beside") or []) or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    table = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    table.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    path = summary.get("critical_path") or []
+    chain = "".join(("" if not c.get("waited_on") else " -> " if c["waited_on"]["why"] == "dependency" else " ~> ")
+                    + f"{c['stage']} ({c['seconds']:.0f} s)" for c in path)
+    out = ["", "## Where the time went", "",
+           "Each stage's wall time and its process's peak RSS when it last ran (`exact`: the stage ran alone, the",
+           "kernel's high-water mark; `sampled`: variants side by side share one process, sampled every 0.1 s).", "",
+           *table, ""]
+    if path:
+        total = sum(c["seconds"] for c in path)
+        by = {r["stage"]: r for r in records}
+        span = by[path[-1]["stage"]]["ended"] - by[path[0]["stage"]]["started"]
+        out += [f"Critical path of the last run ({total:.0f} s of stage time; `->`: started when the stage whose output "
+                "it reads ended; `~>`: started when a stage it does not read ended: its turn, one stage at a time "
+                f"before the variants, then `max_workers` variants at a time): {chain}.", "",
+                f"From its first stage's start to its last's end: {span:.0f} s, of which {span - total:.0f} s between "
+                "stages on this path (DVC's checks and commits, the runner).", ""]
+    return out

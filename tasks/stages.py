@@ -213,11 +213,10 @@ def run_validate(ws: Workspace, p: Params, name: str) -> validate.ValidationResu
 
 
 def run_variant(ws: Workspace, p: Params, name: str, steps: tuple[str, ...] = ("quantize", "validate")) -> None:
-    """Variant `name`: the stages in `steps` (quantize, then validate), in this process."""
-    if "quantize" in steps:
-        run_quantize(ws, p, name)
-    if "validate" in steps:
-        run_validate(ws, p, name)
+    """Variant `name`: the stages in `steps` (quantize, then validate), in this process, each recorded."""
+    for step in ("quantize", "validate"):
+        if step in steps:
+            run_stage(step, ws, p, name)
 
 
 def steps_to_run(name: str, is_stale: Callable[[str], bool]) -> tuple[str, ...]:
@@ -314,6 +313,7 @@ def build_summary(ws: Workspace, p: Params, produced: list[str] | None = None) -
         (load_variant(ws.variants_dir, n), validate.load_validation(ws.validation_for(n), n)) for n in runnable
     ]
     bench = benchmark.load_benchmark(ws.benchmark_file) if ws.benchmark_file.is_file() else None
+    records = run_records(ws, p, runnable)
     return report.build_summary(
         spec=model.load_model_spec(ws.model_dir),
         data=data_result,
@@ -324,7 +324,23 @@ def build_summary(ws: Workspace, p: Params, produced: list[str] | None = None) -
         bench=bench,
         not_run=not_run,
         artifact_root=str(ws.variants_dir.relative_to(ws.root)),
+        records=records,
+        critical=run_critical_path(records, ws),
     )
+
+
+def run_critical_path(records: dict[str, dict], ws: Workspace) -> list[dict]:
+    """The run's critical path through the records (tasks/resources.py), over dvc.yaml's graph."""
+    from vitq.tasks import resources
+
+    if not records:
+        return []
+    try:
+        deps = stage_dependencies(ws)
+    except Exception as exc:  # noqa: BLE001 - no DVC repository (a test's bare workspace): times alone
+        log.debug("stage graph not read (%s): the critical path follows times only", exc)
+        deps = {}
+    return resources.critical_path(records, deps)
 
 
 def run_report(ws: Workspace, p: Params, produced: list[str] | None = None) -> str:
@@ -332,6 +348,70 @@ def run_report(ws: Workspace, p: Params, produced: list[str] | None = None) -> s
     table = report.write_report(summary, ws.summary_file, ws.report_file)
     tradeoff.append_plot_section(ws.report_file, tradeoff.write_tradeoff_plots(summary, ws.plots_dir))
     return table
+
+
+def dvc_stage_name(step: str, recipe: str | None = None) -> str:
+    """The DVC stage (dvc.yaml) of `step` (a variant's: `quantize@<recipe>`, `carry-quantize@<recipe>`, ...)."""
+    if recipe is None:
+        return step
+    return variant_stages(recipe)[0 if step == "quantize" else 1]
+
+
+def record_path(ws: Workspace, step: str, recipe: str | None = None) -> Path:
+    """Where stage `step`'s record (tasks/resources.py) goes: `reports/stages/<dvc stage>.json`, declared in
+    dvc.yaml as an output of that stage."""
+    return ws.stage_records_dir / f"{dvc_stage_name(step, recipe)}.json"
+
+
+def run_stage(step: str, ws: Workspace, p: Params, *args: str) -> object:
+    """Stage `step` (a variant's: with its recipe) in this process: the one way `vitq stage`, the flow and the
+    variant runner run a stage. Its wall time and peak RSS are recorded beside its outputs (tasks/resources.py)."""
+    from vitq.tasks import resources
+
+    recipe = args[0] if args else None
+    with resources.measured(dvc_stage_name(step, recipe)) as record:
+        result = STAGES[step](ws, p, *args)
+    if step != "report":  # the report reads the records: none of its own
+        resources.write_record(record_path(ws, step, recipe), record)
+    return result
+
+
+def stage_record(ws: Workspace, step: str, recipe: str | None = None) -> dict | None:
+    """The record of stage `step`'s last run (None: not run yet, or made before records existed)."""
+    from vitq.tasks import resources
+
+    return resources.read_record(record_path(ws, step, recipe))
+
+
+def stage_dependencies(ws: Workspace) -> dict[str, list[str]]:
+    """dvc.yaml's graph, as DVC reads it: each stage's name -> the stages whose outputs it reads."""
+    from dvc.repo import Repo
+
+    repo = Repo(str(ws.root))
+    try:
+        found = list(repo.index.stages)
+        outs = [(st.name, Path(o.fs_path)) for st in found for o in st.outs]
+        graph = {}
+        for st in found:
+            reads = {Path(d.fs_path) for d in st.deps}
+            graph[st.name] = sorted({name for name, out in outs for dep in reads
+                                           if name != st.name and (dep == out or out in dep.parents
+                                                                         or dep in out.parents)})
+        return graph
+    finally:
+        repo.close()
+
+
+def run_records(ws: Workspace, p: Params, variants: list[str]) -> dict[str, dict]:
+    """Every stage's record (DVC stage name -> record), in pipeline order; stages without one are left out."""
+    steps = [(s, None) for s in ("data", "model", "export", "calibrate", "reference", "plan")]
+    steps += [(s, v) for v in variants for s in ("quantize", "validate")] + [("benchmark", None)]
+    out = {}
+    for step, recipe in steps:
+        rec = stage_record(ws, step, recipe)
+        if rec is not None:
+            out[dvc_stage_name(step, recipe)] = rec
+    return out
 
 
 STAGES: dict[str, Callable[..., object]] = {

@@ -64,6 +64,47 @@ def test_summary_follows_the_contract(ran):
     assert "onnx-w8a8-entropy" in proc.stdout  # the table printed at the end
 
 
+def test_each_stage_s_time_and_memory_are_on_the_record(ran):
+    """Issue 30 item 2 / issue 32 item 3: wall time and peak RSS per stage and per variant in summary.json (from
+    the record beside each stage's outputs), the report's table and critical path, and MLflow's runs."""
+    import mlflow
+
+    ws, _ = ran
+    s = json.loads((ws / "reports" / "summary.json").read_text())
+    by = {r["stage"]: r for r in s["stages"]}
+    recipes = [v["name"] for v in s["variants"]]
+    expected = {"data", "model", "export", "calibrate", "reference", "plan", "benchmark"}
+    expected |= {st for r in recipes for st in __import__("vitq.tasks.stages", fromlist=["x"]).variant_stages(r)}
+    assert expected <= set(by), expected - set(by)
+    for name in ("data", "model", "export", "calibrate", "reference", "plan", "benchmark"):  # alone: exact peaks
+        assert by[name]["peak"] == "exact" and by[name]["beside"] == [] and by[name]["peak_rss_mb"] > 100, by[name]
+    assert by["model"]["seconds"] > 0.5 and by["export"]["ended"] <= by["calibrate"]["started"]
+    assert json.loads((ws / "reports" / "stages" / "export.json").read_text()) == by["export"]  # a DVC output
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    assert "reports/stages/quantize@onnx-w8a8-auto.json" in [o["path"] for o in lock["quantize@onnx-w8a8-auto"]["outs"]]
+    for v in s["variants"]:
+        assert set(v["seconds"]) == {"quantize", "validate"} and v["peak_rss_mb"] > 100, v["name"]
+    # variants ran two at a time (max_workers: 2): some ran beside another, their peaks sampled
+    assert any(r["beside"] and r["peak"] == "sampled" for r in s["stages"] if "@" in r["stage"])
+    path = [c["stage"] for c in s["critical_path"]]
+    assert path[:3] == ["data", "model", "export"] and path[-1] == "benchmark", path  # in time order, nothing twice
+    starts = [by[n]["started"] for n in path]
+    assert starts == sorted(starts) and len(set(path)) == len(path)
+    assert s["critical_path"][1]["waited_on"] == {"stage": "data", "why": "dependency"}
+    report = (ws / "reports" / "report.md").read_text()
+    assert "## Where the time went" in report and "| quantize@onnx-w8a8-auto " in report
+    assert "Critical path of the last run" in report and "data (" in report
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("vit_digits_patch4_32").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.metrics["stage.calibrate.seconds"] == by["calibrate"]["seconds"]
+    assert parent.data.metrics["stage.quantize.onnx-w8a8-auto.peak_rss_mb"] == by["quantize@onnx-w8a8-auto"]["peak_rss_mb"]
+    assert parent.data.tags["critical_path"].startswith("data (")
+    auto = next(r for r in runs if r.data.tags.get("mlflow.runName") == "onnx-w8a8-auto")
+    assert auto.data.metrics["quantize_seconds"] == by["quantize@onnx-w8a8-auto"]["seconds"]
+    assert auto.data.metrics["peak_rss_mb"] > 100
+
+
 def _log_named(ws, console: str):
     """The file the console's `full log: <path>` line names (relative to the workspace, where vitq ran)."""
     (line,) = [ln for ln in console.splitlines() if ln.startswith("full log: ")]
@@ -83,11 +124,12 @@ def test_the_console_is_quiet_and_the_log_file_holds_the_rest(ran):
     for noise in ("Finished in state", "Updating lock file", "Generating lock file", "Starting temporary server",
                   "Downloading artifacts", "Failed to load", "Warning", "%|", "\r"):
         assert noise not in console, (noise, console)
-    for name in ("data", "model", "export", "calibrate", "reference", "plan", "report"):  # with this process's peak
+    for name in ("data", "model", "export", "calibrate", "reference", "plan", "benchmark"):  # with its record's peak
         assert re.search(rf"^{name}: done in [\d.]+ s, peak RSS [\d,]+ MB$", console, re.M), name
-    assert re.search(r"^benchmark: done in [\d.]+ s$", console, re.M)  # its own process
-    for recipe in tiny_params()["quantize"]["recipes"]:  # a line per variant
-        line = rf"^{recipe}: (quantize \+ validate done in [\d.]+ s|not run here: .+)$"
+    assert re.search(r"^report: done in [\d.]+ s$", console, re.M)  # it reads the records: none of its own
+    for recipe in tiny_params()["quantize"]["recipes"]:  # a line per variant, with the process's peak while it ran
+        line = (rf"^{recipe}: (quantize \+ validate done in [\d.]+ s, peak RSS [\d,]+ MB"
+                rf"( \(process, shared with variants beside it\))?|not run here: .+)$")
         assert re.search(line, console, re.M), recipe
     assert proc.stdout.splitlines()[-1].startswith("full log: ")  # the last line
     with open(_log_named(ws, proc.stdout), encoding="utf-8", newline="") as f:  # \r kept

@@ -227,12 +227,22 @@ def test_auto_composition_stops_at_the_cheap_fix_within_budget_without_float_lay
     def fallback(name):
         raise AssertionError("a start is within budget: no layer may go back to float")
 
-    c = compose(STARTS, lambda n: judged.append(n) or full_int8[n], Budget(max_top1_drop=0.5), fallback, lambda n, fl: 1.0 - 0.1 * len(fl))
-    assert judged == STARTS, "every cheap fix is judged"
+    c = compose(STARTS, lambda n: judged.append(n) or full_int8[n], Budget(max_top1_drop=0.5), fallback,
+                lambda n, fl: 1.0 - 0.1 * len(fl), "best_sqnr")
+    assert judged == STARTS, "best_sqnr: every cheap fix is judged"
     assert c.start == "smoothquant" and c.float_layers == [] and c.met, c
     assert [e["start"] for e in c.path] == STARTS and [e["met"] for e in c.path] == [False, False, True, True]
     assert c.path[0]["reasons"] and c.path[2]["int8_mac_fraction"] == 1.0 and c.path[2]["sqnr_db"] == 34.0
     assert "smoothquant meets the budget" in c.stopped
+    # The default (first): it stops at the first start within budget; smoothquant+search is never judged (built).
+    judged.clear()
+    full_int8["smoothquant"] = _m(0.0, 30.0)  # within budget, though smoothquant+search's SQNR would be higher
+    c = compose(STARTS, lambda n: judged.append(n) or full_int8[n], Budget(max_top1_drop=0.5), fallback,
+                lambda n, fl: 1.0 - 0.1 * len(fl))
+    assert judged == STARTS[:3] and c.start == "smoothquant" and c.met and c.float_layers == []
+    assert c.path[-1] == {"start": "smoothquant+search",
+                          "skipped": "not tried: smoothquant meets the budget in full INT8 (recovery.auto_choice: first)"}
+    assert "the first of plain, search, smoothquant, smoothquant+search to do" in c.stopped
 
 
 def test_auto_composition_falls_back_to_float_only_after_every_cheap_fix_from_the_best_one():

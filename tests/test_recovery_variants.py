@@ -44,11 +44,21 @@ def test_onnx_layers_carry_torch_module_names(ws):
 
 
 def test_auto_tries_every_cheap_fix_then_the_fewest_layers_float_for_a_tight_budget(ws):
-    loose = stages.quantize_one(ws, "onnx-w8a8-auto")
     folder = ws.variants_dir / "onnx-w8a8-auto"
-    rec = json.loads((folder / "recovery.json").read_text())
     starts = ["plain", "search", "smoothquant", "smoothquant+search"]
-    assert [e["start"] for e in rec["path"]] == starts, "every cheap fix is judged, in full INT8"
+    # The default (recovery.auto_choice: first): the first start within budget wins, the later are never built.
+    first = stages.quantize_one(ws, "onnx-w8a8-auto")
+    rec = json.loads((folder / "recovery.json").read_text())
+    tried = [e["start"] for e in rec["path"] if "skipped" not in e]
+    assert [e["start"] for e in rec["path"]] == starts and rec["path"][len(tried) - 1]["met"], rec["path"]
+    assert not any(e["met"] for e in rec["path"][:len(tried) - 1]) and rec["start"] == tried[-1]
+    assert all("not tried" in e["skipped"] for e in rec["path"][len(tried):])
+    assert first.float_layers == [] and rec["budget_met"] and "no later start tried" in rec["stopped"]
+    assert ((folder / "torch" / "model.pt").is_file()) == rec["start"].startswith("smoothquant")
+    # best_sqnr: every cheap fix is built and judged, the best SQNR within budget wins.
+    loose = stages.quantize_one(ws, "onnx-w8a8-auto", parse_params(tiny_params(recovery={"auto_choice": "best_sqnr"})))
+    rec = json.loads((folder / "recovery.json").read_text())
+    assert [e["start"] for e in rec["path"]] == starts and not any("skipped" in e for e in rec["path"])
     assert loose.float_layers == [] and loose.int8_mac_fraction == 1.0 and rec["budget_met"]
     best = max((e for e in rec["path"] if e["met"]), key=lambda e: e["sqnr_db"])
     assert rec["start"] == best["start"] and "no layer needs float" in rec["stopped"]

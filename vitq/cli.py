@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -482,7 +481,7 @@ def _workspace(workdir: str):
 def _stage(args) -> int:
     if args.name not in STAGE_NAMES:
         raise VitqError(f"unknown stage {args.name!r}; allowed: {', '.join(STAGE_NAMES)}")
-    from vitq.tasks.stages import STAGES
+    from vitq.tasks.stages import run_stage, stage_record
     from vitq.params import load_params
 
     if (args.name in VARIANT_STAGES) != (args.recipe is not None):
@@ -494,11 +493,14 @@ def _stage(args) -> int:
     name = "@".join((args.name, *extra))
     params = load_params(ws.params_file)
     with _command_log(ws, f"stage-{name}", args.verbose) as log:
-        start = time.perf_counter()
         with interrupt.stage(name):
-            result = STAGES[args.name](ws, params, *extra)
+            result = run_stage(args.name, ws, params, *extra)
         if not log.relayed:  # a stage the flow started: the flow says when it ended
-            _console.info("%s: done in %.1f s", name, time.perf_counter() - start, extra=logs.CONSOLE)
+            from vitq.tasks import resources
+
+            record = stage_record(ws, args.name, *extra) or {}
+            _console.info("%s: done in %.1f s%s", name, record.get("seconds", 0), resources.console_suffix(record),
+                          extra=logs.CONSOLE)
     if isinstance(result, str):  # the report stage's table
         print(result)
     if not log.relayed:

@@ -321,6 +321,9 @@ class RecoveryConfig(_Strict):
     # onnx-w8a8-auto's per-layer sensitivity (4 simulated forwards per layer: the costly part at ViT-B scale) only
     # when a fallback to float needs the ranking, or always (recorded as sensitivity.csv either way it runs).
     rank_layers: Literal["when_needed", "always"] = "when_needed"
+    # onnx-w8a8-auto's cheap fixes (plain, search, smoothquant, smoothquant+search, cheapest first): stop at the
+    # first that meets the budget in full INT8 (first), or build every one and keep the best SQNR (best_sqnr)
+    auto_choice: Literal["first", "best_sqnr"] = "first"
     search_images: int = Field(450, ge=1)  # validation images the mixed-precision search judges the budget on
     smoothquant_alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # candidates, each in (0, 1)
     search_percentiles: tuple[float, ...] = (99.9, 99.99, 99.999)  # of |x|, calibration-search candidates
@@ -357,7 +360,8 @@ class BenchmarkConfig(_Strict):
 class Params(_Strict):
     seed: int = 0
     experiment: str | None = None  # MLflow experiment; default: the model name
-    max_workers: int = Field(2, ge=1)  # variants quantized / validated concurrently
+    # variants quantized / validated concurrently; null: from the machine's cores and memory (tasks/parallel.py)
+    max_workers: int | None = Field(None, ge=1)
     # MB the per-batch working sets that grow with images x tensors may take in all (the per-tensor error report,
     # calibration's pass; shared by the max_workers validations); null: 2048, or half the memory available when
     # the stage starts if less (tasks/_memory.py). Only calibration's fitted pass (calibration.batch_size: null)

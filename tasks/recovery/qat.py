@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vitq.tasks import parallel
 from vitq.tasks.recovery.simulate import QuantSim
 
 log = logging.getLogger("vitq.recovery")
@@ -65,7 +66,7 @@ def finetune(
     if len(y) == 0:
         raise ValueError("QAT needs training images; the training split is empty")
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(parallel.session_threads() or cfg.threads)  # beside other variants: this worker's share
     model = copy.deepcopy(model).train()
     sim = QuantSim(model, act_amax, learn_scales=True).quantize_all(except_layers=float_layers)
     params = [p for p in model.parameters() if p.requires_grad] + list(sim.scales.parameters())

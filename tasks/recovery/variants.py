@@ -5,11 +5,12 @@ Every search judges on the held-out images (the data stage's `holdout` split, ca
 validation images; `validate` reports on the rest), and every recipe records the final variant's
 metrics on both: `held_out` (what it steered by) and `validation` (what `validate` will report).
 
-- auto: composes. Starts from the best of the cheap fixes, each built and run in ONNX Runtime in full
+- auto: composes. Tries the cheap fixes in order of cost, each built and run in ONNX Runtime in full
   INT8 against the recovery budget: the recipe's own table (`plain`), the per-tensor range search
   (`search`), SmoothQuant with its alpha search (`smoothquant`), and both (`smoothquant+search`: the
-  ranges searched on the smoothed graph). Within budget: the one with the best SQNR (all are 100% INT8).
-  Otherwise float fallback from the best of them (by SQNR): sensitivity (torch simulation of the Linear/
+  ranges searched on the smoothed graph). The first within budget wins and the later ones are not built
+  (`recovery.auto_choice: best_sqnr`: all are built, the best SQNR within budget wins; all are 100% INT8).
+  None within budget: float fallback from the best of them (by SQNR): sensitivity (torch simulation of the Linear/
   Conv layers; ONNX Runtime builds for the attention products where the recipe quantizes them) ->
   `sensitivity.csv` / `.png`, then the fewest MACs back in float until the budget holds. `recovery.json`
   `path` lists every start tried and its result, `stopped` why it stopped. A smoothed choice keeps its
@@ -36,6 +37,7 @@ import numpy as np
 import onnx
 import torch
 
+from vitq.tasks import parallel
 from vitq.tasks._io import PARTIAL_MARK, read_json, write_json
 from vitq.tasks.targets.onnx import backend as onnx_backend
 from vitq.tasks.recovery import calib_search, layers as layer_map
@@ -80,7 +82,7 @@ def build(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
     if len(outputs) > 1:  # sensitivity, smoothing, range search and QAT steer on one output tensor
         raise VitqError(f"recipe {recipe.name!r} steers its recovery by one output, and the model has "
                         f"{len(outputs)} ({', '.join(outputs)}); use the post-training onnx-* recipes for it")
-    torch.set_num_threads(inputs.params.model.train.threads)
+    torch.set_num_threads(parallel.session_threads() or inputs.params.model.train.threads)  # beside others: its share
     decision = builders[recipe.recovery](recipe, inputs, Path(out), Path(scratch))
     write_json(Path(out) / "recovery.json", {"recipe": recipe.name, "recovery": recipe.recovery, **decision.details})
     return decision
@@ -314,24 +316,36 @@ class Composition:
     details: dict = field(default_factory=dict)  # the fallback's builds
 
 
-def compose(starts: list[str], full_int8, budget, fallback, int8_share) -> Composition:
-    """The auto recipe's decision. Every start is judged in full INT8 (`full_int8(name)` -> OutputMetrics); those
-    within `budget` are all 100% INT8, so the best SQNR among them wins. Only when none is within budget does
-    `fallback(name)` (-> MixedPrecisionResult: layers back in float, fewest MACs) run, once, from the start with
-    the best SQNR. `int8_share(name, float_layers)`: the INT8 share of Linear/Conv MACs."""
+def compose(starts: list[str], full_int8, budget, fallback, int8_share, choice: str = "first") -> Composition:
+    """The auto recipe's decision. Starts are judged in full INT8 in order (`full_int8(name)` -> OutputMetrics,
+    cheapest first: a start is only built when judged). `choice` "first" (recovery.auto_choice): the first
+    within `budget` wins and the later starts are never built; "best_sqnr": every start is judged and the best
+    SQNR within budget wins. Only when none is within budget does `fallback(name)` (-> MixedPrecisionResult:
+    layers back in float, fewest MACs) run, once, from the start with the best SQNR. `int8_share(name,
+    float_layers)`: the INT8 share of Linear/Conv MACs."""
     path, results = [], {}
-    for name in starts:
+    for i, name in enumerate(starts):
         m = full_int8(name)
         reasons = budget.reasons(m)
         results[name] = m
         path.append({"start": name, "float_layers": [], "int8_mac_fraction": int8_share(name, []),
                      **metrics_record(m), "met": not reasons, "reasons": reasons})
         log.info("auto: start %s in full INT8: %s", name, "meets the budget" if not reasons else "; ".join(reasons))
-    within = [n for n in starts if not budget.reasons(results[n])]
-    best = max(within or starts, key=lambda n: _sqnr_key(results[n]))  # ties: the earlier (cheaper) start
+        if not reasons and choice == "first":
+            for rest in starts[i + 1:]:
+                path.append({"start": rest, "skipped": f"not tried: {name} meets the budget in full INT8 "
+                                                       "(recovery.auto_choice: first)"})
+            stopped = (f"{name} meets the budget in full INT8 ({m.sqnr_db:.1f} dB), the first of "
+                       f"{', '.join(starts)} to do: no later start tried, no layer needs float")
+            log.info("auto: %s", stopped)
+            return Composition(name, [], True, path, stopped)
+    tried = list(results)
+    within = [n for n in tried if not budget.reasons(results[n])]
+    best = max(within or tried, key=lambda n: _sqnr_key(results[n]))  # ties: the earlier (cheaper) start
     if within:
         return Composition(best, [], True, path, f"{best} meets the budget in full INT8 with the best SQNR "
-                           f"({results[best].sqnr_db:.1f} dB) of the {len(within)} start(s) that do: no layer needs float")
+                           f"({results[best].sqnr_db:.1f} dB) of the {len(within)} start(s) that do "
+                           "(recovery.auto_choice: best_sqnr): no layer needs float")
     mp = fallback(best)
     share = int8_share(best, mp.float_layers)
     path.append({"start": best, "float_layers": list(mp.float_layers), "int8_mac_fraction": share,
@@ -361,24 +375,46 @@ def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
     minmax = table_path(inputs.calibration_dir, "minmax")
     x_judge, _ = _split(inputs, split, rc.search_calibration_images)  # the range and alpha searches' images
 
-    # The cheap fixes; `compose` judges each in full INT8 on the held-out images, then falls back if it must.
-    starts = [_Start("plain", prep0, layers0, table_path(inputs.calibration_dir, *recipe.table()), model,
-                     details={"table": table_path(inputs.calibration_dir, *recipe.table()).name})]
-    found = _search_ranges(model, prep0, layers0, minmax, inputs, x_judge, scratch / "search.json", exported=True)
-    starts.append(_Start("search", prep0, layers0, scratch / "search.json", model, details={"chosen_counts": found["chosen_counts"]}))
+    # The cheap fixes, cheapest first, each built only when `compose` judges it (in full INT8 on the held-out
+    # images); it stops at the first within budget (recovery.auto_choice: first) or falls back if it must.
     path: list[dict] = []
+    names = ["plain", "search"]
     if smoothing_pairs(model):
-        sq_dir = scratch / "smoothquant"
-        smoothed, prep_s, layers_s, table_s, sq = _smoothed(inputs, model, x_judge, sq_dir / TORCH_DIR, sq_dir)
-        starts.append(_Start("smoothquant", prep_s, layers_s, table_s, smoothed, sq_dir / TORCH_DIR,
-                             {"alpha": sq.alpha, "table": "minmax of the smoothed model"}))
-        found_s = _search_ranges(smoothed, prep_s, layers_s, table_s, inputs, x_judge, scratch / "smoothquant-search.json")
-        starts.append(_Start("smoothquant+search", prep_s, layers_s, scratch / "smoothquant-search.json", smoothed,
-                             sq_dir / TORCH_DIR, {"alpha": sq.alpha, "chosen_counts": found_s["chosen_counts"]}))
+        names += ["smoothquant", "smoothquant+search"]
     else:
         path.append({"start": "smoothquant", "skipped": "no LayerNorm -> Linear pair to smooth"})
-    by_name = {s.name: s for s in starts}
-    judges = {s.name: _OrtJudge(recipe, s.prep, s.layers, s.table, scratch, held) for s in starts}
+    by_name: dict[str, _Start] = {}
+    judges: dict[str, _OrtJudge] = {}
+    sq_dir = scratch / "smoothquant"
+    smoothed_parts: dict = {}
+
+    def smoothed() -> tuple:
+        if not smoothed_parts:
+            smoothed_parts["v"] = _smoothed(inputs, model, x_judge, sq_dir / TORCH_DIR, sq_dir)
+        return smoothed_parts["v"]
+
+    def build(name: str) -> _Start:
+        if name == "plain":
+            table = table_path(inputs.calibration_dir, *recipe.table())
+            return _Start("plain", prep0, layers0, table, model, details={"table": table.name})
+        if name == "search":
+            found = _search_ranges(model, prep0, layers0, minmax, inputs, x_judge, scratch / "search.json",
+                                   exported=True)
+            return _Start("search", prep0, layers0, scratch / "search.json", model,
+                          details={"chosen_counts": found["chosen_counts"]})
+        sm, prep_s, layers_s, table_s, sq = smoothed()
+        if name == "smoothquant":
+            return _Start("smoothquant", prep_s, layers_s, table_s, sm, sq_dir / TORCH_DIR,
+                          {"alpha": sq.alpha, "table": "minmax of the smoothed model"})
+        found_s = _search_ranges(sm, prep_s, layers_s, table_s, inputs, x_judge, scratch / "smoothquant-search.json")
+        return _Start("smoothquant+search", prep_s, layers_s, scratch / "smoothquant-search.json", sm,
+                      sq_dir / TORCH_DIR, {"alpha": sq.alpha, "chosen_counts": found_s["chosen_counts"]})
+
+    def full_int8(name: str):
+        by_name[name] = s = build(name)
+        judges[name] = _OrtJudge(recipe, s.prep, s.layers, s.table, scratch, held)
+        return judges[name](())
+
     xs, ls = _split(inputs, split, min(rc.sensitivity_images, rc.search_images))
     ranked: dict[str, list] = {}
 
@@ -400,11 +436,11 @@ def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
         return search_float_layers([r.layer for r in sensitivity(name)], judges[name], budget,
                                    {layer.name: layer.macs for layer in s.layers})
 
-    comp = compose([s.name for s in starts], lambda name: judges[name](()), budget, fallback,
-                   lambda name, fl: layer_map.int8_mac_fraction(by_name[name].layers, fl))
+    comp = compose(names, full_int8, budget, fallback,
+                   lambda name, fl: layer_map.int8_mac_fraction(by_name[name].layers, fl), rc.auto_choice)
     chosen, float_set = by_name[comp.start], comp.float_layers
-    for entry in comp.path:  # what each start is (its table, alpha, chosen ranges)
-        if not entry["float_layers"]:
+    for entry in comp.path:  # what each start tried is (its table, alpha, chosen ranges)
+        if not entry.get("float_layers") and entry["start"] in by_name:
             entry.update(by_name[entry["start"]].details)
     path += comp.path
     ranking: dict = {"ranking": None, "ranking_note": f"not ranked: {chosen.name} meets the budget in full INT8 "

@@ -5,8 +5,8 @@ scikit-learn's digits as RGB, 3 classes; the model's seeded random weights saved
 user's own fine-tuned checkpoint would be), then `vitq init <ws> --model <source> --checkpoint ... --data ...`
 with the defaults (recipes, budgets, workers) and `vitq run` in it, each as its own process, as typed. Measured:
 the run's wall seconds and its peak RSS, and that of its children (the kernel's, by wait4: the whole process tree
-that was waited for), each stage's console line (seconds and the run process's peak RSS while it ran), and
-whether it finished. A run over `--timeout` is killed and recorded as such; so is one the OOM killer ends.
+that was waited for), each stage's seconds and peak RSS from the run's record (reports/summary.json; the
+console's stage lines for a run that did not finish), and whether it finished. A run over `--timeout` is killed and recorded as such; so is one the OOM killer ends.
 
 Writes `--out` (JSON: machine, settings, one record per model and run) and `--markdown` (a table, with the
 machine). SAM's image encoder (`samvit_base_patch16`, 1024x1024) runs as a dense task on its feature map.
@@ -37,7 +37,7 @@ MODELS = {
 }
 CLASSES = 3
 STAGE_LINE = re.compile(r"^(?P<stage>[\w@.-]+): (?:quantize \+ validate )?done in (?P<s>[\d.]+) s"
-                        r"(?:, peak RSS (?P<mb>[\d,]+) MB)?$")
+                        r"(?:, peak RSS (?P<mb>[\d,]+) MB(?: \(.+\))?)?$")
 
 
 def user_folder(source: str, task: str, size: int, root: Path, images: int) -> list[str]:
@@ -106,8 +106,8 @@ def run_once(source: str, root: Path, timeout_s: float, images: int) -> dict:
         code, peak_mb, timed_out = _wait4(proc, timeout_s)
         wall = time.perf_counter() - t
     lines = console.read_text(errors="replace").splitlines()
-    stages = {}
-    for line in lines:
+    stages = recorded_stages(ws)
+    for line in lines if not stages else []:  # a run that did not finish: what its console said
         m = STAGE_LINE.match(line.strip())
         if m:
             stages[m["stage"]] = {"seconds": float(m["s"]),
@@ -117,6 +117,15 @@ def run_once(source: str, root: Path, timeout_s: float, images: int) -> dict:
     record.update(status=status, run_s=round(wall, 1), peak_rss_mb=round(peak_mb), stages=stages,
                   last_lines=[] if code == 0 else lines[-5:])
     return record
+
+
+def recorded_stages(ws: Path) -> dict:
+    """Each DVC stage's seconds and peak RSS from the run's own record (reports/summary.json), or {}."""
+    summary = ws / "reports" / "summary.json"
+    if not summary.is_file():
+        return {}
+    return {r["stage"]: {"seconds": r["seconds"], "peak_rss_mb": r.get("peak_rss_mb")}
+            for r in json.loads(summary.read_text()).get("stages") or []}
 
 
 def run_scale(models: list[str], runs: int, root: Path, out: Path, timeout_s: float, images: int) -> dict:
@@ -146,7 +155,7 @@ def markdown(result: dict) -> str:
     rows = ["# The default `vitq run` at real sizes (`vitq scale`)", "",
             f"Written by `vitq scale` (vitq/experiments/scale.py). Machine: {m.get('cpu')}, {m.get('cores')} cores, "
             f"{m.get('system')}. Peak RSS: the kernel's for `vitq run` and what it waited for; per stage: the run "
-            "process's own while the stage ran (its console line).", "",
+            "process's own while the stage ran (the run's record: reports/summary.json).", "",
             "| model | task | input | run | status | wall s | peak RSS MB | slowest stages (s, peak MB) |",
             "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:

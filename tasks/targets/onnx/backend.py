@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from vitq.tasks import parallel
 from vitq.recipes import OnnxDynamicConfig, OnnxStaticConfig, Recipe
 
 log = logging.getLogger("vitq.onnx")
@@ -24,8 +25,8 @@ EIGHT_BIT = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}  # the integer types
 
 def session(path: Path | bytes, threads: int = 0, optimize: bool = True, profile_prefix: str | None = None,
             optimized_path: Path | None = None):
-    """A CPU ONNX Runtime session on a file or a serialized model; `threads` fixes intra-op threads (0: ORT's
-    default); `profile_prefix`: ORT's profiler on, its trace written at `<prefix>_<time>.json` by `end_profiling()`;
+    """A CPU ONNX Runtime session on a file or a serialized model; `threads` fixes intra-op threads (0: the variant
+    phase's share of the cores, tasks/parallel.py; outside it ORT's default); `profile_prefix`: ORT's profiler on, its trace written at `<prefix>_<time>.json` by `end_profiling()`;
     `optimized_path`: the graph ORT runs (after its fusions; the profile's node names) saved there."""
     import onnxruntime as ort
 
@@ -35,7 +36,7 @@ def session(path: Path | bytes, threads: int = 0, optimize: bool = True, profile
         opts.profile_file_prefix = profile_prefix
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or parallel.session_threads()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = (

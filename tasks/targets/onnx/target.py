@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vitq.tasks import parallel
 from vitq.tasks.targets.base import Reference, Target
 from vitq.tasks.targets.onnx import backend as onnx_backend
 
@@ -94,7 +95,7 @@ class OnnxGraphTarget(Target):
             # On the Q/DQ graph, not the served file: a fused form (model.ort.onnx) or an engine has no Q/DQ pairs left.
             rows = error_report.tensor_errors(float_ref, folder / art.qdq_artifact,
                                               data.model_inputs(images, spec.mean, spec.std),
-                                              memory_budget=budget_bytes(p.memory_budget_mb, p.max_workers))
+                                              memory_budget=budget_bytes(p.memory_budget_mb, parallel.workers(p.max_workers)))
             csv_path, png_path = ws.error_report_for(name, out_dir)
             error_report.write_error_report(rows, csv_path, png_path, name)
         return result
