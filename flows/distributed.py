@@ -34,7 +34,7 @@ from prefect.tasks import exponential_backoff
 from vitq.flows import tracking
 from vitq.flows.dvc_state import DvcStages
 from vitq.flows.routing import PREPARE, NoLiveWorker, StepFailed, StepRun, pool_map, run_step
-from vitq.tasks import benchmark, stages
+from vitq.tasks import benchmark, resources, stages
 from vitq.tasks.layout import Workspace
 from vitq.tasks.model import load_model_spec
 from vitq.tasks.targets.registry import get_target
@@ -47,7 +47,7 @@ from vitq.recipes import get_recipe
 
 log = logging.getLogger("vitq.flow")
 
-PREPARED = ("data", "model", "export", "calibrate", "reference", "plan")  # stages of the prepare step, in order
+PREPARED = stages.PREPARED  # stages of the prepare step, in order
 NETWORK_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
 
 
@@ -87,7 +87,7 @@ def dvc_pull(root: str, targets: list[str], remote: str) -> None:
 
 def _inputs_present(ws: Workspace) -> bool:
     return all(p.exists() for p in (ws.data_dir, ws.model_dir, ws.export_dir / "model.prep.onnx", ws.calibration_dir,
-                                    ws.plan_dir, ws.validation_for(REFERENCE)))
+                                    ws.search_dir, ws.smoothquant_dir, ws.plan_dir, ws.validation_for(REFERENCE)))
 
 
 # -- step flows ----------------------------------------------------------------------------------
@@ -149,9 +149,9 @@ def variant_flow(workspace: str, recipe: str, steps: list[str] = ("quantize", "v
         dvc_pull(str(ws.root), list(PREPARED), dvc_remote)
     if "quantize" in steps:
         with _engine_build_slot(target.worker):
-            task(stages.run_quantize, name=f"quantize[{recipe}]", cache_policy=NO_CACHE)(ws, params, recipe)
-    if "validate" in steps:
-        task(stages.run_validate, name=f"validate[{recipe}]", cache_policy=NO_CACHE)(ws, params, recipe)
+            task(stages.run_stage, name=f"quantize[{recipe}]", cache_policy=NO_CACHE)("quantize", ws, params, recipe)
+    if "validate" in steps:  # each with its record (reports/stages/), one of the stage's outputs
+        task(stages.run_stage, name=f"validate[{recipe}]", cache_policy=NO_CACHE)("validate", ws, params, recipe)
     return ",".join(steps)
 
 
@@ -313,12 +313,16 @@ def orchestrate_flow(
         for r in recipes:
             by_pool.setdefault(recipe_pool[r], []).append(r)
         results = {}
-        for pool, names in by_pool.items():
-            steps += _fan_out([(f"vitq-benchmark/{pool}", pool, {"workspace": str(ws.root), "recipes": names,
-                                                                 "pool": pool}, f"benchmark[{pool}]")], **fan)
-            results[pool] = benchmark.load_benchmark(pool_benchmark_file(ws, pool))
+        with resources.measured("benchmark") as record:  # the pools' runs, one after another, seen from here
+            for pool, names in by_pool.items():
+                steps += _fan_out([(f"vitq-benchmark/{pool}", pool, {"workspace": str(ws.root), "recipes": names,
+                                                                     "pool": pool}, f"benchmark[{pool}]")], **fan)
+                results[pool] = benchmark.load_benchmark(pool_benchmark_file(ws, pool))
         base = pools["onnx"] if pools["onnx"] in results else next(iter(results))
         benchmark.save_benchmark(merge_benchmarks(results, base), ws.benchmark_file)
+        # its peak RSS was the workers', not this process's
+        resources.write_record(stages.record_path(ws, "benchmark"),
+                               {**record, "peak_rss_mb": None, "peak": f"on the workers of {', '.join(by_pool)}"})
         _commit(ws, ["benchmark"])
         ran.append("benchmark")
     else:

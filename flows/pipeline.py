@@ -141,15 +141,10 @@ def vitq_pipeline(root: str, force: bool = False) -> dict:
     params = load_params(ws.params_file)
     run = _Runner(ws, force)
     cpu = ["worker:cpu"]
-    for name in ("data", "model", "export", "calibrate"):
-        if run.stale(name):
-            stage_task.with_options(name=name, tags=cpu)(name, ws, params)
-            run.done(name)
-
     runnable, not_run = stages.plan_variants(params)
     for name, why in not_run.items():
         log.warning("%s: not run: %s", name, why)
-    for name in ("reference", "plan"):
+    for name in stages.PREPARED:
         if run.stale(name):
             stage_task.with_options(name=name, tags=cpu)(name, ws, params)
             run.done(name)

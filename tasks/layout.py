@@ -34,6 +34,18 @@ class Workspace:
         return self.root / "artifacts" / "calibration"
 
     @property
+    def needs_dir(self) -> Path:  # <intermediate>.json: whether a configured recipe reads it (and how it is made)
+        return self.root / "artifacts" / "needs"
+
+    @property
+    def search_dir(self) -> Path:  # the per-tensor range search: calibration.json + calibration_search.csv + search.json
+        return self.root / "artifacts" / "search"
+
+    @property
+    def smoothquant_dir(self) -> Path:  # SmoothQuant: torch/ (smoothed weights), export/, calibration/, smoothquant.json
+        return self.root / "artifacts" / "smoothquant"
+
+    @property
     def variants_dir(self) -> Path:  # <variant>/model.onnx + variant.json
         return self.root / "artifacts" / "variants"
 

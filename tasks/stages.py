@@ -46,6 +46,33 @@ def run_calibrate(ws: Workspace, p: Params) -> calibrate.CalibrationResult:
                                p.quantize.calibrates_residual, budget_bytes(p.memory_budget_mb))
 
 
+def recovery_inputs(ws: Workspace, p: Params):
+    from vitq.tasks.recovery.variants import Inputs
+
+    return Inputs(ws.model_dir, ws.data_dir, ws.export_dir, ws.calibration_dir, p, ws.search_dir, ws.smoothquant_dir)
+
+
+def run_needs(ws: Workspace, p: Params) -> dict:
+    """Which shared results (the range search, SmoothQuant) the configured recipes read: artifacts/needs/."""
+    from vitq.tasks.recovery import shared
+
+    return shared.write_needs(p, ws.needs_dir)
+
+
+def run_search(ws: Workspace, p: Params) -> dict:
+    """The per-tensor range search, once for every recipe that reads it (artifacts/search/)."""
+    from vitq.tasks.recovery import shared
+
+    return shared.make_search(recovery_inputs(ws, p), ws.needs_dir / "search.json", ws.search_dir)
+
+
+def run_smoothquant(ws: Workspace, p: Params) -> dict:
+    """SmoothQuant's alpha search and smoothed model, once for every recipe that reads it (artifacts/smoothquant/)."""
+    from vitq.tasks.recovery import shared
+
+    return shared.make_smoothquant(recovery_inputs(ws, p), ws.needs_dir / "smoothquant.json", ws.smoothquant_dir)
+
+
 def missing_runtime(name: str) -> str | None:
     """Why this machine cannot make variant `name` (its target's runtime is missing), or None: the one
     place the stages ask."""
@@ -100,7 +127,11 @@ def plan_record(ws: Workspace, p: Params, name: str) -> dict:
     if recipe.table():  # a percentile override reads its own table: only its variant follows it
         table = calibrate.table_path(ws.calibration_dir, *recipe.table())
         reads["calibration_table"] = {"file": table.name, "sha256": file_digest(table) if table.is_file() else None}
-    if recipe.recovery:  # recovery recipes calibrate, re-export and fine-tune on their own
+    if recipe.recovery in ("search", "smoothquant"):
+        # the shared stage's result (tasks/recovery/shared.py; its digest, below) quantized, then judged on a seeded
+        # subset of recovery.search_images held-out images
+        reads.update(seed=p.seed, recovery={"search_images": p.recovery.search_images})
+    elif recipe.recovery:  # auto and qat calibrate, re-export and fine-tune on their own
         # the range search's candidates: the calibrate stage's histograms (their content, not the file's bytes)
         result = ws.calibration_dir / "calibration.json"
         reads["calibration_histograms"] = (calibrate.load_calibration_result(ws.calibration_dir).histograms_sha256
@@ -110,6 +141,12 @@ def plan_record(ws: Workspace, p: Params, name: str) -> dict:
                      calibration=p.calibration.model_dump(mode="json", exclude={"percentile", "methods"}),
                      export=p.export.model_dump(mode="json"),
                      train=p.model.train.model_dump(mode="json"))
+    if recipe.recovery:  # the shared results it reads (tasks/recovery/shared.py), by content
+        from vitq.tasks.recovery import shared
+
+        for result, kinds in shared.READERS.items():
+            if recipe.recovery in kinds:
+                reads[result] = shared.folder_digest(getattr(ws, f"{result}_dir"))
     reads.update(get_target(recipe.target).reads(p))  # what the target's own path reads
     if recipe.reuses:
         reads["applies"] = recipe.reuses
@@ -350,6 +387,10 @@ def run_report(ws: Workspace, p: Params, produced: list[str] | None = None) -> s
     return table
 
 
+# The stages before the variants, in the order they run (each alone).
+PREPARED = ("data", "model", "export", "calibrate", "needs", "search", "smoothquant", "reference", "plan")
+
+
 def dvc_stage_name(step: str, recipe: str | None = None) -> str:
     """The DVC stage (dvc.yaml) of `step` (a variant's: `quantize@<recipe>`, `carry-quantize@<recipe>`, ...)."""
     if recipe is None:
@@ -404,7 +445,7 @@ def stage_dependencies(ws: Workspace) -> dict[str, list[str]]:
 
 def run_records(ws: Workspace, p: Params, variants: list[str]) -> dict[str, dict]:
     """Every stage's record (DVC stage name -> record), in pipeline order; stages without one are left out."""
-    steps = [(s, None) for s in ("data", "model", "export", "calibrate", "reference", "plan")]
+    steps = [(s, None) for s in PREPARED]
     steps += [(s, v) for v in variants for s in ("quantize", "validate")] + [("benchmark", None)]
     out = {}
     for step, recipe in steps:
@@ -419,6 +460,9 @@ STAGES: dict[str, Callable[..., object]] = {
     "model": run_model,
     "export": run_export,
     "calibrate": run_calibrate,
+    "needs": run_needs,
+    "search": run_search,
+    "smoothquant": run_smoothquant,
     "reference": run_reference,
     "plan": run_plan,
     "quantize": run_quantize,  # per variant: (ws, p, recipe)

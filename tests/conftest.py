@@ -71,7 +71,8 @@ def _listing(root: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="session")
 def staged_workspace(tmp_path_factory) -> Iterator[Path]:
-    """A workspace with data, model, export and calibration stages run (no DVC, no Prefect).
+    """A workspace with data, model, export, calibration and the shared recovery results' stages run (no DVC,
+    no Prefect).
 
     Read-only, shared by every module: a module that runs stages on it takes `workspace_copy(...)`,
     so what one module writes (variants, validation results) never reaches another and no test
@@ -82,7 +83,7 @@ def staged_workspace(tmp_path_factory) -> Iterator[Path]:
 
     root = make_workspace(tmp_path_factory.mktemp("staged"), tiny_params(), dvc=False)
     ws, p = Workspace(root), parse_params(tiny_params())
-    for name in ("data", "model", "export", "calibrate"):
+    for name in ("data", "model", "export", "calibrate", "needs", "search", "smoothquant"):
         stages.STAGES[name](ws, p)
     before = _listing(root)
     yield root

@@ -101,7 +101,7 @@ def dense_ws(tmp_path_factory):
     assert (p.model.factory, p.data.path, p.task.kind) == ("segmenter.py:build", "scenes", "dense")
     ws = Workspace(root)
     stages.preflight(ws, p)
-    for name in ("data", "model", "export", "calibrate", "reference", "plan"):
+    for name in stages.PREPARED:
         stages.STAGES[name](ws, p)
     for name in p.quantize.recipes:
         stages.run_variant(ws, p, name)

@@ -165,8 +165,12 @@ def test_summary_and_report_gather_every_variant(workspace, first_run):
     assert (workspace / "reports" / "plots" / "tradeoff-onnx.png").is_file()
     recorded = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]  # DVC: the one record of what ran
     for r in RECIPES:
-        assert recorded[f"quantize@{r}"]["outs"][0]["path"] == f"artifacts/variants/{r}"
-        assert recorded[f"validate@{r}"]["outs"][0]["path"] == f"reports/validation/{r}"
+        for stage, out in ((f"quantize@{r}", f"artifacts/variants/{r}"), (f"validate@{r}", f"reports/validation/{r}")):
+            # with its record (wall time, peak RSS on the worker that ran it), an output beside it
+            assert {o["path"] for o in recorded[stage]["outs"]} == {out, f"reports/stages/{stage}.json"}, stage
+    by = {r["stage"]: r for r in s["stages"]}
+    assert by["quantize@onnx-w8a8-minmax"]["peak"] == "exact" and by["quantize@onnx-w8a8-minmax"]["peak_rss_mb"] > 100
+    assert by["benchmark"]["peak_rss_mb"] is None and by["benchmark"]["peak"].startswith("on the workers of")
 
 
 def test_mlflow_server_holds_runs_artifacts_in_s3_and_the_alias(stack, workspace, first_run):
@@ -265,7 +269,7 @@ def test_rerun_with_nothing_changed_reuses_and_says_so(stack, workspace, first_r
     assert fr.state_type.value == "COMPLETED", fr.state.message
     print(f"\norchestrated rerun, nothing changed: {wall_s:.1f} s (cold {cold_s:.1f} s)")
     assert [r.name for r in _flow_runs(since=fr.created) if r.id != fr.id] == []  # no step dispatched
-    expected = "data, model, export, calibrate, reference, plan: up to date (dvc.lock), reused"
+    expected = "data, model, export, calibrate, needs, search, smoothquant, reference, plan: up to date (dvc.lock), reused"
     deadline = time.monotonic() + 30  # the flow's process ships its logs in batches: wait for them
     while True:
         with get_client(sync_client=True) as c:

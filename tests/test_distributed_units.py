@@ -191,9 +191,18 @@ def test_plan_record_changes_exactly_where_a_variant_reads(tmp_path):
     table_path(ws.calibration_dir, "percentile").write_text('{"percentile": 2}')
     after = {n: rec(p, n) for n in base}
     assert {n for n in base if after[n] != base[n]} == {"onnx-w8a8-percentile", "onnx-w8a8-auto"}
-    # recovery settings: only the recovery recipes
+    # recovery settings: only the recovery recipes that read them (smoothquant reads the shared stage's result and
+    # recovery.search_images)
     rp = parse_params(tiny_params(recovery={"sensitivity_images": 7}))
+    assert {n for n in base if rec(rp, n) != after[n]} == {"onnx-w8a8-auto"}
+    rp = parse_params(tiny_params(recovery={"search_images": 7}))
     assert {n for n in base if rec(rp, n) != after[n]} == {"onnx-w8a8-auto", "onnx-w8a8-smoothquant"}
+    # the shared SmoothQuant result: its digest reaches exactly its readers
+    ws.smoothquant_dir.mkdir(parents=True)
+    (ws.smoothquant_dir / "smoothquant.json").write_text('{"needed": true, "alpha": 0.5}')
+    assert {n for n in base if rec(p, n) != after[n]} == {"onnx-w8a8-auto", "onnx-w8a8-smoothquant"}
+    (ws.smoothquant_dir / "smoothquant.json").unlink()
+    ws.smoothquant_dir.rmdir()
     # the seed: what trains, calibrates in torch or converts (recovery, Core ML), not plain ONNX PTQ
     sp = parse_params(tiny_params(seed=3))
     assert {n for n in base if rec(sp, n) != after[n]} == {"onnx-w8a8-auto", "onnx-w8a8-smoothquant", "coreml-w8a8"}
@@ -207,7 +216,7 @@ def test_plan_record_changes_exactly_where_a_variant_reads(tmp_path):
     assert with_a["onnx-w8a8-auto"]["reads"]["calibration_histograms"] == "a"
     (ws.calibration_dir / "calibration.json").write_text(json.dumps(
         {"methods": ["minmax"], "images": 1, "tensors": 1, "op_types": [], "percentile": 99.9, "histograms_sha256": "b"}))
-    assert {n for n in base if rec(p, n) != with_a[n]} == {"onnx-w8a8-auto", "onnx-w8a8-smoothquant"}
+    assert {n for n in base if rec(p, n) != with_a[n]} == {"onnx-w8a8-auto"}
 
 
 def _vitq(args, cwd: Path, **env):

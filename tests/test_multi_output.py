@@ -16,6 +16,7 @@ import pytest
 from onnx import helper
 
 from tests.conftest import make_workspace, tiny_params
+from vitq.tasks.stages import PREPARED
 from tests.test_dense_pipeline import _scenes
 
 SAM_PY = '''
@@ -141,7 +142,7 @@ def sam_ws(tmp_path_factory):
     raw = _sam_params(root, SAM_TASK)
     make_workspace(root, raw, dvc=False)
     p = parse_params(raw)
-    ws = _stages(root, p, ("data", "model", "export", "calibrate", "reference", "plan"))
+    ws = _stages(root, p, PREPARED)
     stages.run_benchmark(ws, p)
     stages.run_report(ws, p)
     return ws, p
@@ -298,7 +299,7 @@ def detector_ws(tmp_path_factory):
                     "mean": [0.5], "std": [0.25]}
     make_workspace(root, raw, dvc=False)
     p = parse_params(raw)
-    return _stages(root, p, ("data", "model", "export", "calibrate", "reference", "plan")), p
+    return _stages(root, p, PREPARED), p
 
 
 def test_a_dict_output_is_judged_by_its_keys(detector_ws):
@@ -385,3 +386,11 @@ def test_recovery_recipes_refuse_several_outputs_in_one_line(sam_ws, tmp_path):
     inputs = recovery.Inputs(ws.model_dir, ws.data_dir, ws.export_dir, ws.calibration_dir, p)
     with pytest.raises(VitqError, match=r"steers its recovery by one output.*\(output_0, output_1\)"):
         recovery.build(get_recipe("onnx-w8a8-auto"), inputs, tmp_path, tmp_path)
+    # The shared stages (tasks/recovery/shared.py) record why they made nothing instead of failing the pipeline.
+    from vitq.tasks.recovery import shared
+
+    (tmp_path / "need.json").write_text('{"needed": true, "calibrates_attention": false}')
+    for make, name in ((shared.make_search, "search"), (shared.make_smoothquant, "smoothquant")):
+        record = make(inputs, tmp_path / "need.json", tmp_path / name)
+        assert "the model has 2 outputs (output_0, output_1)" in record["skipped"], record
+        assert json.loads((tmp_path / name / f"{name}.json").read_text()) == record

@@ -16,7 +16,7 @@ from conftest import make_workspace, run_env, tiny_params, vitq
 
 pytestmark = pytest.mark.slow
 
-PREPARED = ("data", "model", "export", "calibrate", "reference", "plan")
+from vitq.tasks.stages import PREPARED  # noqa: E402 - the stages before the variants, in order
 
 
 def dvc_stages(params: dict) -> list[str]:
@@ -73,10 +73,10 @@ def test_each_stage_s_time_and_memory_are_on_the_record(ran):
     s = json.loads((ws / "reports" / "summary.json").read_text())
     by = {r["stage"]: r for r in s["stages"]}
     recipes = [v["name"] for v in s["variants"]]
-    expected = {"data", "model", "export", "calibrate", "reference", "plan", "benchmark"}
+    expected = {*PREPARED, "benchmark"}
     expected |= {st for r in recipes for st in __import__("vitq.tasks.stages", fromlist=["x"]).variant_stages(r)}
     assert expected <= set(by), expected - set(by)
-    for name in ("data", "model", "export", "calibrate", "reference", "plan", "benchmark"):  # alone: exact peaks
+    for name in (*PREPARED, "benchmark"):  # alone: exact peaks
         assert by[name]["peak"] == "exact" and by[name]["beside"] == [] and by[name]["peak_rss_mb"] > 100, by[name]
     assert by["model"]["seconds"] > 0.5 and by["export"]["ended"] <= by["calibrate"]["started"]
     assert json.loads((ws / "reports" / "stages" / "export.json").read_text()) == by["export"]  # a DVC output
@@ -124,7 +124,7 @@ def test_the_console_is_quiet_and_the_log_file_holds_the_rest(ran):
     for noise in ("Finished in state", "Updating lock file", "Generating lock file", "Starting temporary server",
                   "Downloading artifacts", "Failed to load", "Warning", "%|", "\r"):
         assert noise not in console, (noise, console)
-    for name in ("data", "model", "export", "calibrate", "reference", "plan", "benchmark"):  # with its record's peak
+    for name in (*PREPARED, "benchmark"):  # with its record's peak
         assert re.search(rf"^{name}: done in [\d.]+ s, peak RSS [\d,]+ MB$", console, re.M), name
     assert re.search(r"^report: done in [\d.]+ s$", console, re.M)  # it reads the records: none of its own
     for recipe in tiny_params()["quantize"]["recipes"]:  # a line per variant, with the process's peak while it ran
@@ -243,10 +243,12 @@ def test_changing_the_percentile_requantizes_only_the_variants_that_read_it(ran)
     readers = ["onnx-w8a8-percentile", "onnx-w8a8-auto"]
     # tensorrt-w8a8-percentile reads the table too: requantized, i.e. recorded as not run again (no TensorRT
     # here); that record is unchanged, so DVC finds its validate stage up to date.
-    expected = {"calibrate", "plan", *(f"{s}@{r}" for r in readers for s in ("quantize", "validate")),
+    # search reads the calibrate stage's ranges and histograms: rerun, the same result (its readers stay fresh)
+    expected = {"calibrate", "search", "plan", *(f"{s}@{r}" for r in readers for s in ("quantize", "validate")),
                 "quantize@tensorrt-w8a8-percentile", "carry-quantize@coreml-w8a8-auto", "carry-validate@coreml-w8a8-auto",
                 "benchmark", "report"}
     assert stages_run(repro.stdout) == expected, repro.stdout
+    assert "Stage 'smoothquant' didn't change, skipping" in repro.stdout
     for r in ("onnx-w8-dynamic", "onnx-w8a8-minmax", "onnx-w8a8-entropy", "onnx-w8a8-smoothquant", "onnx-w8a8-search",
               "coreml-w8a8"):
         assert f"Stage 'quantize@{r}' didn't change, skipping" in repro.stdout, r
@@ -275,3 +277,28 @@ def test_changing_the_percentile_requantizes_only_the_variants_that_read_it(ran)
     third = vitq(["run"], ws)  # now recorded: nothing to do at all
     assert "nothing ran, nothing new recorded" in third.stdout + third.stderr
     assert _mlflow_run_ids(ws) == before | {r.info.run_id for r in new}
+
+
+def test_a_shared_result_is_made_once_and_a_change_to_it_reruns_only_its_readers(ran):
+    """Issue 32: the range search and SmoothQuant are stages of their own, read by their recipes (the search recipe's
+    table is the search stage's); a change to SmoothQuant's alphas reruns that stage and only the variants that
+    read it (onnx-w8a8-smoothquant, onnx-w8a8-auto, whose whole recovery section is an input, and their carries)."""
+    ws, _ = ran
+    assert (ws / "artifacts" / "variants" / "onnx-w8a8-search" / "calibration.json").read_bytes() == \
+        (ws / "artifacts" / "search" / "calibration.json").read_bytes()
+    assert json.loads((ws / "artifacts" / "needs" / "smoothquant.json").read_text())["needed"] is True
+    plan = json.loads((ws / "artifacts" / "plan" / "onnx-w8a8-smoothquant.json").read_text())
+    assert len(plan["reads"]["smoothquant"]) == 64 and "search" not in plan["reads"]
+    p = yaml.safe_load((ws / "params.yaml").read_text())
+    p["recovery"]["smoothquant_alphas"] = [0.4, 0.6]
+    (ws / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    repro = dvc(["repro"], ws)
+    assert repro.returncode == 0, repro.stderr
+    ran_now = stages_run(repro.stdout)
+    readers = {"quantize@onnx-w8a8-smoothquant", "quantize@onnx-w8a8-auto", "carry-quantize@coreml-w8a8-smoothquant",
+               "carry-quantize@coreml-w8a8-auto"}
+    assert {"smoothquant", "plan"} <= ran_now and "search" not in ran_now and "calibrate" not in ran_now, ran_now
+    assert {st for st in ran_now if st.startswith(("quantize@", "carry-quantize@"))} <= readers, ran_now
+    assert "quantize@onnx-w8a8-smoothquant" in ran_now
+    for r in ("onnx-w8a8-search", "onnx-w8a8-minmax", "onnx-w8a8-percentile"):
+        assert f"Stage 'quantize@{r}' didn't change, skipping" in repro.stdout, r

@@ -18,7 +18,8 @@ from pathlib import Path
 from vitq import interrupt, logs
 from vitq.errors import VitqError
 
-STAGE_NAMES = ("data", "model", "export", "calibrate", "reference", "plan", "quantize", "validate", "benchmark", "report")
+STAGE_NAMES = ("data", "model", "export", "calibrate", "needs", "search", "smoothquant", "reference", "plan", "quantize",
+               "validate", "benchmark", "report")
 VARIANT_STAGES = ("quantize", "validate")  # one per variant: `vitq stage quantize RECIPE` (dvc.yaml's quantize@RECIPE)
 _console = logging.getLogger("vitq")  # its lines with extra=logs.CONSOLE: on the console also while a log file is open
 
@@ -48,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--outputs", help="a model with several outputs (SAM: masks, IoU predictions): the one(s) --task "
                       "judges, comma-separated (output_0,.. for a tuple, the keys of a dict, an ONNX file's names); "
                       "every other output is checked against FP32 (task.outputs)")
+    init.add_argument("--dvc-remote", metavar="URL", help="a DVC remote for the workspace, made its default remote: "
+                      "s3://bucket/path, a directory, or any URL DVC supports (what `vitq orchestrate --dvc-remote` "
+                      "pushes to)")
+    init.add_argument("--dvc-remote-name", metavar="NAME", help="the remote's name (default: s3 for an s3:// URL, "
+                      "storage otherwise)")
     run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow, tracked in MLflow and DVC")
     run.add_argument("--workdir", default=".", help="workspace holding params.yaml and dvc.yaml (default: .)")
     run.add_argument("--force", action="store_true", help="rerun every stage even if DVC says it is up to date")
@@ -164,6 +170,8 @@ def _parser() -> argparse.ArgumentParser:
     orch.add_argument("--workdir", default=".", help="workspace, at the same path on every worker (shared storage)")
     orch.add_argument("--pool", action="append", default=[], metavar="KEY=POOL", help=pool_help)
     orch.add_argument("--dvc-remote", default=None, help="DVC remote the prepared inputs and outputs are pushed to")
+    orch.add_argument("--create-remote", action="store_true", help="add the DVC remote 's3' to the workspace's "
+                      ".dvc/config as VITQ_DVC_S3_URL (set by the local stack) when it has none")
     orch.add_argument("--force", action="store_true", help="rerun every stage")
     orch.add_argument("--requantize", action="store_true", help="rerun quantize onward (prepared stages reused)")
     orch.add_argument("--start-timeout", type=float, default=600.0,
@@ -176,6 +184,8 @@ def _parser() -> argparse.ArgumentParser:
     dep.add_argument("--workspace", action="append", default=[],
                      help="workspace the nightly and data-watch schedules cover (besides registered ones); repeatable")
     dep.add_argument("--dvc-remote", default=None, help="DVC remote for scheduled and triggered runs")
+    dep.add_argument("--create-remote", action="store_true", help="add the DVC remote 's3' to each --workspace's "
+                     ".dvc/config as VITQ_DVC_S3_URL (set by the local stack) where it has none")
     dep.add_argument("--paused", action="store_true", help="create the schedules inactive")
     cmp_ = sub.add_parser("compare", help="the variants of the last N pipeline runs side by side, from MLflow")
     cmp_.add_argument("--workdir", default=".")
@@ -216,11 +226,17 @@ def _orchestrate(args) -> int:
     from vitq.params import load_params
 
     ws = _workspace(args.workdir)
-    preflight(ws, load_params(ws.params_file))  # fail fast, before any server is asked
+    params = load_params(ws.params_file)
+    preflight(ws, params)  # fail fast, before any server is asked
     pools = parse_pool_overrides(args.pool)
     if args.start_timeout <= 0:
         raise VitqError(f"--start-timeout {args.start_timeout} must be > 0 seconds")
     _prefect_api()
+    from vitq.flows.preflight import check_orchestration
+
+    # What the run needs, before any step is submitted: the DVC remote, MLflow, Prefect, the pools' workers.
+    check_orchestration(ws, params, args.dvc_remote, args.create_remote, pools=pools or None,
+                        start_timeout_s=args.start_timeout)
     parameters = dict(workspace=str(ws.root), force=args.force, requantize=args.requantize, dvc_remote=args.dvc_remote,
                       pools=pools or None, start_timeout_s=args.start_timeout)
     with _command_log(ws, "orchestrate", args.verbose) as log:
@@ -251,8 +267,13 @@ def _deploy(args) -> int:
     from vitq.flows.routing import parse_pool_overrides
 
     pools = parse_pool_overrides(args.pool)
-    workspaces = [str(_workspace(w).root) for w in args.workspace]
+    checked = [_workspace(w) for w in args.workspace]
+    workspaces = [str(ws.root) for ws in checked]
     api = _prefect_api()
+    from vitq.flows.preflight import check_deploy
+
+    # What the deployments' runs need, before anything is applied: the DVC remote, MLflow, Prefect, the pools' workers.
+    check_deploy(checked, args.dvc_remote, args.create_remote, pools=pools or None)
     for name in deploy(pools or None, workspaces, args.dvc_remote, schedules_active=not args.paused):
         print(f"deployment {name}")
     print(f"applied to {api}; start workers with `prefect worker start --pool <pool>` on each machine")
@@ -294,7 +315,8 @@ def _init(args) -> int:
                        image_size=args.image_size, channels=args.channels, mean=_floats("--mean", args.mean),
                        std=_floats("--std", args.std), num_classes=args.num_classes, arch=arch, task=args.task,
                        recipes=recipes, name=args.name,
-                       outputs=[o.strip() for o in args.outputs.split(",") if o.strip()] if args.outputs else None)
+                       outputs=[o.strip() for o in args.outputs.split(",") if o.strip()] if args.outputs else None,
+                       dvc_remote=args.dvc_remote, dvc_remote_name=args.dvc_remote_name)
     for line in init_workspace(opts):
         print(line)
     return 0

@@ -4,7 +4,8 @@ It writes params.yaml (the documented template, every key commented, with the mo
 options) and dvc.yaml (the pipeline's stages, with the user's files as dependencies: the image folder of
 the data stage, the checkpoint / factory file / ONNX file of the model stage, so that changing one reruns
 what reads it), a .gitignore for the pipeline's outputs (DVC tracks them), then `git init` (unless DIR is
-inside a git work tree already) and `dvc init` (`--subdir` inside an existing repository).
+inside a git work tree already) and `dvc init` (`--subdir` inside an existing repository), and with --dvc-remote
+URL `dvc remote add -d NAME URL`.
 
 What it writes fits the model, the task and the data: `--task dense` gets task.mask_threshold / task.masks and
 the dense budget keys (min_mask_iou, and max_miou_drop where the data has ground-truth masks) in validate and
@@ -70,6 +71,8 @@ class InitOptions:
     recipes: list[str] | None = None
     name: str | None = None
     outputs: list[str] | None = None  # a model with several outputs: the one(s) --task judges (task.outputs)
+    dvc_remote: str | None = None  # a DVC remote URL, made the workspace's default remote (`dvc remote add -d`)
+    dvc_remote_name: str | None = None  # its name (default: s3 for an s3:// URL, else storage)
 
 
 @dataclass
@@ -699,6 +702,7 @@ def init_workspace(opts: InitOptions) -> list[str]:
     if found:
         raise VitqError(f"{str(root)!r} is a workspace already ({found} exist); vitq init never overwrites one: "
                         "edit its params.yaml, or pick a new directory")
+    remote = dvc_remote_option(opts)  # (name, url) or None; checked before anything is written
     plan_ = plan(opts)
     toplevel = _git_toplevel(root)
     created_dir = not root.exists()
@@ -724,6 +728,10 @@ def init_workspace(opts: InitOptions) -> list[str]:
             Repo.init(str(root), subdir=toplevel is not None and toplevel != root).close()
         finally:
             dvc_log.setLevel(level)
+        if remote is not None:
+            from vitq.flows.preflight import add_remote
+
+            add_remote(root, *remote, default=True)
     except BaseException as exc:
         _undo(root, written, created_dir, git_dir if toplevel is None else None, had_dvcignore, users_gitignore)
         if isinstance(exc, (VitqError, KeyboardInterrupt)):
@@ -736,8 +744,33 @@ def init_workspace(opts: InitOptions) -> list[str]:
     for stage, deps in plan_.deps.items():
         if deps:
             lines.append(f"  dvc.yaml: stage {stage} depends on {', '.join(deps)}")
+    if remote is not None:
+        name, url = remote
+        shown = url if "://" in url else str(Path(url).expanduser().resolve())  # a directory: where it is
+        lines.append(f"  DVC remote {name!r} (the default remote): {shown}; `vitq orchestrate --dvc-remote {name}` "
+                     "pushes there")
     lines.append(f"next: cd {root} && vitq run    (or dvc repro; MLflow: vitq's runs in ./mlflow.db)")
     return lines
+
+
+def dvc_remote_option(opts: InitOptions) -> tuple[str, str] | None:
+    """--dvc-remote URL and --dvc-remote-name NAME as (name, url), checked (nothing contacted); None without them."""
+    from urllib.parse import urlparse
+
+    from vitq.flows.preflight import check_remote_url
+
+    if opts.dvc_remote is None:
+        if opts.dvc_remote_name is not None:
+            raise VitqError(f"--dvc-remote-name {opts.dvc_remote_name!r} names the remote --dvc-remote URL adds; "
+                            "pass --dvc-remote too")
+        return None
+    url = check_remote_url(opts.dvc_remote)
+    name = opts.dvc_remote_name
+    if name is None:
+        name = "s3" if urlparse(url).scheme == "s3" else "storage"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise VitqError(f"--dvc-remote-name {name!r} must be a name of letters, digits, '_', '.' or '-', e.g. s3")
+    return name.lower(), url
 
 
 def _undo(root: Path, written: list[Path], created_dir: bool, git_dir: Path | None, had_dvcignore: bool,

@@ -40,7 +40,7 @@ import torch
 from vitq.tasks import parallel
 from vitq.tasks._io import PARTIAL_MARK, read_json, write_json
 from vitq.tasks.targets.onnx import backend as onnx_backend
-from vitq.tasks.recovery import calib_search, layers as layer_map
+from vitq.tasks.recovery import calib_search, layers as layer_map, shared
 from vitq.tasks.recovery.layers import Layer
 from vitq.config import Params
 from vitq.errors import VitqError
@@ -62,6 +62,8 @@ class Inputs:
     export_dir: Path  # model.onnx (torch scopes) + model.prep.onnx
     calibration_dir: Path  # <method>.json tables
     params: Params
+    search_dir: Path | None = None  # the search stage's result (tasks/recovery/shared.py); None: made in scratch
+    smoothquant_dir: Path | None = None  # the smoothquant stage's result
 
 
 @dataclass
@@ -267,9 +269,11 @@ def _search_ranges(model: torch.nn.Module, prep: Path, layers: list[Layer], base
             "candidates": sorted({m for c in choices for m in c.amax}), "judged_on_images": len(x_judge)}
 
 
-def _smoothed(inputs: Inputs, model: torch.nn.Module, x_judge: np.ndarray, torch_dir: Path, scratch: Path):
+def _smoothed(inputs: Inputs, model: torch.nn.Module, x_judge: np.ndarray, torch_dir: Path, scratch: Path,
+              attention: bool | None = None):
     """SmoothQuant with its alpha search (ranges from the calibration images, judged on `x_judge`), the smoothed
-    weights saved in `torch_dir`, exported and min/max-calibrated: (model, prep, layers, table, result)."""
+    weights saved in `torch_dir`, exported and min/max-calibrated (`attention`: the attention products' inputs
+    too; default: when a configured recipe quantizes them): (model, prep, layers, table, result)."""
     from vitq.tasks.calibrate import calibrate, table_path
     from vitq.tasks.recovery.smoothquant import search_alpha
 
@@ -279,7 +283,7 @@ def _smoothed(inputs: Inputs, model: torch.nn.Module, x_judge: np.ndarray, torch
     prep, layers = _export_and_prepare(torch_dir, inputs, scratch)
     cfg = inputs.params.calibration.model_copy(update={"methods": ("minmax",)})
     calibrate(prep, torch_dir, inputs.data_dir, cfg, scratch / "calibration",
-              attention=inputs.params.quantize.calibrates_attention)
+              attention=inputs.params.quantize.calibrates_attention if attention is None else attention)
     return smoothed, prep, layers, table_path(scratch / "calibration", "minmax"), sq
 
 
@@ -372,25 +376,28 @@ def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
     model, _ = load_model(inputs.model_dir)
     prep0 = inputs.export_dir / "model.prep.onnx"
     layers0 = layer_map.quantizable_layers(inputs.export_dir / "model.onnx", prep0)
-    minmax = table_path(inputs.calibration_dir, "minmax")
     x_judge, _ = _split(inputs, split, rc.search_calibration_images)  # the range and alpha searches' images
 
     # The cheap fixes, cheapest first, each built only when `compose` judges it (in full INT8 on the held-out
     # images); it stops at the first within budget (recovery.auto_choice: first) or falls back if it must.
     path: list[dict] = []
+    # search and smoothquant are the shared stages' results (tasks/recovery/shared.py: made once, read here and by
+    # onnx-w8a8-search / -smoothquant); smoothquant+search is auto's own, searched on the smoothed graph.
     names = ["plain", "search"]
-    if smoothing_pairs(model):
-        names += ["smoothquant", "smoothquant+search"]
+    sq_record = shared.stage_record(inputs.smoothquant_dir, "smoothquant")  # None: no stage output (made here)
+    no_pairs = (sq_record.get("skipped") if sq_record is not None and not sq_record.get("pairs") else
+                None if sq_record is not None or smoothing_pairs(model) else "no LayerNorm -> Linear pair to smooth")
+    if no_pairs:
+        path.append({"start": "smoothquant", "skipped": no_pairs})
     else:
-        path.append({"start": "smoothquant", "skipped": "no LayerNorm -> Linear pair to smooth"})
+        names += ["smoothquant", "smoothquant+search"]
     by_name: dict[str, _Start] = {}
     judges: dict[str, _OrtJudge] = {}
-    sq_dir = scratch / "smoothquant"
     smoothed_parts: dict = {}
 
-    def smoothed() -> tuple:
+    def smoothed():
         if not smoothed_parts:
-            smoothed_parts["v"] = _smoothed(inputs, model, x_judge, sq_dir / TORCH_DIR, sq_dir)
+            smoothed_parts["v"] = shared.load_smoothquant(inputs, scratch)
         return smoothed_parts["v"]
 
     def build(name: str) -> _Start:
@@ -398,17 +405,19 @@ def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
             table = table_path(inputs.calibration_dir, *recipe.table())
             return _Start("plain", prep0, layers0, table, model, details={"table": table.name})
         if name == "search":
-            found = _search_ranges(model, prep0, layers0, minmax, inputs, x_judge, scratch / "search.json",
-                                   exported=True)
-            return _Start("search", prep0, layers0, scratch / "search.json", model,
-                          details={"chosen_counts": found["chosen_counts"]})
-        sm, prep_s, layers_s, table_s, sq = smoothed()
+            found = shared.load_search(inputs, scratch)
+            return _Start("search", prep0, layers0, found.table, model,
+                          details={"chosen_counts": found.record["chosen_counts"]})
+        sm = smoothed()
+        if sm is None:
+            raise VitqError(f"{recipe.name}: SmoothQuant could not smooth this model")
         if name == "smoothquant":
-            return _Start("smoothquant", prep_s, layers_s, table_s, sm, sq_dir / TORCH_DIR,
-                          {"alpha": sq.alpha, "table": "minmax of the smoothed model"})
-        found_s = _search_ranges(sm, prep_s, layers_s, table_s, inputs, x_judge, scratch / "smoothquant-search.json")
-        return _Start("smoothquant+search", prep_s, layers_s, scratch / "smoothquant-search.json", sm,
-                      sq_dir / TORCH_DIR, {"alpha": sq.alpha, "chosen_counts": found_s["chosen_counts"]})
+            return _Start("smoothquant", sm.prep, sm.layers, sm.table, sm.model, sm.torch_dir,
+                          {"alpha": sm.record["alpha"], "table": "minmax of the smoothed model"})
+        found_s = _search_ranges(sm.model, sm.prep, sm.layers, sm.table, inputs, x_judge,
+                                 scratch / "smoothquant-search.json")
+        return _Start("smoothquant+search", sm.prep, sm.layers, scratch / "smoothquant-search.json", sm.model,
+                      sm.torch_dir, {"alpha": sm.record["alpha"], "chosen_counts": found_s["chosen_counts"]})
 
     def full_int8(name: str):
         by_name[name] = s = build(name)
@@ -468,35 +477,30 @@ def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
 
 
 def _smoothquant(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
-    from vitq.tasks.model import load_model
-
-    split = judging_split(inputs)
-    model, _ = load_model(inputs.model_dir)
-    x_judge, _ = _split(inputs, split, inputs.params.recovery.search_calibration_images)
-    _, prep, layers, table, sq = _smoothed(inputs, model, x_judge, out / TORCH_DIR, scratch)
-    onnx_backend.quantize(recipe, prep, out / "model.onnx", table)
-    shutil.copyfile(prep, out / FLOAT_REFERENCE)
-    return Decision(layers, out / FLOAT_REFERENCE, {
-        **_sq_details(sq), "calibration": "minmax of the smoothed model", "alpha_split": split,
-        "alpha_images": len(x_judge), "float_layers": [], **both_numbers(recipe, inputs, out / "model.onnx"),
+    sm = shared.load_smoothquant(inputs, scratch)
+    if sm is None:
+        why = (shared.stage_record(inputs.smoothquant_dir, "smoothquant") or {}).get("skipped", "nothing to smooth")
+        raise VitqError(f"recipe {recipe.name!r}: SmoothQuant cannot smooth this model ({why}); "
+                        "use onnx-w8a8-auto or another onnx-* recipe for it")
+    onnx_backend.quantize(recipe, sm.prep, out / "model.onnx", sm.table)
+    shutil.copytree(sm.torch_dir, out / TORCH_DIR)  # the Core ML carry converts these weights
+    shutil.copyfile(sm.prep, out / FLOAT_REFERENCE)
+    details = {k: v for k, v in sm.record.items() if k != "needed"}
+    return Decision(sm.layers, out / FLOAT_REFERENCE, {
+        **details, "calibration": "minmax of the smoothed model", "float_layers": [],
+        **both_numbers(recipe, inputs, out / "model.onnx"),
     })
 
 
 def _search(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
-    from vitq.tasks.calibrate import table_path
-    from vitq.tasks.model import load_model
-
     prep = inputs.export_dir / "model.prep.onnx"
     layers = layer_map.quantizable_layers(inputs.export_dir / "model.onnx", prep)
-    split = judging_split(inputs)
-    x, _ = _split(inputs, split, inputs.params.recovery.search_calibration_images)
-    model, _ = load_model(inputs.model_dir)
-    # tensors no layer reads (attention inputs) keep the min/max range
-    found = _search_ranges(model, prep, layers, table_path(inputs.calibration_dir, "minmax"), inputs, x,
-                           out / "calibration.json", out / "calibration_search.csv", exported=True)
+    found = shared.load_search(inputs, scratch)  # the search stage's table (made once, auto reads it too)
+    shutil.copyfile(found.table, out / "calibration.json")
+    shutil.copyfile(found.csv, out / "calibration_search.csv")
     onnx_backend.quantize(recipe, prep, out / "model.onnx", out / "calibration.json")
-    return Decision(layers, prep, {**found, "judged_split": split, "float_layers": [],
-                                   **both_numbers(recipe, inputs, out / "model.onnx")})
+    details = {k: v for k, v in found.record.items() if k != "needed"}
+    return Decision(layers, prep, {**details, "float_layers": [], **both_numbers(recipe, inputs, out / "model.onnx")})
 
 
 def _qat(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:

@@ -117,6 +117,16 @@ class CaseDirs:
     def validation_for(self, name: str) -> Path:  # a case keeps every variant's results, and FP32's, in one folder
         return self.validation_dir
 
+    # A case runs no shared-result stage (tasks/recovery/shared.py): folders that stay empty, so each recovery
+    # recipe makes the range search and SmoothQuant of the case's own model in its scratch folder.
+    @property
+    def search_dir(self) -> Path:
+        return self.variants_dir.parent / "search"
+
+    @property
+    def smoothquant_dir(self) -> Path:
+        return self.variants_dir.parent / "smoothquant"
+
 
 def ensure_pipeline_outputs(ws: Workspace, p: Params) -> None:
     """Run the data/model/export/calibrate stages whose outputs are missing (the digits model trains here)."""

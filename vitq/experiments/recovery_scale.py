@@ -23,11 +23,11 @@ from pathlib import Path
 import yaml
 
 from vitq.tasks._io import write_json
+from vitq.tasks.stages import PREPARED
 from vitq.errors import VitqError
 
 log = logging.getLogger("vitq.experiments.recovery_scale")
 
-PREPARED = ("data", "model", "export", "calibrate", "reference", "plan")
 DEFAULT_RECIPES = ("onnx-w8a8-auto", "onnx-w8a8-smoothquant", "onnx-w8a8-search")
 
 

@@ -69,8 +69,8 @@ class OnnxGraphTarget(Target):
         from vitq.tasks import quantize
         from vitq.tasks.recovery.variants import Inputs
 
-        inputs = Inputs(ws.model_dir, ws.data_dir, ws.export_dir, ws.calibration_dir, p) \
-            if get_recipe(name).recovery else None
+        inputs = Inputs(ws.model_dir, ws.data_dir, ws.export_dir, ws.calibration_dir, p, ws.search_dir,
+                        ws.smoothquant_dir) if get_recipe(name).recovery else None
         return quantize.quantize_variant(name, ws.export_dir / "model.prep.onnx", ws.calibration_dir, ws.variants_dir,
                                          self.serve_graph, inputs)
 
