@@ -32,7 +32,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from vitq.flows import tracking
-from vitq.flows.dvc_state import DvcStages
+from vitq.flows.dvc_state import DvcStages, declared
 from vitq.flows.routing import PREPARE, NoLiveWorker, StepFailed, StepRun, pool_map, run_step
 from vitq.tasks import benchmark, resources, stages
 from vitq.tasks.layout import Workspace
@@ -106,7 +106,7 @@ def prepare_flow(workspace: str, force: bool = False, dvc_remote: str | None = N
     dvc = DvcStages(ws.root)
     ran = []
     try:
-        for name in PREPARED:
+        for name in dvc.prepared(PREPARED):
             if force or not dvc.is_fresh(name):
                 run_stage.with_options(name=name)(name, ws, params)
                 dvc.commit(name)
@@ -116,7 +116,7 @@ def prepare_flow(workspace: str, force: bool = False, dvc_remote: str | None = N
     finally:
         dvc.close()
     if dvc_remote:
-        dvc_push(str(ws.root), list(PREPARED), dvc_remote)
+        dvc_push(str(ws.root), declared(ws.root, PREPARED), dvc_remote)
     return ran
 
 
@@ -146,7 +146,7 @@ def variant_flow(workspace: str, recipe: str, steps: list[str] = ("quantize", "v
     if missing:  # routed here by pool; never silently produced somewhere it cannot run
         raise VitqError(f"{recipe}: worker {socket.gethostname()} in pool {pool!r} cannot run it: {missing}")
     if dvc_remote and not _inputs_present(ws):
-        dvc_pull(str(ws.root), list(PREPARED), dvc_remote)
+        dvc_pull(str(ws.root), declared(ws.root, PREPARED), dvc_remote)
     if "quantize" in steps:
         with _engine_build_slot(target.worker):
             task(stages.run_stage, name=f"quantize[{recipe}]", cache_policy=NO_CACHE)("quantize", ws, params, recipe)
@@ -260,7 +260,7 @@ def orchestrate_flow(
 
     # 1. Prepared inputs and the variants' plan, on the preparation pool, unless dvc.lock says they are current.
     dvc = DvcStages(ws.root)
-    stale = [s for s in PREPARED if force or not dvc.is_fresh(s)]
+    stale = [s for s in dvc.prepared(PREPARED) if force or not dvc.is_fresh(s)]
     dvc.close()
     if stale:
         steps += _fan_out([(f"vitq-prepare/{pools[PREPARE]}", pools[PREPARE],
@@ -348,7 +348,7 @@ def orchestrate_flow(
     stage_metrics = {"orchestrated_wall_s": time.perf_counter() - started}
     if spec.top1 is not None:
         stage_metrics["fp32_top1_torch"] = spec.top1
-    every = (*PREPARED, *(st for r in recipes for st in stages.variant_stages(r)), "benchmark", "report")
+    every = (*declared(ws.root, PREPARED), *(st for r in recipes for st in stages.variant_stages(r)), "benchmark", "report")
     tags = {"orchestration": "distributed", "reused": ",".join(s for s in every if s not in ran)
             or "none", **{f"step.{s.name}": f"pool={s.pool} worker={s.worker} flow_run={s.flow_run_id}"
                           f" attempts={s.attempts}" for s in steps}}

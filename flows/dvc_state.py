@@ -54,6 +54,21 @@ def up_to_date_summary(ws) -> dict | None:
     return summary
 
 
+def declared(root: Path, names) -> list[str]:
+    """`names` (plain stages) that the workspace's dvc.yaml has. A dvc.yaml written before the needs / search /
+    smoothquant stages existed runs without them: the recipes that read those results make them in their own
+    scratch folders (the log says so)."""
+    import yaml
+
+    have = set((yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}).get("stages") or {})
+    missing = [n for n in names if n not in have]
+    if missing:
+        log.warning("%s has no stage %s (written by an older vitq): the recipes that read them make them in their "
+                    "scratch folders; the current stages are in vitq/templates/dvc-pipeline.yaml",
+                    Path(root) / "dvc.yaml", ", ".join(missing))
+    return [n for n in names if n not in missing]
+
+
 class DvcStages:
     def __init__(self, root: Path):
         from dvc.repo import Repo
@@ -68,6 +83,9 @@ class DvcStages:
         """`<root>/dvc.yaml:<stage>`: DVC resolves bare stage names against the process's cwd, which
         for a worker's flow run is not the workspace."""
         return f"{self.root / 'dvc.yaml'}:{stage}"
+
+    def prepared(self, names) -> list[str]:
+        return declared(self.root, names)
 
     def is_fresh(self, stage: str) -> bool:
         """True when the stage's deps, params and outs all match dvc.lock."""

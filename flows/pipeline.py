@@ -144,7 +144,7 @@ def vitq_pipeline(root: str, force: bool = False) -> dict:
     runnable, not_run = stages.plan_variants(params)
     for name, why in not_run.items():
         log.warning("%s: not run: %s", name, why)
-    for name in stages.PREPARED:
+    for name in run.dvc.prepared(stages.PREPARED):
         if run.stale(name):
             stage_task.with_options(name=name, tags=cpu)(name, ws, params)
             run.done(name)

@@ -61,16 +61,16 @@ def run_needs(ws: Workspace, p: Params) -> dict:
 
 def run_search(ws: Workspace, p: Params) -> dict:
     """The per-tensor range search, once for every recipe that reads it (artifacts/search/)."""
-    from vitq.tasks.recovery import shared
+    from vitq.tasks.recovery import variants
 
-    return shared.make_search(recovery_inputs(ws, p), ws.needs_dir / "search.json", ws.search_dir)
+    return variants.make_search(recovery_inputs(ws, p), ws.needs_dir / "search.json", ws.search_dir)
 
 
 def run_smoothquant(ws: Workspace, p: Params) -> dict:
     """SmoothQuant's alpha search and smoothed model, once for every recipe that reads it (artifacts/smoothquant/)."""
-    from vitq.tasks.recovery import shared
+    from vitq.tasks.recovery import variants
 
-    return shared.make_smoothquant(recovery_inputs(ws, p), ws.needs_dir / "smoothquant.json", ws.smoothquant_dir)
+    return variants.make_smoothquant(recovery_inputs(ws, p), ws.needs_dir / "smoothquant.json", ws.smoothquant_dir)
 
 
 def missing_runtime(name: str) -> str | None:

@@ -387,10 +387,8 @@ def test_recovery_recipes_refuse_several_outputs_in_one_line(sam_ws, tmp_path):
     with pytest.raises(VitqError, match=r"steers its recovery by one output.*\(output_0, output_1\)"):
         recovery.build(get_recipe("onnx-w8a8-auto"), inputs, tmp_path, tmp_path)
     # The shared stages (tasks/recovery/shared.py) record why they made nothing instead of failing the pipeline.
-    from vitq.tasks.recovery import shared
-
     (tmp_path / "need.json").write_text('{"needed": true, "calibrates_attention": false}')
-    for make, name in ((shared.make_search, "search"), (shared.make_smoothquant, "smoothquant")):
+    for make, name in ((recovery.make_search, "search"), (recovery.make_smoothquant, "smoothquant")):
         record = make(inputs, tmp_path / "need.json", tmp_path / name)
         assert "the model has 2 outputs (output_0, output_1)" in record["skipped"], record
         assert json.loads((tmp_path / name / f"{name}.json").read_text()) == record

@@ -8,7 +8,8 @@
   `smoothquant.json` (alpha, pairs, simulated SQNR per alpha). Read by onnx-w8a8-smoothquant and
   onnx-w8a8-auto (its `smoothquant` and `smoothquant+search` starts).
 
-Each is a DVC stage (dvc.yaml: `search`, `smoothquant`) reading `artifacts/needs/<name>.json`, written by the
+Each is a DVC stage (dvc.yaml: `search`, `smoothquant`; made by `make_search` / `make_smoothquant` in
+tasks/recovery/variants.py, beside the searches they share code with) reading `artifacts/needs/<name>.json`, written by the
 `needs` stage from the configured recipes: whether any reads it (and, for SmoothQuant, whether its ranges
 cover the attention products), so a stage no recipe needs writes only that it was not needed, and a change to
 the recipe list reruns it only when that answer changes. A variant's plan file (artifacts/plan/<variant>.json)
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from vitq.tasks._io import file_digest, read_json, write_json
@@ -63,7 +63,7 @@ def folder_digest(folder: Path) -> str | None:
     return h.hexdigest()
 
 
-def _not_needed(folder: Path, name: str) -> None:
+def not_needed(folder: Path, name: str) -> None:
     from vitq.tasks._io import atomic_dir
 
     with atomic_dir(folder) as tmp:
@@ -72,7 +72,7 @@ def _not_needed(folder: Path, name: str) -> None:
     log.info("%s: not needed by the configured recipes: nothing made", name)
 
 
-def _cannot_steer(inputs, folder: Path, name: str) -> dict | None:
+def cannot_steer(inputs, folder: Path, name: str) -> dict | None:
     """A model of several outputs: the recovery recipes refuse it (they steer by one output); the stage records
     why it made nothing instead of failing the pipeline."""
     from vitq.tasks._io import atomic_dir
@@ -89,82 +89,6 @@ def _cannot_steer(inputs, folder: Path, name: str) -> dict | None:
     return record
 
 
-def make_search(inputs, needs_file: Path, folder: Path) -> dict:
-    """Stage `search`: the per-tensor range search on the export's graph, into `folder` (replaced whole)."""
-    from vitq.tasks._io import atomic_dir
-    from vitq.tasks.calibrate import table_path
-    from vitq.tasks.model import load_model
-    from vitq.tasks.recovery import layers as layer_map
-    from vitq.tasks.recovery.variants import _search_ranges, _split, judging_split
-
-    if not read_json(needs_file)["needed"]:
-        _not_needed(folder, "search")
-        return {"needed": False}
-    refused = _cannot_steer(inputs, folder, "search")
-    if refused:
-        return refused
-    prep = inputs.export_dir / "model.prep.onnx"
-    layers = layer_map.quantizable_layers(inputs.export_dir / "model.onnx", prep)
-    split = judging_split(inputs)
-    x, _ = _split(inputs, split, inputs.params.recovery.search_calibration_images)
-    model, _ = load_model(inputs.model_dir)
-    with atomic_dir(folder) as tmp:
-        # tensors no layer reads (attention inputs) keep the min/max range
-        found = _search_ranges(model, prep, layers, table_path(inputs.calibration_dir, "minmax"), inputs, x,
-                               tmp / "calibration.json", tmp / "calibration_search.csv", exported=True)
-        record = {"needed": True, **found, "judged_split": split}
-        write_json(tmp / "search.json", record)
-    log.info("search: %s", ", ".join(f"{m} x{n}" for m, n in sorted(found["chosen_counts"].items())))
-    return record
-
-
-def make_smoothquant(inputs, needs_file: Path, folder: Path) -> dict:
-    """Stage `smoothquant`: alpha searched, the smoothed weights exported and min/max-calibrated, into `folder`."""
-    from vitq.tasks._io import atomic_dir
-    from vitq.tasks.model import load_model
-    from vitq.tasks.recovery.smoothquant import smoothing_pairs
-    from vitq.tasks.recovery.variants import TORCH_DIR, _smoothed, _split, _sq_details, judging_split
-
-    need = read_json(needs_file)
-    if not need["needed"]:
-        _not_needed(folder, "smoothquant")
-        return {"needed": False}
-    refused = _cannot_steer(inputs, folder, "smoothquant")
-    if refused:
-        return refused
-    model, _ = load_model(inputs.model_dir)
-    with atomic_dir(folder) as tmp:
-        record = {"needed": True, "pairs": [], "skipped": "no LayerNorm -> Linear pair to smooth"}
-        if smoothing_pairs(model):
-            split = judging_split(inputs)
-            x_judge, _ = _split(inputs, split, inputs.params.recovery.search_calibration_images)
-            try:
-                *_, sq = _smoothed(inputs, model, x_judge, tmp / TORCH_DIR, tmp, need.get("calibrates_attention"))
-                record = {"needed": True, **_sq_details(sq), "alpha_split": split, "alpha_images": len(x_judge)}
-            except ValueError as exc:  # pairs whose statistics it cannot measure: its readers say why
-                record["skipped"] = str(exc)
-                log.warning("smoothquant: %s", exc)
-        write_json(tmp / "smoothquant.json", record)
-    return record
-
-
-@dataclass
-class Search:
-    table: Path  # calibration.json
-    csv: Path
-    record: dict
-
-
-@dataclass
-class Smoothed:
-    model: object  # the smoothed torch model
-    prep: Path
-    layers: list
-    table: Path  # min/max of the smoothed graph
-    torch_dir: Path
-    record: dict
-
-
 def stage_record(folder: Path | None, name: str) -> dict | None:
     """The record of shared result `name` in its stage's `folder`, when the stage made it (needed); else None."""
     f = folder / f"{name}.json" if folder is not None else None
@@ -172,41 +96,3 @@ def stage_record(folder: Path | None, name: str) -> dict | None:
         return None
     rec = read_json(f)
     return rec if rec.get("needed") else None
-
-
-def _stage_or_scratch(name: str, folder: Path | None, scratch: Path, need: dict, make) -> tuple[Path, dict]:
-    """(folder, record) of shared result `name`: its stage's, or (none here: outside a pipeline) made by
-    `make(needs_file, folder)` in `scratch`."""
-    rec = stage_record(folder, name)
-    if rec is not None:
-        return folder, rec
-    log.info("%s: no %s stage output here: made in this recipe's scratch folder", name, name)
-    folder, needs_file = scratch / f"shared-{name}", scratch / f"needs-{name}.json"
-    write_json(needs_file, need)
-    return folder, make(needs_file, folder)
-
-
-def load_search(inputs, scratch: Path) -> Search:
-    """The search stage's result, or (no stage output: outside a pipeline) the same search made in `scratch`."""
-    folder, rec = _stage_or_scratch("search", inputs.search_dir, scratch, {"needed": True},
-                                    lambda n, f: make_search(inputs, n, f))
-    return Search(folder / "calibration.json", folder / "calibration_search.csv", rec)
-
-
-def load_smoothquant(inputs, scratch: Path) -> Smoothed | None:
-    """The smoothquant stage's result (None: the model has no pair to smooth), or made in `scratch` outside a
-    pipeline."""
-    from vitq.tasks.calibrate import table_path
-    from vitq.tasks.model import load_model
-    from vitq.tasks.recovery import layers as layer_map
-    from vitq.tasks.recovery.variants import TORCH_DIR
-
-    need = {"needed": True, "calibrates_attention": bool(inputs.params.quantize.calibrates_attention)}
-    folder, rec = _stage_or_scratch("smoothquant", inputs.smoothquant_dir, scratch, need,
-                                    lambda n, f: make_smoothquant(inputs, n, f))
-    if not rec.get("pairs"):
-        return None
-    model, _ = load_model(folder / TORCH_DIR)
-    prep = folder / "export" / "model.prep.onnx"
-    layers = layer_map.quantizable_layers(folder / "export" / "model.onnx", prep)
-    return Smoothed(model, prep, layers, table_path(folder / "calibration", "minmax"), folder / TORCH_DIR, rec)

@@ -292,6 +292,118 @@ def _sq_details(sq) -> dict:
             "simulated_sqnr_db_unsmoothed": sq.unsmoothed_sqnr_db}
 
 
+# --- the shared results' stages (tasks/recovery/shared.py says what they are) -----------------------
+
+
+def make_search(inputs, needs_file: Path, folder: Path) -> dict:
+    """Stage `search`: the per-tensor range search on the export's graph, into `folder` (replaced whole)."""
+    from vitq.tasks._io import atomic_dir
+    from vitq.tasks.calibrate import table_path
+    from vitq.tasks.model import load_model
+
+    if not read_json(needs_file)["needed"]:
+        shared.not_needed(folder, "search")
+        return {"needed": False}
+    refused = shared.cannot_steer(inputs, folder, "search")
+    if refused:
+        return refused
+    prep = inputs.export_dir / "model.prep.onnx"
+    layers = layer_map.quantizable_layers(inputs.export_dir / "model.onnx", prep)
+    split = judging_split(inputs)
+    x, _ = _split(inputs, split, inputs.params.recovery.search_calibration_images)
+    model, _ = load_model(inputs.model_dir)
+    with atomic_dir(folder) as tmp:
+        # tensors no layer reads (attention inputs) keep the min/max range
+        found = _search_ranges(model, prep, layers, table_path(inputs.calibration_dir, "minmax"), inputs, x,
+                               tmp / "calibration.json", tmp / "calibration_search.csv", exported=True)
+        record = {"needed": True, **found, "judged_split": split}
+        write_json(tmp / "search.json", record)
+    log.info("search: %s", ", ".join(f"{m} x{n}" for m, n in sorted(found["chosen_counts"].items())))
+    return record
+
+
+def make_smoothquant(inputs, needs_file: Path, folder: Path) -> dict:
+    """Stage `smoothquant`: alpha searched, the smoothed weights exported and min/max-calibrated, into `folder`."""
+    from vitq.tasks._io import atomic_dir
+    from vitq.tasks.model import load_model
+    from vitq.tasks.recovery.smoothquant import smoothing_pairs
+
+    need = read_json(needs_file)
+    if not need["needed"]:
+        shared.not_needed(folder, "smoothquant")
+        return {"needed": False}
+    refused = shared.cannot_steer(inputs, folder, "smoothquant")
+    if refused:
+        return refused
+    model, _ = load_model(inputs.model_dir)
+    with atomic_dir(folder) as tmp:
+        record = {"needed": True, "pairs": [], "skipped": "no LayerNorm -> Linear pair to smooth"}
+        if smoothing_pairs(model):
+            split = judging_split(inputs)
+            x_judge, _ = _split(inputs, split, inputs.params.recovery.search_calibration_images)
+            try:
+                *_, sq = _smoothed(inputs, model, x_judge, tmp / TORCH_DIR, tmp, need.get("calibrates_attention"))
+                record = {"needed": True, **_sq_details(sq), "alpha_split": split, "alpha_images": len(x_judge)}
+            except ValueError as exc:  # pairs whose statistics it cannot measure: its readers say why
+                record["skipped"] = str(exc)
+                log.warning("smoothquant: %s", exc)
+        write_json(tmp / "smoothquant.json", record)
+    return record
+
+
+@dataclass
+class Search:
+    table: Path  # calibration.json
+    csv: Path
+    record: dict
+
+
+@dataclass
+class Smoothed:
+    model: object  # the smoothed torch model
+    prep: Path
+    layers: list
+    table: Path  # min/max of the smoothed graph
+    torch_dir: Path
+    record: dict
+
+
+def _stage_or_scratch(name: str, folder: Path | None, scratch: Path, need: dict, make) -> tuple[Path, dict]:
+    """(folder, record) of shared result `name`: its stage's, or (none here: outside a pipeline) made by
+    `make(needs_file, folder)` in `scratch`."""
+    rec = shared.stage_record(folder, name)
+    if rec is not None:
+        return folder, rec
+    log.info("%s: no %s stage output here: made in this recipe's scratch folder", name, name)
+    folder, needs_file = scratch / f"shared-{name}", scratch / f"needs-{name}.json"
+    write_json(needs_file, need)
+    return folder, make(needs_file, folder)
+
+
+def load_search(inputs, scratch: Path) -> Search:
+    """The search stage's result, or (no stage output: outside a pipeline) the same search made in `scratch`."""
+    folder, rec = _stage_or_scratch("search", inputs.search_dir, scratch, {"needed": True},
+                                    lambda n, f: make_search(inputs, n, f))
+    return Search(folder / "calibration.json", folder / "calibration_search.csv", rec)
+
+
+def load_smoothquant(inputs, scratch: Path) -> Smoothed | None:
+    """The smoothquant stage's result (None: the model has no pair to smooth), or made in `scratch` outside a
+    pipeline."""
+    from vitq.tasks.calibrate import table_path
+    from vitq.tasks.model import load_model
+
+    need = {"needed": True, "calibrates_attention": bool(inputs.params.quantize.calibrates_attention)}
+    folder, rec = _stage_or_scratch("smoothquant", inputs.smoothquant_dir, scratch, need,
+                                    lambda n, f: make_smoothquant(inputs, n, f))
+    if not rec.get("pairs"):
+        return None
+    model, _ = load_model(folder / TORCH_DIR)
+    prep = folder / "export" / "model.prep.onnx"
+    layers = layer_map.quantizable_layers(folder / "export" / "model.onnx", prep)
+    return Smoothed(model, prep, layers, table_path(folder / "calibration", "minmax"), folder / TORCH_DIR, rec)
+
+
 # --- recipes --------------------------------------------------------------------------------
 
 
@@ -397,7 +509,7 @@ def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
 
     def smoothed():
         if not smoothed_parts:
-            smoothed_parts["v"] = shared.load_smoothquant(inputs, scratch)
+            smoothed_parts["v"] = load_smoothquant(inputs, scratch)
         return smoothed_parts["v"]
 
     def build(name: str) -> _Start:
@@ -405,7 +517,7 @@ def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
             table = table_path(inputs.calibration_dir, *recipe.table())
             return _Start("plain", prep0, layers0, table, model, details={"table": table.name})
         if name == "search":
-            found = shared.load_search(inputs, scratch)
+            found = load_search(inputs, scratch)
             return _Start("search", prep0, layers0, found.table, model,
                           details={"chosen_counts": found.record["chosen_counts"]})
         sm = smoothed()
@@ -477,7 +589,7 @@ def _auto(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
 
 
 def _smoothquant(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
-    sm = shared.load_smoothquant(inputs, scratch)
+    sm = load_smoothquant(inputs, scratch)
     if sm is None:
         why = (shared.stage_record(inputs.smoothquant_dir, "smoothquant") or {}).get("skipped", "nothing to smooth")
         raise VitqError(f"recipe {recipe.name!r}: SmoothQuant cannot smooth this model ({why}); "
@@ -495,7 +607,7 @@ def _smoothquant(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> De
 def _search(recipe: Recipe, inputs: Inputs, out: Path, scratch: Path) -> Decision:
     prep = inputs.export_dir / "model.prep.onnx"
     layers = layer_map.quantizable_layers(inputs.export_dir / "model.onnx", prep)
-    found = shared.load_search(inputs, scratch)  # the search stage's table (made once, auto reads it too)
+    found = load_search(inputs, scratch)  # the search stage's table (made once, auto reads it too)
     shutil.copyfile(found.table, out / "calibration.json")
     shutil.copyfile(found.csv, out / "calibration_search.csv")
     onnx_backend.quantize(recipe, prep, out / "model.onnx", out / "calibration.json")
