@@ -134,7 +134,8 @@ class _Runner:
 
 
 @flow(name="vitq-pipeline")
-def vitq_pipeline(root: str, force: bool = False) -> dict:
+def vitq_pipeline(root: str, force: bool = False, workers: int | None = None) -> dict:
+    """`workers`: the variants run side by side (the task runner's size; default: from params and the machine)."""
     ws = Workspace(Path(root))
     if threading.current_thread() is threading.main_thread():
         interrupt.install(ws.root)  # Prefect swapped in its own SIGTERM handler for the flow run
@@ -166,7 +167,7 @@ def vitq_pipeline(root: str, force: bool = False) -> dict:
             if step in todo[r]:
                 run.done(st, say=False)
 
-    n_workers = parallel.workers(params.max_workers)
+    n_workers = workers or parallel.workers(params.max_workers)
     with parallel.variant_phase(n_workers) as threads:
         log.info("variants: %d at a time, %d thread(s) each (max_workers: %s; %d cores)", n_workers, threads,
                  params.max_workers or "null: from the machine", parallel.cores())
@@ -203,6 +204,7 @@ def run_pipeline(root: Path, params: Params, force: bool = False) -> dict:
     """Run the flow with `params.max_workers` concurrent variant tasks (null: from the machine, tasks/parallel.py;
     Prefect's temporary server when PREFECT_API_URL is unset, started in a session of its own so Ctrl-C reaches
     only this process)."""
-    runner = ThreadPoolTaskRunner(max_workers=parallel.workers(params.max_workers))
+    workers = parallel.workers(params.max_workers)  # once: the runner's size and each worker's thread share agree
+    runner = ThreadPoolTaskRunner(max_workers=workers)
     with prefect_api():
-        return vitq_pipeline.with_options(task_runner=runner)(str(root), force)
+        return vitq_pipeline.with_options(task_runner=runner)(str(root), force, workers)

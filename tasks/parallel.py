@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Iterator
 
 MAX_AUTO = 4
 MB_PER_WORKER = 4096  # what one variant's quantize + validate may hold beside its siblings at ViT-B scale
 
-_state = threading.local()
 _phase_threads = 0  # while the variant phase runs: threads per worker (0: ORT's default)
 
 

@@ -117,7 +117,7 @@ def prune_outputs(folder: Path, keep: set[str]) -> None:
 # -- what each variant reads: one plan file per variant, the only dependency its DVC stage has on
 #    params.yaml and the calibration tables ----------------------------------------------------------
 
-def plan_record(ws: Workspace, p: Params, name: str) -> dict:
+def plan_record(ws: Workspace, p: Params, name: str, shared_digests: dict[str, str | None] | None = None) -> dict:
     """Everything quantizing variant `name` reads besides the FP32 model, data and export: its recipe, the
     parameter sections it reads, and the digest of the calibration table it reads. Two variants' records
     differ only where their inputs do, so a changed setting requantizes exactly the variants that read it
@@ -144,13 +144,21 @@ def plan_record(ws: Workspace, p: Params, name: str) -> dict:
     if recipe.recovery:  # the shared results it reads (tasks/recovery/shared.py), by content
         from vitq.tasks.recovery import shared
 
+        digests = shared_digests if shared_digests is not None else shared_result_digests(ws)
         for result, kinds in shared.READERS.items():
             if recipe.recovery in kinds:
-                reads[result] = shared.folder_digest(getattr(ws, f"{result}_dir"))
+                reads[result] = digests[result]
     reads.update(get_target(recipe.target).reads(p))  # what the target's own path reads
     if recipe.reuses:
         reads["applies"] = recipe.reuses
     return {"variant": name, "stage": variant_stages(name)[0], "recipe": asdict(recipe), "reads": reads}
+
+
+def shared_result_digests(ws: Workspace) -> dict[str, str | None]:
+    """The content digest of each shared result's folder (tasks/recovery/shared.py), None where there is none."""
+    from vitq.tasks.recovery import shared
+
+    return {result: shared.folder_digest(getattr(ws, f"{result}_dir")) for result in shared.READERS}
 
 
 def run_plan(ws: Workspace, p: Params) -> dict[str, dict]:
@@ -158,7 +166,8 @@ def run_plan(ws: Workspace, p: Params) -> dict[str, dict]:
     variants no longer configured."""
     from vitq.tasks._io import atomic_dir
 
-    records = {name: plan_record(ws, p, name) for name in p.quantize.variants}
+    digests = shared_result_digests(ws)  # once: the smoothed model's files are hundreds of MB at ViT-B size
+    records = {name: plan_record(ws, p, name, digests) for name in p.quantize.variants}
     with atomic_dir(ws.plan_dir) as tmp:
         for name, record in records.items():
             write_json(tmp / f"{name}.json", record)
@@ -425,20 +434,14 @@ def stage_record(ws: Workspace, step: str, recipe: str | None = None) -> dict | 
 
 
 def stage_dependencies(ws: Workspace) -> dict[str, list[str]]:
-    """dvc.yaml's graph, as DVC reads it: each stage's name -> the stages whose outputs it reads."""
+    """dvc.yaml's graph, DVC's own (`Repo.index.graph`: edges from a stage to the stages whose outputs it reads):
+    each stage's name -> those stages' names."""
     from dvc.repo import Repo
 
     repo = Repo(str(ws.root))
     try:
-        found = list(repo.index.stages)
-        outs = [(st.name, Path(o.fs_path)) for st in found for o in st.outs]
-        graph = {}
-        for st in found:
-            reads = {Path(d.fs_path) for d in st.deps}
-            graph[st.name] = sorted({name for name, out in outs for dep in reads
-                                           if name != st.name and (dep == out or out in dep.parents
-                                                                         or dep in out.parents)})
-        return graph
+        graph = repo.index.graph
+        return {st.name: sorted(dep.name for dep in graph.successors(st)) for st in graph.nodes}
     finally:
         repo.close()
 

@@ -137,6 +137,8 @@ def test_the_console_is_quiet_and_the_log_file_holds_the_rest(ran):
     assert "Finished in state Completed()" in log and "Updating lock file 'dvc.lock'" in log  # Prefect's, DVC's
     assert "coremltools" in log and "\r" in log  # a library's warnings and its progress bars
     assert "vitq.flow: calibrate: running" in log  # vitq's other lines
+    # the variant phase: workers from the machine (max_workers: null) and each one's share of the cores
+    assert re.search(r"variants: \d+ at a time, \d+ thread\(s\) each \(max_workers: null: from the machine", log)
     assert "vitq.validate: validate: onnx-w8a8-minmax" in log
     again = vitq(["run"], ws)  # nothing to do: the table, one line, where the log is
     assert again.returncode == 0, again.stderr[-3000:]

@@ -29,7 +29,6 @@ from vitq.tasks._io import file_digest, read_json, write_json
 log = logging.getLogger("vitq.recovery")
 
 READERS = {"search": ("search", "auto"), "smoothquant": ("smoothquant", "auto")}  # result -> recipe.recovery kinds
-NAMES = tuple(READERS)
 
 
 def needs(p) -> dict[str, dict]:
